@@ -1,0 +1,32 @@
+"""LoRA Lab: `python app.py [--model google/flan-t5-small|tiny|DIR] [--port 7860] [--runs-dir runs]`."""
+
+import argparse
+import logging
+import os
+
+import lora_demo  # noqa: F401  (pins Keras before TensorFlow loads)
+from lora_demo.models import DEFAULT_MODEL, configure_devices, describe, load_model
+from lora_demo.runs import Lab
+from lora_demo.ui import build_demo, launch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="LoRA Lab: LoRA fine-tuning of FLAN-T5 in TensorFlow")
+    ap.add_argument("--model", default=os.environ.get("LORA_LAB_MODEL", DEFAULT_MODEL),
+                    help="hub id, local checkpoint directory, or 'tiny' (bundled offline model)")
+    ap.add_argument("--runs-dir", default=os.environ.get("LORA_LAB_RUNS_DIR", "runs"))
+    ap.add_argument("--data", default="auto", choices=("auto", "hub", "bundled"), help="where WMT16 comes from")
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    args = ap.parse_args()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_devices()
+    loaded = load_model(args.model)
+    logging.getLogger("lora_lab").info(describe(loaded))
+    demo = build_demo(Lab(loaded, runs_dir=args.runs_dir, data_source=args.data))
+    launch(demo, server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Frozen, validated configs. Every check here says what to change.
+
+Validation lives here, not in UI widgets, because the Gradio API and the CLI
+skip the widgets' own limits. Deployment limits come from environment
+variables so a public Space can tighten them without code changes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+MODULES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+SIDES = ("both", "encoder", "decoder")
+OPTIMIZERS = ("adamw", "radam", "lamb", "lookahead_adamw")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message says which and what is allowed."""
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {name}={raw!r} must be a whole number") from exc
+    if value < 1:
+        raise ConfigError(f"environment variable {name}={raw!r} must be at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Deployment limits (env var, default). Read once per call to ``limits()``."""
+
+    max_rank: int = 256          # LORA_LAB_MAX_RANK: r beyond this is not a *low*-rank experiment
+    max_steps: int = 2000        # LORA_LAB_MAX_STEPS
+    max_batch_size: int = 64     # LORA_LAB_MAX_BATCH_SIZE
+    max_train_size: int = 20000  # LORA_LAB_MAX_TRAIN_SIZE: the bundled train split holds 20,000 pairs
+    max_text_chars: int = 2000   # LORA_LAB_MAX_TEXT_CHARS: longer translate input is cut, with a notice
+    max_lines: int = 32          # LORA_LAB_MAX_LINES: sentences per translate request
+
+
+def limits() -> Limits:
+    return Limits(**{f.name: _env_int(f"LORA_LAB_{f.name.upper()}", f.default) for f in fields(Limits)})
+
+
+def _whole(name: str, value, lo: int, hi: int) -> int:
+    """Accept ints and integral floats (sliders send 8.0); reject bools, 2.5, NaN, strings."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _real(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        bound = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
+        raise ConfigError(f"{name} must be {bound} and at most {hi:g}, got {value:g}")
+    return float(value)
+
+
+def parse_targets(targets) -> tuple[str, ...]:
+    """'q,v' or ['q', 'v'] -> ('q', 'v'), in canonical order, checked against MODULES."""
+    if isinstance(targets, str):
+        targets = [t for t in targets.replace(" ", ",").split(",") if t]
+    names = [str(t).strip() for t in (targets or [])]
+    if not names:
+        raise ConfigError(f"choose at least one target module from {', '.join(MODULES)}")
+    unknown = sorted(set(names) - set(MODULES))
+    if unknown:
+        raise ConfigError(f"unknown target module(s) {', '.join(unknown)}; T5 modules are {', '.join(MODULES)}")
+    return tuple(m for m in MODULES if m in names)
+
+
+def parse_layers(layers) -> tuple[int, int] | None:
+    """'0-7', '3', (0, 7) or None (all blocks) -> inclusive (first, last) or None."""
+    if layers is None or (isinstance(layers, str) and layers.strip().lower() in ("", "all")):
+        return None
+    if isinstance(layers, str):
+        parts = layers.strip().split("-")
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError as exc:
+            raise ConfigError(f"layers must look like '0-7' or '3' or 'all', got {layers!r}") from exc
+        layers = (nums[0], nums[-1]) if len(nums) in (1, 2) else None
+        if layers is None:
+            raise ConfigError("layers must look like '0-7' or '3' or 'all'")
+    first, last = (_whole("first layer", layers[0], 0, 10_000), _whole("last layer", layers[1], 0, 10_000))
+    if first > last:
+        raise ConfigError(f"layer range {first}-{last} is empty: the first block must not be after the last")
+    return (first, last)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8                               # r: width of the A·B bottleneck
+    alpha: float = 16.0                         # the LoRA update is scaled by alpha / r
+    targets: tuple[str, ...] = ("q", "v")       # T5 module names; PEFT's default for T5 is q, v
+    side: str = "both"                          # which stack gets adapters: both, encoder or decoder
+    layers: tuple[int, int] | None = None       # inclusive block range; None = every block
+    dropout: float = 0.0                        # dropout on the LoRA path only (input to A)
+
+    def __post_init__(self):
+        lim = limits()
+        object.__setattr__(self, "rank", _whole("rank", self.rank, 1, lim.max_rank))
+        object.__setattr__(self, "alpha", _real("alpha", self.alpha, 0.0, 4096.0, lo_open=True))
+        object.__setattr__(self, "targets", parse_targets(self.targets))
+        if self.side not in SIDES:
+            raise ConfigError(f"side must be one of {', '.join(SIDES)}, got {self.side!r}")
+        object.__setattr__(self, "layers", parse_layers(self.layers))
+        object.__setattr__(self, "dropout", _real("LoRA dropout", self.dropout, 0.0, 0.9))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 30                 # a CPU run on flan-t5-small takes about a minute (~1.5 s/step)
+    batch_size: int = 8
+    lr: float = 3e-3                # LoRA wants larger rates than full fine-tuning (B starts at 0)
+    train_size: int = 256           # pairs from the start of the train split; ~1 epoch in a default run
+    seed: int = 0                   # weights of A, dropout and data order all follow it
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0       # on LoRA weights only (they are the only trainable ones)
+    warmup_steps: int = 5           # linear warm-up, then constant
+    clip_norm: float = 1.0          # global gradient-norm clip; 0 turns it off
+    eval_every: int = 15            # validation loss every N steps (and at the end)
+    eval_size: int = 32             # fixed newstest2015 slice for validation loss
+    max_source_len: int = 64
+    max_target_len: int = 64
+
+    def __post_init__(self):
+        lim = limits()
+        for name, lo, hi in (("steps", 1, lim.max_steps), ("batch_size", 1, lim.max_batch_size),
+                             ("train_size", 1, lim.max_train_size), ("seed", 0, 2**31 - 1),
+                             ("warmup_steps", 0, lim.max_steps), ("eval_every", 1, 100_000),
+                             ("eval_size", 1, 2169), ("max_source_len", 8, 512), ("max_target_len", 8, 512)):
+            object.__setattr__(self, name, _whole(name.replace("_", " "), getattr(self, name), lo, hi))
+        object.__setattr__(self, "lr", _real("learning rate", self.lr, 0.0, 1.0, lo_open=True))
+        object.__setattr__(self, "weight_decay", _real("weight decay", self.weight_decay, 0.0, 1.0))
+        object.__setattr__(self, "clip_norm", _real("clip norm", self.clip_norm, 0.0, 1e6))
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "google/flan-t5-small"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora"]["targets"] = list(self.lora.targets)
+        d["lora"]["layers"] = list(self.lora.layers) if self.lora.layers else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(model=d["model"], lora=LoraConfig(**d["lora"]), train=TrainConfig(**d["train"]))
+
+
+def defaults_for(gpu: bool) -> TrainConfig:
+    """Sensible defaults per device: about a minute on a CPU with flan-t5-small; more on a GPU."""
+    return TrainConfig(steps=300, batch_size=32, train_size=8000) if gpu else TrainConfig()
+
+
+_CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10))  # keep tab and newline
+
+
+def clean_sentences(text) -> tuple[list[str], list[str]]:
+    """Translate input -> (sentences, notices). One sentence per line.
+
+    Control characters are dropped, blank lines skipped, and input over the
+    deployment limits is cut with a notice rather than refused, so a long paste
+    still gets an answer. Any script and emoji pass through untouched.
+    """
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise ConfigError(f"text must be a string, got {type(text).__name__}")
+    lim, notices = limits(), []
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    cleaned = text.translate(_CONTROL).replace("\x7f", "")
+    if cleaned != text:
+        notices.append("control characters were removed")
+    if len(cleaned) > lim.max_text_chars:
+        cleaned = cleaned[: lim.max_text_chars]
+        notices.append(f"text was cut to {lim.max_text_chars} characters (LORA_LAB_MAX_TEXT_CHARS)")
+    lines = [" ".join(line.split()) for line in cleaned.split("\n")]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ConfigError("type at least one English sentence (one per line)")
+    if len(lines) > lim.max_lines:
+        notices.append(f"only the first {lim.max_lines} lines were translated (LORA_LAB_MAX_LINES)")
+        lines = lines[: lim.max_lines]
+    return lines, notices

@@ -1,0 +1,170 @@
+"""WMT16 de-en pairs: from the hub when it is reachable, else the bundled copy.
+
+Source text is ``PROMPT + English``; the target is the German. Training draws a
+user-sized subset of the train split, validation loss uses a fixed slice of
+newstest2015 and quality metrics a fixed held-out slice of newstest2016.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .hub import hub_reachable
+
+log = logging.getLogger(__name__)
+
+PROMPT = "translate English to German: "
+HUB_DATASET = ("wmt/wmt16", "de-en")
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "wmt16_de_en"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Pair:
+    en: str
+    de: str
+
+    @property
+    def source(self) -> str:
+        return PROMPT + self.en
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A list of pairs and where it came from (shown in the UI and in metrics.json)."""
+
+    items: tuple[Pair, ...]
+    origin: str  # "hub" or "bundled"
+    split: str
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _read_bundled(split: str, limit: int | None) -> list[Pair]:
+    path = BUNDLED_DIR / f"{split}.jsonl.gz"
+    out: list[Pair] = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            if limit is not None and len(out) >= limit:
+                break
+            tr = json.loads(line)["translation"]
+            out.append(Pair(en=tr["en"], de=tr["de"]))
+    return out
+
+
+def _read_hub(split: str, limit: int | None) -> list[Pair]:
+    import datasets  # imported lazily: it is slow to import and unused offline
+
+    sel = split if limit is None else f"{split}[:{limit}]"
+    ds = datasets.load_dataset(*HUB_DATASET, split=sel)
+    return [Pair(en=r["translation"]["en"], de=r["translation"]["de"]) for r in ds]
+
+
+def load_pairs(split: str, limit: int | None = None, source: str = "auto") -> Pairs:
+    """First ``limit`` pairs of ``split``; ``source`` is "auto", "hub" or "bundled".
+
+    "auto" tries the hub only when it answers, and falls back to the bundled
+    copy (the same rows: see assets/wmt16_de_en/SOURCE.md) with a log line.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if source not in ("auto", "hub", "bundled"):
+        raise ValueError(f"source must be auto, hub or bundled, got {source!r}")
+    if source == "hub" or (source == "auto" and hub_reachable()):
+        try:
+            return Pairs(tuple(_read_hub(split, limit)), "hub", split)
+        except Exception as exc:  # network, cache or schema trouble: the bundled copy still works
+            if source == "hub":
+                raise
+            log.warning("WMT16 from the hub failed (%s); using the bundled copy", exc)
+    return Pairs(tuple(_read_bundled(split, limit)), "bundled", split)
+
+
+def stream_hub_train():
+    """Iterate the full hub train split (4.5M pairs) without materialising it."""
+    import datasets
+
+    for row in datasets.load_dataset(*HUB_DATASET, split="train", streaming=True):
+        yield Pair(en=row["translation"]["en"], de=row["translation"]["de"])
+
+
+# ---------------------------------------------------------------------------
+# Tokenisation
+# ---------------------------------------------------------------------------
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def encode(tokenizer, pairs, max_source_len: int, max_target_len: int) -> dict[str, np.ndarray]:
+    """Tokenise pairs into fixed-shape int32 arrays.
+
+    Arrays are padded to the longest example (capped at the max lengths) rounded
+    up to a multiple of 8, so one run keeps one shape and its step is traced once.
+    Label padding is -100, which the loss ignores.
+    """
+    items = pairs.items if isinstance(pairs, Pairs) else tuple(pairs)
+    src = tokenizer([p.source for p in items], max_length=max_source_len, truncation=True)["input_ids"]
+    tgt = tokenizer([p.de for p in items], max_length=max_target_len, truncation=True)["input_ids"]
+    s_len = min(max_source_len, _round_up(max(map(len, src)), 8))
+    t_len = min(max_target_len, _round_up(max(map(len, tgt)), 8))
+    n = len(items)
+    input_ids = np.full((n, s_len), tokenizer.pad_token_id, np.int32)
+    labels = np.full((n, t_len), -100, np.int32)
+    for i, (s, t) in enumerate(zip(src, tgt)):
+        input_ids[i, : len(s)] = s
+        labels[i, : len(t)] = t
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (input_ids != tokenizer.pad_token_id).astype(np.int32),
+        "labels": labels,
+    }
+
+
+def pad_to(arrays: dict[str, np.ndarray], source_len: int, target_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad encoded arrays to at least the given lengths (so two sets can share one traced shape)."""
+    def grow(a, n, fill):
+        return a if a.shape[1] >= n else np.pad(a, ((0, 0), (0, n - a.shape[1])), constant_values=fill)
+    return {"input_ids": grow(arrays["input_ids"], source_len, pad_id),
+            "attention_mask": grow(arrays["attention_mask"], source_len, 0),
+            "labels": grow(arrays["labels"], target_len, -100)}
+
+
+def fixed_batches(arrays: dict[str, np.ndarray], batch_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """In-order batches of exactly ``batch_size`` rows; the last is filled with rows that have no
+    target tokens, so a token-weighted loss over them is exact and every batch has one shape."""
+    n = len(arrays["input_ids"])
+    out = []
+    for start in range(0, n, batch_size):
+        batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+        missing = batch_size - len(batch["input_ids"])
+        if missing:
+            fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+            batch = {k: np.concatenate([v, np.full((missing,) + v.shape[1:], fill[k], v.dtype)])
+                     for k, v in batch.items()}
+        out.append(batch)
+    return out
+
+
+def batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int):
+    """Endless shuffled batches; the order is a pure function of ``seed``.
+
+    Every epoch is a fresh permutation from one seeded generator, so two runs
+    with the same seed (e.g. a rank sweep) see exactly the same data order.
+    """
+    n = len(next(iter(arrays.values())))
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        if n < batch_size:  # tiny subsets: repeat the permutation to fill a batch
+            order = np.resize(order, batch_size)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield {k: v[idx] for k, v in arrays.items()}

@@ -1,0 +1,66 @@
+"""What ``train()`` yields: plain dataclasses, so any consumer (UI, CLI, records) can use them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    config: dict
+    params: dict           # the exact breakdown of the model as it will train
+    device: str
+    train_pairs: int
+    data_origin: str       # "hub" or "bundled"
+    shapes: dict           # padded source/target lengths: one shape per run, so one trace
+
+
+@dataclass(frozen=True)
+class StepLogged:
+    step: int              # 1-based
+    loss: float
+    lr: float
+    tokens_per_s: float    # real (non-pad) source + target tokens per second over this step
+    elapsed_s: float       # since train() was called
+    compiled: bool         # False while the compiled step is still being traced
+
+
+@dataclass(frozen=True)
+class EvalLogged:
+    step: int
+    val_loss: float
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    status: str            # "completed" or "stopped"
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunFailed:
+    step: int
+    reason: str            # what happened, in words a person understands
+    hint: str              # what to change
+
+
+Event = RunStarted | StepLogged | EvalLogged | RunFinished | RunFailed
+
+
+def to_dict(event: Event) -> dict:
+    return {"event": type(event).__name__, **asdict(event)}
+
+
+def summary_text(status: str, s: dict) -> str:
+    """The end-of-run figures, as measured (shared with the app's status line)."""
+    lines = [f"{status}: {s['steps_done']} steps in {s['elapsed_s']:.1f} s; first loss point after "
+             f"{s['first_loss_s']:.1f} s; " + (f"{s['mean_step_s']:.3f} s/step compiled" if s["mean_step_s"]
+                                              else "no compiled step (run too short)")]
+    if s.get("probe_loss_base") is not None:
+        lines.append(f"train loss on {s['probe_pairs']} fixed training pairs: base {s['probe_loss_base']:.3f} -> "
+                     f"LoRA {s['probe_loss_final']:.3f}")
+    if s.get("final_val_loss") is not None:
+        lines.append(f"validation loss (newstest2015 slice): base {s['base_val_loss']:.3f} -> "
+                     f"LoRA {s['final_val_loss']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Find T5's Dense layers by module name and block range, wrap them in LoRA, freeze the rest.
+
+Paths use the PyTorch/PEFT module names (``encoder.block.0.layer.0.SelfAttention.q``)
+so that selection, the parameter breakdown and adapter files all speak one language.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from .config import ConfigError, LoraConfig
+from .lora import LoraDense
+
+MODULE_PATH = re.compile(
+    r"^(?P<side>encoder|decoder)\.block\.(?P<block>\d+)\.layer\.\d+\."
+    r"(?P<kind>SelfAttention|EncDecAttention|DenseReluDense)\.(?P<module>q|k|v|o|wi|wi_0|wi_1|wo)$"
+)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One Dense that LoRA can wrap: its path, the layer that owns it, and the attribute name."""
+
+    path: str
+    owner: tf.keras.layers.Layer
+    attr: str
+
+
+def dense_sites(model) -> list[Site]:
+    """Every q/k/v/o/wi*/wo Dense of a TF T5, in model order."""
+    sites = []
+    for side in ("encoder", "decoder"):
+        for b, block in enumerate(getattr(model, side).block):
+            for li, sub in enumerate(block.layer):
+                for kind in ("SelfAttention", "EncDecAttention", "DenseReluDense"):
+                    owner = getattr(sub, kind, None)
+                    if owner is None:
+                        continue
+                    for attr in ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"):
+                        if hasattr(owner, attr):
+                            sites.append(Site(f"{side}.block.{b}.layer.{li}.{kind}.{attr}", owner, attr))
+    return sites
+
+
+def select_paths(paths: list[str], cfg: LoraConfig) -> list[str]:
+    """The module paths ``cfg`` targets. Raises ConfigError naming what exists when nothing matches.
+
+    Pure (paths in, paths out): the parameter preview uses it on a config's
+    paths before any model is built, and injection uses it on the real model.
+    """
+    parsed = [(p, MODULE_PATH.match(p)) for p in paths]
+    parsed = [(p, m) for p, m in parsed if m]
+    present = sorted({m["module"] for _, m in parsed}, key=lambda s: ("qkvo".find(s[0]) % 9, s))
+    missing = [t for t in cfg.targets if t not in present]
+    if missing:
+        raise ConfigError(f"target module(s) {', '.join(missing)} not found in this model; "
+                          f"it has {', '.join(present)}")
+    depth = {side: 1 + max((int(m["block"]) for _, m in parsed if m["side"] == side), default=-1)
+             for side in ("encoder", "decoder")}
+    sides = ("encoder", "decoder") if cfg.side == "both" else (cfg.side,)
+    if cfg.layers is not None:
+        first, last = cfg.layers
+        for side in sides:
+            if last >= depth[side]:
+                raise ConfigError(f"layer range {first}-{last} is outside the {side}, which has blocks "
+                                  f"0-{depth[side] - 1}")
+    return [p for p, m in parsed
+            if m["side"] in sides and m["module"] in cfg.targets
+            and (cfg.layers is None or cfg.layers[0] <= int(m["block"]) <= cfg.layers[1])]
+
+
+def lora_layers(model) -> list[LoraDense]:
+    return [getattr(s.owner, s.attr) for s in dense_sites(model) if isinstance(getattr(s.owner, s.attr), LoraDense)]
+
+
+def remove_lora(model) -> None:
+    """Put the original Dense layers back (an unmerged adapter leaves no trace in the base)."""
+    for site in dense_sites(model):
+        layer = getattr(site.owner, site.attr)
+        if isinstance(layer, LoraDense):
+            if layer.merged:
+                layer.unmerge()
+            setattr(site.owner, site.attr, layer.base)
+
+
+def freeze_base(model) -> None:
+    """Make every non-LoRA weight non-trainable, including embeddings and lm_head.
+
+    Keras 2 hides *all* children's weights when a parent layer has
+    ``trainable=False``, and T5's attention layers own both a weight
+    (relative_attention_bias) and the Dense children that carry LoRA. So instead
+    of flipping flags on parents, each layer's own trainable weights are moved
+    to its non-trainable list; LoRA layers keep theirs.
+    """
+    for layer in model._flatten_layers(include_self=True):
+        if isinstance(layer, LoraDense):
+            continue
+        if layer._trainable_weights:
+            layer._non_trainable_weights.extend(layer._trainable_weights)
+            layer._trainable_weights = []
+
+
+def apply_lora(model, cfg: LoraConfig, seed: int = 0) -> list[LoraDense]:
+    """Wrap the targeted Dense layers (replacing any earlier adapter) and freeze the base."""
+    remove_lora(model)
+    sites = {s.path: s for s in dense_sites(model)}
+    chosen = select_paths(list(sites), cfg)
+    tf.keras.utils.set_random_seed(seed)
+    wrapped = []
+    for i, path in enumerate(chosen):
+        site = sites[path]
+        layer = LoraDense(getattr(site.owner, site.attr), cfg.rank, cfg.alpha, cfg.dropout, path=path,
+                          seed=seed * 100_003 + i)
+        setattr(site.owner, site.attr, layer)
+        wrapped.append(layer)
+    freeze_base(model)
+    return wrapped
+
+
+def set_scale(model, scale: float) -> None:
+    """Adapter strength at inference: 0 is the base model exactly, 1 as trained."""
+    for layer in lora_layers(model):
+        layer.scale.assign(float(scale))

@@ -1,0 +1,142 @@
+"""Load the base model: a hub id, a local checkpoint directory, or the bundled ``tiny``.
+
+If the chosen model cannot be loaded (offline and not cached, a typo, a broken
+directory), ``load_model(..., fallback=True)`` returns ``tiny`` with a notice
+that says why, so the app always starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import tensorflow as tf
+from transformers import AutoTokenizer, T5Config, TFT5ForConditionalGeneration
+
+from .hub import hub_reachable
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TINY_DIR = ASSETS / "tiny"
+DEFAULT_MODEL = "google/flan-t5-small"
+SHIPPED_CONFIGS = {"google/flan-t5-small": "flan-t5-small.json", "google/flan-t5-base": "flan-t5-base.json"}
+TINY_LABEL = "tiny (bundled offline test model: a 2.5M-parameter T5, not a real translator)"
+
+
+@dataclass
+class LoadedModel:
+    model: TFT5ForConditionalGeneration
+    tokenizer: object
+    name: str            # what was asked for, or "tiny"
+    kind: str            # "hub", "local" or "tiny"
+    notice: str = ""     # non-empty when we fell back; shown in the UI and the log
+
+    @property
+    def label(self) -> str:
+        return TINY_LABEL if self.kind == "tiny" else self.name
+
+
+def shipped_config(name: str) -> T5Config | None:
+    """The bundled config of flan-t5-small/base (no weights), or None."""
+    key = SHIPPED_CONFIGS.get(name) or SHIPPED_CONFIGS.get(f"google/{name}")
+    return T5Config.from_json_file(ASSETS / "configs" / key) if key else None
+
+
+def model_config(name: str) -> T5Config:
+    """A model's config without loading weights: tiny, shipped, local dir, or (online) the hub."""
+    if name == "tiny":
+        return T5Config.from_json_file(TINY_DIR / "config.json")
+    cfg = shipped_config(name)
+    if cfg is not None:
+        return cfg
+    if Path(name).is_dir():
+        return T5Config.from_pretrained(name)
+    return T5Config.from_pretrained(name, local_files_only=not hub_reachable())
+
+
+def build_random(name: str, seed: int = 0) -> TFT5ForConditionalGeneration:
+    """The exact architecture of ``name`` with random weights (benchmarks, tests; no download)."""
+    tf.keras.utils.set_random_seed(seed)
+    model = TFT5ForConditionalGeneration(model_config(name))
+    model(model.dummy_inputs)
+    return model
+
+
+def _load_dir(path: Path):
+    has_tf = (path / "tf_model.h5").exists()
+    has_pt = any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin"))
+    if not (has_tf or has_pt):
+        raise FileNotFoundError(f"{path} has no tf_model.h5, model.safetensors or pytorch_model.bin")
+    model = TFT5ForConditionalGeneration.from_pretrained(str(path), from_pt=not has_tf)
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def _load_hub(name: str):
+    local_only = not hub_reachable()  # offline: use the cache if it has the model, fail fast if not
+    model = TFT5ForConditionalGeneration.from_pretrained(name, local_files_only=local_only)
+    return model, AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+
+
+def load_model(name: str = DEFAULT_MODEL, fallback: bool = True) -> LoadedModel:
+    """Load ``name``; on failure return ``tiny`` with a notice (or raise if ``fallback`` is off)."""
+    try:
+        if name == "tiny":
+            model, tok = _load_dir(TINY_DIR)
+            return LoadedModel(model, tok, "tiny", "tiny")
+        path = Path(os.path.expanduser(name))
+        if path.is_dir():
+            model, tok = _load_dir(path)
+            return LoadedModel(model, tok, str(path), "local")
+        if path.suffix or name.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"no model directory at {path}")
+        model, tok = _load_hub(name)
+        return LoadedModel(model, tok, name, "hub")
+    except Exception as exc:
+        if not fallback or name == "tiny":
+            raise
+        why = _why(name, exc)
+        notice = (f"Could not load {name!r}: {why}. Running on the bundled tiny test model instead. "
+                  f"To use FLAN-T5 offline, download it once (e.g. `huggingface-cli download {DEFAULT_MODEL}`) "
+                  f"or point `--model` at a local checkpoint directory: `python app.py --model /path/to/flan-t5-small`.")
+        log.warning(notice)
+        loaded = load_model("tiny", fallback=False)
+        loaded.notice = notice
+        return loaded
+
+
+def _why(name: str, exc: Exception) -> str:
+    if not Path(name).exists() and not hub_reachable():
+        return "the Hugging Face hub is not reachable (offline) and the model is not in the local cache"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def configure_devices() -> None:
+    """Let TensorFlow grow GPU memory on demand instead of taking all of it at start-up, so the
+    training worker and the translation copy share a GPU with other processes. No-op on a CPU."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError as exc:  # already initialised: too late to change, and harmless
+            log.warning("could not enable memory growth on %s: %s", gpu.name, exc)
+
+
+def device_info() -> dict:
+    """Which device TensorFlow trains on, for the start-up log and the UI."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+        return {"device": "GPU", "name": ", ".join(names), "count": len(gpus)}
+    return {"device": "CPU", "name": f"CPU ({os.cpu_count()} cores)", "count": 1}
+
+
+def is_gpu() -> bool:
+    return device_info()["device"] == "GPU"
+
+
+def describe(loaded: LoadedModel) -> str:
+    info = device_info()
+    return f"model: {loaded.label} · device: {info['name']}"
+

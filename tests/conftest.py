@@ -1,0 +1,52 @@
+"""Shared fixtures. Every test runs offline, on tiny T5 configs or the bundled tiny model."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import lora_demo  # noqa: E402,F401  (pins Keras before TensorFlow loads)
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from transformers import T5Config, TFT5ForConditionalGeneration  # noqa: E402
+
+
+def tiny_config(**overrides) -> T5Config:
+    """A T5 small enough to build in well under a second, FLAN-T5 layout by default."""
+    kw = dict(vocab_size=64, d_model=16, d_kv=4, num_heads=2, d_ff=24, num_layers=2, num_decoder_layers=3,
+              feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=8,
+              dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    kw.update(overrides)
+    return T5Config(**kw)
+
+
+def build(config: T5Config, seed: int = 0) -> TFT5ForConditionalGeneration:
+    tf.keras.utils.set_random_seed(seed)
+    model = TFT5ForConditionalGeneration(config)
+    model(model.dummy_inputs)
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return build(tiny_config())
+
+
+@pytest.fixture(scope="session")
+def bundled_tiny():
+    """The bundled assets/tiny model and tokenizer (loaded once; tests must not leave adapters on it)."""
+    from lora_demo.models import load_model
+
+    return load_model("tiny", fallback=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,73 @@
+"""The CLI end to end, as a user runs it (subprocesses, real files)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from safetensors.numpy import load_file
+
+
+def cli(*args, input=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "lora_demo", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, input=input)
+
+
+def test_params_prints_the_exact_flan_t5_small_numbers():
+    out = cli("params", "--model", "google/flan-t5-small", "--rank", "8", "--targets", "q,v")
+    assert out.returncode == 0, out.stderr
+    assert "344,064" in out.stdout and "77,305,216" in out.stdout and "0.445%" in out.stdout
+
+
+def test_params_json_and_full_fine_tuning():
+    out = json.loads(cli("params", "--model", "google/flan-t5-base", "--full", "--json").stdout)
+    assert out["trainable"] == out["total"] == 247_577_856
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rank", "0"], "rank must be between 1 and"),
+    (["--targets", "q,x"], "unknown target module(s) x"),
+    (["--layers", "3-1"], "is empty"),
+    (["--layers", "0-99"], "outside the encoder"),
+])
+def test_bad_params_input_exits_2_with_a_message(args, message):
+    out = cli("params", "--model", "google/flan-t5-small", *args)
+    assert out.returncode == 2 and message in out.stderr
+
+
+@pytest.mark.slow
+def test_train_then_translate_with_the_adapter(tmp_path):
+    out_dir = tmp_path / "run"
+    out = cli("train", "--model", "tiny", "--rank", "4", "--targets", "q,v", "--steps", "30", "--out", str(out_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "training" in out.stderr  # the progress bar
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    s = metrics["summary"]
+    assert metrics["status"] == "completed" and s["steps_done"] == 30
+    assert s["probe_loss_final"] < s["probe_loss_base"]  # same 32 training pairs, base vs LoRA
+    assert "train loss on 32 fixed training pairs: base" in out.stdout
+    assert len(metrics["losses"]) == 30 and metrics["params"]["trainable"] > 0
+    tensors = load_file(str(out_dir / "adapter_model.safetensors"))
+    assert sum(v.size for v in tensors.values()) == metrics["params"]["trainable"]
+    assert json.loads((out_dir / "adapter_config.json").read_text())["target_modules"] == ["q", "v"]
+
+    tr = cli("translate", "--model", "tiny", "--adapter", str(out_dir), "--json", "The session is resumed.")
+    assert tr.returncode == 0, tr.stderr[-2000:]
+    row = json.loads(tr.stdout.strip().splitlines()[-1])
+    assert row["en"] == "The session is resumed." and row["base"] and row["lora"]
+    base0 = cli("translate", "--model", "tiny", "--adapter", str(out_dir), "--scale", "0", "--json",
+                "The session is resumed.")
+    row0 = json.loads(base0.stdout.strip().splitlines()[-1])
+    assert row0["lora"] == row0["base"] == row["base"]
+
+
+def test_train_json_lines_and_unloadable_model(tmp_path):
+    out = cli("train", "--model", "tiny", "--steps", "2", "--train-size", "16", "--eval-size", "8", "--json",
+              "--out", str(tmp_path))
+    events = [json.loads(line)["event"] for line in out.stdout.splitlines()]
+    assert events[0] == "RunStarted" and events[-1] == "RunFinished" and events.count("StepLogged") == 2
+    bad = cli("train", "--model", str(tmp_path / "nope"), "--steps", "2", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "no model directory" in bad.stderr

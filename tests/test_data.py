@@ -1,0 +1,81 @@
+"""The data loader reads the bundled WMT16 files and builds the prompt; batching is seeded."""
+
+import gzip
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from lora_demo import data
+
+
+@pytest.mark.parametrize("split,count,first_en", [
+    ("train", 20000, "Resumption of the session"),
+    ("validation", 2169, "India and Japan prime ministers meet in Tokyo"),
+    ("test", 2999, "Obama receives Netanyahu"),
+])
+def test_bundled_splits_are_complete_and_in_order(split, count, first_en):
+    pairs = data.load_pairs(split)  # HF_HUB_OFFLINE=1 (conftest): auto falls back to the bundled copy
+    assert pairs.origin == "bundled" and len(pairs) == count
+    assert pairs.items[0].en == first_en
+    assert all(p.en and p.de for p in pairs.items)
+
+
+def test_bundled_copy_is_byte_identical_to_the_shared_source():
+    """The gzip in assets/ decompresses to the exact file whose sha256 SOURCE.md records."""
+    with gzip.open(data.BUNDLED_DIR / "test.jsonl.gz", "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    assert digest == "cc79ceef25c33a6468020592e187904b9ef93d721e57d019bb3229b4f076dab0"
+    assert "newstest2016" in (data.BUNDLED_DIR / "SOURCE.md").read_text()
+
+
+def test_prompt_and_limit():
+    pairs = data.load_pairs("test", 5, source="bundled")
+    assert len(pairs) == 5
+    assert pairs.items[0].source == "translate English to German: Obama receives Netanyahu"
+    assert pairs.items[0].de == "Obama empfängt Netanyahu"
+
+
+def test_bad_split_and_source_are_refused():
+    with pytest.raises(ValueError, match="split must be"):
+        data.load_pairs("dev")
+    with pytest.raises(ValueError, match="source must be"):
+        data.load_pairs("test", source="web")
+
+
+def test_hub_source_fails_loudly_offline():
+    with pytest.raises(Exception):
+        data.load_pairs("test", 3, source="hub")
+
+
+def test_encode_shapes_and_label_padding(bundled_tiny):
+    tok = bundled_tiny.tokenizer
+    pairs = data.load_pairs("train", 16, source="bundled")
+    arr = data.encode(tok, pairs, max_source_len=64, max_target_len=48)
+    assert arr["input_ids"].shape[0] == 16 and arr["input_ids"].shape[1] % 8 == 0
+    assert arr["input_ids"].shape[1] <= 64 and arr["labels"].shape[1] <= 48
+    assert arr["input_ids"].dtype == np.int32
+    first = tok.decode(arr["input_ids"][0], skip_special_tokens=True)
+    assert first.startswith("translate English to German:")
+    assert np.all((arr["labels"] == -100) | (arr["labels"] >= 0))
+    assert np.array_equal(arr["attention_mask"], (arr["input_ids"] != tok.pad_token_id).astype(np.int32))
+    n_tgt = (arr["labels"][1] != -100).sum()
+    assert arr["labels"][1][n_tgt - 1] == tok.eos_token_id
+
+
+def test_batches_follow_the_seed_and_cover_the_data():
+    arrays = {"x": np.arange(10)[:, None]}
+    a = [b["x"].ravel().tolist() for b, _ in zip(data.batches(arrays, 5, seed=3), range(4))]
+    b = [b["x"].ravel().tolist() for b, _ in zip(data.batches(arrays, 5, seed=3), range(4))]
+    c = [b["x"].ravel().tolist() for b, _ in zip(data.batches(arrays, 5, seed=4), range(4))]
+    assert a == b and a != c
+    assert sorted(a[0] + a[1]) == list(range(10))  # one epoch = one permutation
+    small = next(data.batches({"x": np.arange(3)[:, None]}, 8, seed=0))
+    assert small["x"].shape == (8, 1)
+
+
+def test_sources_are_jsonl_translation_objects():
+    with gzip.open(data.BUNDLED_DIR / "validation.jsonl.gz", "rt", encoding="utf-8") as fh:
+        row = json.loads(fh.readline())
+    assert set(row["translation"]) == {"de", "en"}

@@ -1,0 +1,57 @@
+"""Translation with the adapter on, off and scaled; metrics from sacrebleu directly."""
+
+import numpy as np
+import pytest
+
+from lora_demo import data
+from lora_demo.config import LoraConfig
+from lora_demo.evaluate import evaluate_pairs, scores, sentence_chrf, translate, translate_both
+from lora_demo.inject import apply_lora, lora_layers, remove_lora
+
+SENTENCES = ["The session is resumed.", "I would like to thank the Commissioner.", "Obama receives Netanyahu."]
+
+
+@pytest.fixture
+def tiny(bundled_tiny):
+    yield bundled_tiny
+    remove_lora(bundled_tiny.model)
+
+
+def _perturb(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in lora_layers(model):
+        layer.lora_B.assign(rng.normal(0, 0.5, layer.lora_B.shape).astype(np.float32))
+
+
+def test_base_output_is_german_looking_and_batched_like_single(tiny):
+    out = translate(tiny.model, tiny.tokenizer, SENTENCES, batch_size=2)
+    assert len(out) == 3 and all(isinstance(s, str) and s for s in out)
+    single = [translate(tiny.model, tiny.tokenizer, [s])[0] for s in SENTENCES]
+    assert out == single
+
+
+def test_scale_zero_reproduces_the_base_exactly(tiny):
+    base_alone = translate(tiny.model, tiny.tokenizer, SENTENCES)
+    apply_lora(tiny.model, LoraConfig(rank=4, targets=("q", "k", "v", "o")))
+    _perturb(tiny.model)
+    base, lora = translate_both(tiny.model, tiny.tokenizer, SENTENCES, scale=1.0)
+    assert base == base_alone
+    assert lora != base  # a large random B must change something
+    base0, lora0 = translate_both(tiny.model, tiny.tokenizer, SENTENCES, scale=0.0)
+    assert lora0 == base_alone
+    assert all(float(layer.scale.numpy()) == 1.0 for layer in lora_layers(tiny.model))  # restored
+
+
+def test_scores_have_signatures_and_known_values():
+    s = scores(["Das ist ein Test ."], ["Das ist ein Test ."])
+    assert s["bleu"] == pytest.approx(100.0) and s["chrf"] == pytest.approx(100.0)
+    assert "tok:13a" in s["bleu_signature"] and "nc:6" in s["chrf_signature"]
+    assert scores(["völlig anders"], ["Das ist ein Test ."])["bleu"] < 5
+    assert sentence_chrf("Hallo Welt", "Hallo Welt") == pytest.approx(100.0)
+
+
+def test_evaluate_pairs_on_the_fixed_test_slice(tiny):
+    pairs = data.load_pairs("test", 4, source="bundled")
+    res = evaluate_pairs(tiny.model, tiny.tokenizer, pairs)
+    assert res["base"] == res["lora"]  # no adapter: LoRA column is the base
+    assert res["base"]["n"] == 4 and 0 <= res["base"]["chrf"] <= 100
