@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .config import ConfigError, LoraConfig, RunConfig, TrainConfig, parse_targets
@@ -29,6 +30,22 @@ def _lora_config(a) -> LoraConfig:
                       dropout=a.lora_dropout)
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    t = TrainConfig()
+    p.add_argument("--steps", type=int, default=t.steps)
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--train-size", type=int, default=t.train_size, help="pairs from the start of the train split")
+    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--optimizer", default=t.optimizer)
+    p.add_argument("--eval-every", type=int, default=t.eval_every)
+    p.add_argument("--eval-size", type=int, default=t.eval_size, help="newstest2015 pairs for validation loss")
+    p.add_argument("--bleu-size", type=int, default=t.bleu_size,
+                   help="newstest2016 sentences scored with BLEU/chrF after the run (0 = skip)")
+    p.add_argument("--data", default="auto", choices=("auto", "hub", "bundled"))
+    p.add_argument("--json", action="store_true", help="JSON lines of events instead of a progress bar")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lora_demo", description="LoRA Lab: LoRA for FLAN-T5 in TensorFlow")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -38,20 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="no LoRA: everything trainable (full fine-tuning)")
     p.add_argument("--json", action="store_true")
 
-    t = TrainConfig()
     p = sub.add_parser("train", help="train an adapter; writes adapter files and metrics.json")
     _lora_args(p)
-    p.add_argument("--steps", type=int, default=t.steps)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--train-size", type=int, default=t.train_size, help="pairs from the start of the train split")
-    p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--optimizer", default=t.optimizer)
-    p.add_argument("--eval-every", type=int, default=t.eval_every)
-    p.add_argument("--eval-size", type=int, default=t.eval_size)
-    p.add_argument("--data", default="auto", choices=("auto", "hub", "bundled"))
+    _train_args(p)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--json", action="store_true", help="JSON lines of events instead of a progress bar")
+
+    p = sub.add_parser("sweep", help="train the same config at several ranks; one record per run + summary")
+    _lora_args(p)
+    p.add_argument("--ranks", default="1,2,4,8,16", help="comma-separated ranks")
+    _train_args(p)
+    p.add_argument("--out", required=True, help="directory for the runs, summary.csv and summary.md")
 
     p = sub.add_parser("translate", help="translate English with the base model and (optionally) an adapter")
     p.add_argument("--model", default="google/flan-t5-small")
@@ -77,57 +90,107 @@ def _load(name: str):
     return load_model(name, fallback=False)
 
 
-def cmd_train(a) -> int:
-    from . import adapters, data
-    from .events import EvalLogged, RunFailed, RunFinished, StepLogged, summary_text, to_dict
-    from .train import train
+def _run_config(a, rank=None) -> RunConfig:
+    lora = _lora_config(a) if rank is None else replace(_lora_config(a), rank=rank)
+    return RunConfig(model=a.model, lora=lora,
+                     train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, train_size=a.train_size,
+                                       seed=a.seed, optimizer=a.optimizer, eval_every=a.eval_every,
+                                       eval_size=a.eval_size, bleu_size=a.bleu_size))
 
-    run = RunConfig(model=a.model, lora=_lora_config(a),
-                    train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, train_size=a.train_size,
-                                      seed=a.seed, optimizer=a.optimizer, eval_every=a.eval_every,
-                                      eval_size=a.eval_size))
-    loaded = _load(a.model)
-    train_pairs = data.load_pairs("train", run.train.train_size, source=a.data)
-    val_pairs = data.load_pairs("validation", run.train.eval_size, source=a.data)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _execute(a, loaded, job, base_cache: dict) -> None:
+    """Train, score and record one run, with a progress bar (or JSON lines)."""
+    from . import data
+    from .events import StepLogged, to_dict
+    from .runs import execute
+
     bar = None
     if not a.json:
         from tqdm import tqdm
 
-        bar = tqdm(total=run.train.steps, desc="training", unit="step", file=sys.stderr)
-    losses, vals, end, started = [], [], None, None
-    for ev in train(run, loaded.model, loaded.tokenizer, train_pairs, val_pairs, data_origin=train_pairs.origin):
+        bar = tqdm(total=job.config.train.steps, desc=f"r={job.config.lora.rank}", unit="step", file=sys.stderr)
+
+    def on_change(event):
+        if event is None:
+            if job.phase == "evaluating" and not a.json:
+                print(f"scoring BLEU/chrF on {job.config.train.bleu_size} newstest2016 sentences...",
+                      file=sys.stderr)
+            return
         if a.json:
-            print(json.dumps(to_dict(ev), default=float), flush=True)
-        if isinstance(ev, StepLogged):
-            losses.append([ev.step, ev.loss])
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{ev.loss:.3f}", tok_s=f"{ev.tokens_per_s:,.0f}")
-        elif isinstance(ev, EvalLogged):
-            vals.append([ev.step, ev.val_loss])
-        elif isinstance(ev, (RunFinished, RunFailed)):
-            end = ev
-        else:
-            started = ev
-    if bar:
-        bar.close()
-    if started is not None:
-        adapters.save_adapter(loaded.model, run.lora, loaded.name, out)
-    status = end.status if isinstance(end, RunFinished) else "failed"
-    metrics = {"status": status, "config": run.to_dict(), "model": loaded.name,
-               "params": started.params if started else None, "summary": getattr(end, "summary", {}),
-               "losses": losses, "val_losses": vals,
-               "error": f"{end.reason}. {end.hint}." if isinstance(end, RunFailed) else ""}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    if isinstance(end, RunFailed):
-        print(f"error: {end.reason}. {end.hint}.", file=sys.stderr)
-        return 1
+            print(json.dumps(to_dict(event), default=float), flush=True)
+        elif isinstance(event, StepLogged):
+            bar.update(1)
+            bar.set_postfix(loss=f"{event.loss:.3f}", tok_s=f"{event.tokens_per_s:,.0f}")
+
+    def base_scores(n, compute):
+        if n not in base_cache:
+            base_cache[n] = compute()
+        return base_cache[n]
+
+    try:
+        execute(job, loaded.model, loaded.tokenizer, lambda split, n: data.load_pairs(split, n, source=a.data),
+                base_scores, on_change)
+    finally:
+        if bar:
+            bar.close()
+
+
+def _report(job) -> str:
+    from .events import summary_text
+
+    if job.status == "failed":
+        return f"error: {job.error}"
+    text = summary_text(job.status, job.summary)
+    if job.quality:
+        q = job.quality
+        text += (f"\nBLEU base {q['base']['bleu']:.2f} -> LoRA {q['lora']['bleu']:.2f}; chrF base "
+                 f"{q['base']['chrf']:.2f} -> LoRA {q['lora']['chrf']:.2f} ({q['n']} newstest2016 sentences; "
+                 f"{q['lora']['bleu_signature']})")
+    return text
+
+
+def cmd_train(a) -> int:
+    from .runs import Job
+
+    run = _run_config(a)
+    loaded = _load(a.model)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    job = Job(out.resolve().name, run, "cli", out)
+    _execute(a, loaded, job, {})
     if not a.json:
-        s = end.summary
-        print(summary_text(status, s) + f"\nwrote {out}")
-    return 0
+        print(_report(job) + f"\nwrote {out}")
+    elif job.status == "failed":
+        print(f"error: {job.error}", file=sys.stderr)
+    return 1 if job.status == "failed" else 0
+
+
+def cmd_sweep(a) -> int:
+    from . import compare
+    from .config import ConfigError
+    from .runs import Job
+
+    try:
+        ranks = [int(r) for r in a.ranks.split(",") if r.strip()]
+    except ValueError:
+        raise ConfigError(f"--ranks must be whole numbers separated by commas, got {a.ranks!r}") from None
+    configs = [_run_config(a, rank=r) for r in ranks]  # validate every rank before training any
+    loaded = _load(a.model)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep, base_cache, jobs = f"sweep-{out.resolve().name}", {}, []
+    for cfg in configs:
+        job = Job.new(cfg, "cli", out, sweep=sweep)
+        jobs.append(job)
+        _execute(a, loaded, job, base_cache)
+        if not a.json:
+            print(f"r={cfg.lora.rank}: " + _report(job).replace("\n", "\n  "), file=sys.stderr)
+    records = [j.record() for j in jobs]
+    (out / "summary.csv").write_text(compare.to_csv(records), encoding="utf-8")
+    (out / "summary.md").write_text(compare.to_markdown(records), encoding="utf-8")
+    if not a.json:
+        print(compare.to_markdown(records) + f"\nwrote {len(jobs)} runs, summary.csv and summary.md to {out}")
+    return 1 if any(j.status == "failed" for j in jobs) else 0
 
 
 def cmd_translate(a) -> int:
@@ -156,7 +219,8 @@ def cmd_translate(a) -> int:
 def main(argv=None) -> None:
     a = _parser().parse_args(argv)
     try:
-        code = {"params": cmd_params, "train": cmd_train, "translate": cmd_translate}[a.command](a)
+        code = {"params": cmd_params, "train": cmd_train, "sweep": cmd_sweep,
+                "translate": cmd_translate}[a.command](a)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

@@ -141,13 +141,15 @@ class TrainConfig:
     eval_size: int = 32             # fixed newstest2015 slice for validation loss
     max_source_len: int = 64
     max_target_len: int = 64
+    bleu_size: int = 100            # newstest2016 sentences scored with BLEU/chrF after the run; 0 = skip
 
     def __post_init__(self):
         lim = limits()
         for name, lo, hi in (("steps", 1, lim.max_steps), ("batch_size", 1, lim.max_batch_size),
                              ("train_size", 1, lim.max_train_size), ("seed", 0, 2**31 - 1),
                              ("warmup_steps", 0, lim.max_steps), ("eval_every", 1, 100_000),
-                             ("eval_size", 1, 2169), ("max_source_len", 8, 512), ("max_target_len", 8, 512)):
+                             ("eval_size", 1, 2169), ("max_source_len", 8, 512), ("max_target_len", 8, 512),
+                             ("bleu_size", 0, 2999)):
             object.__setattr__(self, name, _whole(name.replace("_", " "), getattr(self, name), lo, hi))
         object.__setattr__(self, "lr", _real("learning rate", self.lr, 0.0, 1.0, lo_open=True))
         object.__setattr__(self, "weight_decay", _real("weight decay", self.weight_decay, 0.0, 1.0))

@@ -20,7 +20,8 @@ class StepLogged:
     step: int              # 1-based
     loss: float
     lr: float
-    tokens_per_s: float    # real (non-pad) source + target tokens per second over this step
+    tokens: int            # real (non-pad) source + target tokens in this step's batch
+    tokens_per_s: float    # tokens / this step's wall time
     elapsed_s: float       # since train() was called
     compiled: bool         # False while the compiled step is still being traced
 

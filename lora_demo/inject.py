@@ -76,8 +76,19 @@ def lora_layers(model) -> list[LoraDense]:
     return [getattr(s.owner, s.attr) for s in dense_sites(model) if isinstance(getattr(s.owner, s.attr), LoraDense)]
 
 
+def generation(model) -> int:
+    """A counter bumped whenever adapters are added or removed: compiled functions key on it,
+    because a tf.function traced before the change would still run the old layers."""
+    return getattr(model, "_lora_lab_generation", 0)
+
+
+def _bump(model) -> None:
+    object.__setattr__(model, "_lora_lab_generation", generation(model) + 1)
+
+
 def remove_lora(model) -> None:
     """Put the original Dense layers back (an unmerged adapter leaves no trace in the base)."""
+    _bump(model)
     for site in dense_sites(model):
         layer = getattr(site.owner, site.attr)
         if isinstance(layer, LoraDense):
@@ -117,6 +128,7 @@ def apply_lora(model, cfg: LoraConfig, seed: int = 0) -> list[LoraDense]:
         setattr(site.owner, site.attr, layer)
         wrapped.append(layer)
     freeze_base(model)
+    _bump(model)
     return wrapped
 
 

@@ -123,6 +123,18 @@ def configure_devices() -> None:
             log.warning("could not enable memory growth on %s: %s", gpu.name, exc)
 
 
+def reset_gpu_peak() -> None:
+    if tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.reset_memory_stats("GPU:0")
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak GPU memory TensorFlow allocated since the last reset, in MiB; None without a GPU."""
+    if not tf.config.list_physical_devices("GPU"):
+        return None
+    return round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20, 1)
+
+
 def device_info() -> dict:
     """Which device TensorFlow trains on, for the start-up log and the UI."""
     gpus = tf.config.list_physical_devices("GPU")

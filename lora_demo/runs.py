@@ -1,4 +1,16 @@
-"""The lab: one shared base model, a queue of training jobs, translations with any run's adapter.
+"""Run records and the lab: one shared base model, a queue of training jobs, translation with any run.
+
+A run is a ``Job``: its config, its live state (updated from train() events)
+and, on disk in ``RUNS_DIR/<run_id>/``:
+
+- ``config.json``, written when the run is queued;
+- ``events.jsonl``, one line per event, appended as they arrive;
+- ``metrics.json``, the whole record, rewritten when the status changes and at the end;
+- ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) once the run has steps.
+
+A record never silently disappears. A server killed mid-run leaves a record whose
+status is still queued or running; the next start replays its events.jsonl and
+marks it "interrupted", so every step that was logged is still there.
 
 Training runs in one worker thread, one job at a time, on its own copy of the
 base model; other jobs wait in a FIFO queue and know their position. Closing a
@@ -6,34 +18,39 @@ browser tab does not touch the job. Translation uses a second copy under a
 lock and activates the chosen run's adapter for the duration of a request, so
 it keeps working while a job trains and one session's adapter never leaks into
 another's translations. Neither copy's base weights are ever modified.
-
-Each run writes ``RUNS_DIR/<run_id>/``: config.json, events.jsonl (appended as
-events arrive), and at the end metrics.json plus the PEFT-format adapter.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import adapters, data
-from .config import ConfigError, LoraConfig, RunConfig
-from .evaluate import translate_both
-from .events import RunFailed, RunFinished, StepLogged, to_dict
-from .inject import apply_lora, lora_layers, remove_lora
-from .models import LoadedModel
+from .config import ConfigError, RunConfig
+from .evaluate import scores, translate, translate_both
+from .events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged, to_dict
+from .inject import apply_lora, lora_layers, remove_lora, set_scale
+from .models import LoadedModel, peak_gpu_mb, reset_gpu_peak
 from .params import keras_name_to_path
 from .train import train
 
 log = logging.getLogger(__name__)
-FINAL = ("completed", "stopped", "failed")
+FINAL = ("completed", "stopped", "failed", "interrupted")
+RECORD = "metrics.json"
+EVAL_BATCH = 16          # sentences per generate() call when scoring BLEU/chrF
+EVAL_MAX_NEW_TOKENS = 128
 
+
+# ---------------------------------------------------------------------------
+# A run and its record
+# ---------------------------------------------------------------------------
 
 @dataclass
 class Job:
@@ -41,22 +58,216 @@ class Job:
     config: RunConfig
     session: str
     dir: Path
-    status: str = "queued"                  # queued -> running -> completed | stopped | failed
-    events: list = field(default_factory=list)
-    adapter: dict | None = None             # PEFT-keyed numpy arrays once the run has ended
-    error: str = ""
+    sweep: str = ""                          # sweep id when the run is part of a rank sweep
     created: float = field(default_factory=time.time)
-    stop: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
+    status: str = "queued"                   # queued -> running -> completed | stopped | failed | interrupted
+    phase: str = ""                          # "training" or "evaluating" while running
+    error: str = ""
+    params: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    device: str = ""
+    losses: list = field(default_factory=list)       # [step, loss, training tokens so far]
+    val_losses: list = field(default_factory=list)   # [step, validation loss]; step 0 is the base model
+    summary: dict = field(default_factory=dict)
+    quality: dict | None = None              # sacreBLEU / chrF of base and LoRA on the test slice
+    memory: dict = field(default_factory=dict)
+    adapter_files: dict | None = None        # {"bytes": n} once written
+    version: int = 0                         # bumped on every change, for streaming handlers
+    recent: list = field(default_factory=list, repr=False)   # last (step, elapsed_s) pairs, for the ETA
+    adapter: dict | None = field(default=None, repr=False)   # PEFT arrays, loaded lazily
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
 
-    @property
-    def summary(self) -> dict:
-        ends = [e for e in self.events if isinstance(e, RunFinished)]
-        return ends[-1].summary if ends else {}
+    @classmethod
+    def new(cls, config: RunConfig, session: str, parent: Path, sweep: str = "") -> "Job":
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        return cls(run_id, config, session, Path(parent) / run_id, sweep=sweep)
 
-    def losses(self) -> list[tuple[int, float]]:
-        return [(e.step, e.loss) for e in self.events if isinstance(e, StepLogged)]
+    # -- updates -------------------------------------------------------------
+    def apply(self, event) -> None:
+        """Fold one train() event into the record."""
+        if isinstance(event, RunStarted):
+            self.params, self.device = event.params, event.device
+            self.data = {"origin": event.data_origin, "train_pairs": event.train_pairs, **event.shapes}
+        elif isinstance(event, StepLogged):
+            seen = (self.losses[-1][2] if self.losses else 0) + event.tokens
+            self.losses.append([event.step, event.loss, seen])
+            self.summary["elapsed_s"] = event.elapsed_s
+            self.summary["last_tokens_per_s"] = event.tokens_per_s
+            self.recent = (self.recent + [(event.step, event.elapsed_s)])[-10:]
+        elif isinstance(event, EvalLogged):
+            self.val_losses.append([event.step, event.val_loss])
+        elif isinstance(event, RunFinished):
+            self.status, self.summary = event.status, {**self.summary, **event.summary}
+        elif isinstance(event, RunFailed):
+            self.status, self.error = "failed", f"{event.reason}. {event.hint}."
+        self.version += 1
 
+    # -- persistence ---------------------------------------------------------
+    def eta_s(self) -> float | None:
+        """Seconds left at the pace of the last few steps (measured, not guessed); None until known."""
+        if len(self.recent) < 2 or self.status != "running" or self.phase != "training":
+            return None
+        (s0, t0), (s1, t1) = self.recent[0], self.recent[-1]
+        return (t1 - t0) / (s1 - s0) * (self.config.train.steps - s1)
+
+    def record(self) -> dict:
+        return {"run_id": self.id, "session": self.session, "sweep": self.sweep, "created": self.created,
+                "status": self.status, "error": self.error, "config": self.config.to_dict(),
+                "model": self.config.model, "params": self.params, "data": self.data, "device": self.device,
+                "losses": self.losses, "val_losses": self.val_losses, "summary": self.summary,
+                "quality": self.quality, "memory": self.memory, "adapter": self.adapter_files}
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{RECORD}.tmp"
+        tmp.write_text(json.dumps(self.record(), indent=2, default=float) + "\n")
+        os.replace(tmp, self.dir / RECORD)  # atomic: a reader never sees half a record
+
+    def log_event(self, event) -> None:
+        with open(self.dir / "events.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(to_dict(event), default=float) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Job":
+        """A record from disk; an unfinished one (the server died) comes back as interrupted."""
+        rec = json.loads((run_dir / RECORD).read_text())
+        job = cls(rec["run_id"], RunConfig.from_dict(rec["config"]), rec["session"], run_dir, sweep=rec["sweep"],
+                  created=rec["created"], status=rec["status"], error=rec["error"], params=rec["params"],
+                  data=rec["data"], device=rec["device"], losses=rec["losses"], val_losses=rec["val_losses"],
+                  summary=rec["summary"], quality=rec["quality"], memory=rec["memory"],
+                  adapter_files=rec["adapter"])
+        if job.status not in FINAL:
+            job._replay()
+            job.status = "interrupted"
+            job.error = ("the server stopped during this run; every step logged before that is kept"
+                         + (", and so is the adapter" if job.adapter_files else ""))
+            job.save()
+        job.done.set()
+        return job
+
+    def _replay(self) -> None:
+        path = self.dir / "events.jsonl"
+        if not path.exists():
+            return
+        self.losses, self.val_losses = [], []
+        kinds = {"RunStarted": RunStarted, "StepLogged": StepLogged, "EvalLogged": EvalLogged}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            kind = kinds.get(d.pop("event", ""))
+            if kind is not None:
+                self.apply(kind(**d))
+
+
+def summary_row(job: Job) -> dict:
+    """A compact, JSON-friendly view of a run for lists and the API."""
+    rec = job.record()
+    for key in ("losses", "val_losses", "config"):
+        rec.pop(key)
+    rec.update(rank=job.config.lora.rank, alpha=job.config.lora.alpha, targets=list(job.config.lora.targets),
+               steps=job.config.train.steps, steps_done=len(job.losses))
+    return rec
+
+
+# ---------------------------------------------------------------------------
+# Executing one run: train, save the adapter, score it, record everything
+# ---------------------------------------------------------------------------
+
+class MemoryMonitor:
+    """Peak resident memory of this process while a run executes (sampled every 0.2 s)."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True, name="rss-monitor")
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        reset_gpu_peak()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def figures(self) -> dict:
+        return {"peak_rss_mb": round(self.peak / 2**20, 1), "gpu_peak_mb": peak_gpu_mb()}
+
+
+def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Event | None = None) -> dict | None:
+    """BLEU and chrF of the model as it stands on ``pairs``; None if stopped part-way."""
+    hyps: list[str] = []
+    items = pairs.items
+    for i in range(0, len(items), EVAL_BATCH):
+        if stop is not None and stop.is_set():
+            return None
+        hyps += translate(model, tokenizer, [p.en for p in items[i:i + EVAL_BATCH]],
+                          max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=EVAL_BATCH)
+    return scores(hyps, [p.de for p in items])
+
+
+def execute(job: Job, model, tokenizer, pairs_of, base_scores_of, on_change=None) -> None:
+    """Run ``job`` to the end on ``model`` and leave a complete record in ``job.dir``.
+
+    ``pairs_of(split, n)`` supplies data; ``base_scores_of(n, compute)`` returns the
+    base model's BLEU/chrF on the first n test pairs, calling ``compute()`` only when
+    it has no cached value (the base never changes). ``on_change(event)`` is called
+    with each train() event, and with None when the phase changes. Shared by the
+    app's worker and the CLI, so both write the same record.
+    """
+    def notify(event=None):
+        if on_change is not None:
+            on_change(event)
+    cfg = job.config.train
+    job.status, job.phase = "running", "training"
+    job.save()
+    notify()
+    with MemoryMonitor() as mem:
+        train_pairs, val_pairs = pairs_of("train", cfg.train_size), pairs_of("validation", cfg.eval_size)
+        for event in train(job.config, model, tokenizer, train_pairs, val_pairs, stop=job.stop,
+                           data_origin=train_pairs.origin):
+            job.log_event(event)
+            job.apply(event)
+            notify(event)
+        if lora_layers(model) and job.losses:
+            # Kept on disk whatever the outcome; offered for translation only if the run did not fail.
+            adapters.save_adapter(model, job.config.lora, job.config.model, job.dir)
+            job.adapter_files = {"bytes": (job.dir / adapters.WEIGHTS_FILE).stat().st_size}
+            if job.status != "failed":
+                job.adapter = adapters.adapter_state(model)
+        if job.status == "completed" and cfg.bleu_size > 0:
+            job.phase = "evaluating"
+            job.version += 1
+            notify()
+            test = pairs_of("test", cfg.bleu_size)
+            lora = score_translations(model, tokenizer, test, job.stop)
+            if lora is not None:
+                set_scale(model, 0.0)
+                try:
+                    base = base_scores_of(cfg.bleu_size, lambda: score_translations(model, tokenizer, test))
+                finally:
+                    set_scale(model, 1.0)
+                job.quality = {"n": len(test), "split": "newstest2016", "base": base, "lora": lora}
+    job.memory = mem.figures()
+    job.phase = ""
+    job.version += 1
+    job.save()
+    notify()
+
+
+# ---------------------------------------------------------------------------
+# The lab
+# ---------------------------------------------------------------------------
 
 def clone_model(loaded: LoadedModel):
     """A second model with the same weights (no disk I/O): translation's own copy."""
@@ -71,8 +282,7 @@ def clone_model(loaded: LoadedModel):
 
 
 class Lab:
-    def __init__(self, loaded: LoadedModel, runs_dir: Path | str = "runs", data_source: str = "auto",
-                 eval_size: int = 32):
+    def __init__(self, loaded: LoadedModel, runs_dir: Path | str = "runs", data_source: str = "auto"):
         self.loaded = loaded
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -86,28 +296,50 @@ class Lab:
         self.waiting: list[str] = []                    # job ids in queue order
         self.lock = threading.Lock()                    # guards jobs / waiting
         self._pairs: dict[tuple, data.Pairs] = {}
+        self._base_scores: dict[int, dict] = {}
+        self._load_records()
         self.worker = threading.Thread(target=self._work, daemon=True, name="lora-train-worker")
         self.worker.start()
 
-    # -- data --------------------------------------------------------------
+    def _load_records(self) -> None:
+        for run_dir in sorted(p for p in self.runs_dir.iterdir() if (p / RECORD).is_file()):
+            try:
+                job = Job.load(run_dir)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("skipping unreadable run record %s: %s", run_dir, exc)
+                continue
+            self.jobs[job.id] = job  # listed even if trained on another base model; see translate()
+        log.info("loaded %d run records from %s", len(self.jobs), self.runs_dir)
+
+    # -- data ----------------------------------------------------------------
     def pairs(self, split: str, n: int) -> data.Pairs:
         key = (split, n)
         if key not in self._pairs:
             self._pairs[key] = data.load_pairs(split, n, source=self.data_source)
         return self._pairs[key]
 
-    # -- jobs --------------------------------------------------------------
-    def submit(self, config: RunConfig, session: str = "") -> Job:
-        run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        job = Job(run_id, config, session, self.runs_dir / run_id)
+    def base_scores(self, n: int, compute) -> dict:
+        if n not in self._base_scores:
+            self._base_scores[n] = compute()
+        return self._base_scores[n]
+
+    # -- jobs ----------------------------------------------------------------
+    def submit(self, config: RunConfig, session: str = "", sweep: str = "") -> Job:
+        job = Job.new(config, session, self.runs_dir, sweep=sweep)
         job.dir.mkdir(parents=True)
-        (job.dir / "config.json").write_text(json.dumps({"run_id": run_id, "session": session, **config.to_dict()},
-                                                        indent=2) + "\n")
+        (job.dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        job.save()
         with self.lock:
-            self.jobs[run_id] = job
-            self.waiting.append(run_id)
+            self.jobs[job.id] = job
+            self.waiting.append(job.id)
         self.pending.put(job)
         return job
+
+    def submit_sweep(self, config: RunConfig, ranks: list[int], session: str = "") -> list[Job]:
+        """The same config, seed and data order at each rank; queued back to back."""
+        sweep = "sweep-" + time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+        configs = [replace(config, lora=replace(config.lora, rank=r)) for r in ranks]
+        return [self.submit(c, session, sweep=sweep) for c in configs]
 
     def position(self, job: Job) -> int:
         """1 = next to run; 0 = not waiting."""
@@ -115,18 +347,17 @@ class Lab:
             return self.waiting.index(job.id) + 1 if job.id in self.waiting else 0
 
     def stop(self, run_id: str) -> Job | None:
+        """Stop one run, or every unfinished run of a sweep when given a sweep id."""
         job = self.jobs.get(run_id)
-        if job is not None:
-            job.stop.set()
-        return job
+        targets = [job] if job else [j for j in self.jobs.values() if j.sweep and j.sweep == run_id]
+        for j in targets:
+            j.stop.set()
+        return job or (targets[0] if targets else None)
 
-    def session_jobs(self, session: str) -> list[Job]:
-        return [j for j in self.jobs.values() if j.session == session]
-
-    def _record(self, job: Job, event) -> None:
-        job.events.append(event)
-        with open(job.dir / "events.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(to_dict(event), default=float) + "\n")
+    def runs(self, session: str | None = None) -> list[Job]:
+        """Runs of one session (or all, with None), oldest first."""
+        jobs = [j for j in self.jobs.values() if session is None or j.session == session]
+        return sorted(jobs, key=lambda j: j.created)
 
     def _work(self) -> None:
         while True:
@@ -134,51 +365,39 @@ class Lab:
             with self.lock:
                 self.waiting.remove(job.id)
             try:
-                self._run(job)
-            except Exception as exc:  # never let one job kill the worker
+                if job.stop.is_set():
+                    job.status, job.error = "stopped", "stopped while waiting in the queue"
+                    job.save()
+                else:
+                    execute(job, self.trainer, self.loaded.tokenizer, self.pairs, self.base_scores)
+            except Exception as exc:  # never let one job kill the worker; the record says what happened
                 log.exception("job %s crashed", job.id)
                 job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+                job.save()
             finally:
+                remove_lora(self.trainer)
+                job.version += 1
                 job.done.set()
 
-    def _run(self, job: Job) -> None:
-        if job.stop.is_set():
-            job.status = "stopped"
-            self._record(job, RunFinished("stopped", {"steps_done": 0, "note": "stopped while queued"}))
-            return
-        job.status = "running"
-        cfg = job.config.train
-        train_pairs = self.pairs("train", cfg.train_size)
-        val_pairs = self.pairs("validation", cfg.eval_size)
-        for event in train(job.config, self.trainer, self.loaded.tokenizer, train_pairs, val_pairs,
-                           stop=job.stop, data_origin=train_pairs.origin):
-            self._record(job, event)
-        end = job.events[-1]
-        job.status = end.status if isinstance(end, RunFinished) else "failed"
-        job.error = f"{end.reason}. {end.hint}." if isinstance(end, RunFailed) else ""
-        if lora_layers(self.trainer) and any(isinstance(e, StepLogged) for e in job.events):
-            # Kept on disk whatever the outcome; offered for translation only if the run did not fail.
-            adapters.save_adapter(self.trainer, job.config.lora, self.loaded.name, job.dir)
-            if job.status != "failed":
-                job.adapter = adapters.adapter_state(self.trainer)
-        remove_lora(self.trainer)
-        metrics = {"run_id": job.id, "status": job.status, "error": job.error, "summary": job.summary,
-                   "losses": job.losses()}
-        (job.dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-
     # -- translation ---------------------------------------------------------
+    def adapter_of(self, job: Job) -> dict | None:
+        if job.adapter is None and job.adapter_files and job.status != "failed":
+            job.adapter = adapters.load_state(job.dir)  # a run recorded before this server started
+        return job.adapter
+
     def _activate(self, job: Job | None) -> None:
         """Put ``job``'s adapter on the translator (or none), re-wrapping only when the structure changes."""
-        if job is None or job.adapter is None:
+        if job is None:
             if lora_layers(self.translator):
                 remove_lora(self.translator)
             self.active_adapter = None
             return
-        structure = (job.config.lora.rank, job.config.lora.targets, job.config.lora.side, job.config.lora.layers)
+        lcfg = job.config.lora
+        structure = (lcfg.rank, lcfg.targets, lcfg.side, lcfg.layers)
         if self.active_adapter is None or self.active_adapter[1] != structure:
-            apply_lora(self.translator, job.config.lora)
+            apply_lora(self.translator, lcfg)
         if self.active_adapter != (job.id, structure):
-            adapters.assign_state(self.translator, job.adapter)
+            adapters.assign_state(self.translator, self.adapter_of(job))
         self.active_adapter = (job.id, structure)
 
     def translate(self, sentences: list[str], run_id: str | None = None, scale: float = 1.0,
@@ -188,10 +407,12 @@ class Lab:
         if run_id and job is None:
             raise ConfigError(f"no run {run_id!r} on this server")
         if job is not None and session is not None and job.session != session:
-            raise ConfigError(f"run {run_id!r} belongs to another session")
-        if job is not None and job.adapter is None:
-            raise ConfigError(f"run {run_id!r} has no adapter yet (status: {job.status})")
+            raise ConfigError(f"run {run_id!r} belongs to another session; its adapter is not applied here")
+        if job is not None and job.config.model != self.loaded.name:
+            raise ConfigError(f"run {run_id!r} was trained on {job.config.model}; this server runs "
+                              f"{self.loaded.name}")
+        if job is not None and self.adapter_of(job) is None:
+            raise ConfigError(f"run {run_id!r} has no usable adapter (status: {job.status})")
         with self.translate_lock:
             self._activate(job)
             return translate_both(self.translator, self.loaded.tokenizer, sentences, scale=scale)
-

@@ -266,8 +266,8 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
                 first_loss_s = elapsed
                 if step < cfg.steps:  # only now: tracing beside the first eager step slows it ~2.5x
                     tracer = BackgroundTrace(to_trace)
-            yield StepLogged(step, loss, float(opt.learning_rate(step - 1) if callable(opt.learning_rate)
-                                               else cfg.lr), n_tok / dt, elapsed, fn is not None)
+            lr_now = float(opt.learning_rate(step - 1) if callable(opt.learning_rate) else cfg.lr)
+            yield StepLogged(step, loss, lr_now, n_tok, n_tok / dt, elapsed, fn is not None)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 eval_fn = (tracer.get(1) if tracer is not None else None) or eager_eval
                 if not val_losses:  # the base model's point: the adapter at scale 0 is the base exactly

@@ -1,40 +1,48 @@
 """The Gradio app: layout, handlers and the public API. The only module that imports gradio.
 
 Handlers are thin: they validate through config.py, call the Lab (runs.py) and
-turn its events into component updates through plots.py. The four public
-endpoints ``params``, ``train``, ``stop`` and ``translate`` take and return
-plain values so that ``gradio_client`` scripts can do everything the UI does.
+turn run records into component updates through compare.py and plots.py. The
+public endpoints (``params``, ``train``, ``sweep``, ``stop``, ``runs``,
+``translate``) take and return plain values so that ``gradio_client`` scripts
+can do everything the UI does.
 """
 
 from __future__ import annotations
 
-import time
+import html
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
 
-from . import plots
+from . import compare, plots
 from .config import (MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, clean_sentences, defaults_for,
                      limits)
-from .events import EvalLogged, RunFailed, StepLogged, summary_text
-from .inject import MODULE_PATH
+from .evaluate import sentence_chrf, word_diff
+from .events import summary_text
+from .inject import MODULE_PATH, dense_sites
 from .models import device_info, is_gpu
 from .params import preview
-from .runs import Job, Lab
+from .runs import Job, Lab, summary_row
 from .train import OPTIMIZER_LABELS, available_optimizers
 
-LAB: Lab | None = None   # set by build_demo(); shared by every user, guarded inside Lab
+LAB: Lab | None = None    # set by build_demo(); shared by every user, guarded inside Lab
 _T = TrainConfig()        # API defaults are the config's defaults
-POLL_S = 0.4             # how often a streaming handler looks at its job's events
+POLL_S = 0.4              # how often a streaming handler looks at its job
+DEFAULT_RANKS = "1,2,4,8,16"
+AUTO_PLOT = 8             # at most this many newly seen runs are added to the charts by themselves
 
 FLAN_NOTE = ("FLAN-T5 was instruction-tuned on a mixture that includes WMT16 translation, so the base model's "
-             "German is **not** a zero-shot result.")
+             "German (and its BLEU) is **not** a zero-shot result.")
 EXAMPLES = ["The weather is nice today.", "I would like to thank the Commissioner for her answer.",
             "Obama receives Netanyahu.", "The European Parliament adopted the resolution."]
 CSS = """
 .notice {border-left: 4px solid #f59e0b; background: #fffbeb; padding: 8px 12px; border-radius: 6px;}
 .status {font-family: ui-monospace, monospace; font-size: 0.95em;}
+.diff mark.changed {background: #fde68a; padding: 0 2px; border-radius: 3px;}
+.diff table {width: 100%; border-collapse: collapse;} .diff td {padding: 4px 8px; vertical-align: top;}
 """
 
 
@@ -54,8 +62,6 @@ def _depth() -> int:
 
 
 def _model_modules() -> list[str]:
-    from .inject import dense_sites
-
     found = {MODULE_PATH.match(s.path)["module"] for s in dense_sites(_lab().loaded.model)}
     return [m for m in MODULES if m in found]
 
@@ -69,36 +75,50 @@ def lora_config(rank, alpha, targets, side, first_layer, last_layer) -> LoraConf
                       layers=layers)
 
 
-def run_config(lora: LoraConfig, steps, batch_size, lr, train_size, seed, optimizer) -> RunConfig:
+def run_config(lora: LoraConfig, steps, batch_size, lr, train_size, seed, optimizer, bleu_size=_T.bleu_size):
     return RunConfig(model=_lab().loaded.name, lora=lora,
                      train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
-                                       optimizer=optimizer))
+                                       optimizer=optimizer, bleu_size=bleu_size))
+
+
+def parse_ranks(text) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]; each rank is checked like a single run's."""
+    if isinstance(text, (list, tuple)):
+        parts = list(text)
+    else:
+        parts = [p for p in str(text or "").replace(" ", ",").split(",") if p]
+    if not parts:
+        raise ConfigError("give at least one rank, e.g. 1,2,4,8,16")
+    if len(parts) > 12:
+        raise ConfigError("a sweep takes at most 12 ranks")
+    ranks = []
+    for p in parts:
+        try:
+            ranks.append(LoraConfig(rank=int(p) if str(p).strip().lstrip("-").isdigit() else p).rank)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"sweep rank {p!r}: {exc}") from None
+    return ranks
 
 
 def _status(job: Job, lab: Lab) -> dict:
     """Everything a client needs about a job, as plain values."""
-    steps = [e for e in job.events if isinstance(e, StepLogged)]
-    evals = [e for e in job.events if isinstance(e, EvalLogged)]
-    failed = next((e for e in job.events if isinstance(e, RunFailed)), None)
     total = job.config.train.steps
-    out = {"run_id": job.id, "status": job.status, "queue_position": lab.position(job), "total_steps": total,
-           "step": steps[-1].step if steps else 0, "loss": steps[-1].loss if steps else None,
-           "tokens_per_s": steps[-1].tokens_per_s if steps else None,
-           "elapsed_s": steps[-1].elapsed_s if steps else 0.0, "eta_s": None,
-           "losses": [[e.step, e.loss] for e in steps], "val_losses": [[e.step, e.val_loss] for e in evals],
-           "summary": job.summary, "error": job.error or (f"{failed.reason}. {failed.hint}." if failed else "")}
-    recent = [e for e in steps if e.compiled][-10:] or steps[-3:]
-    if len(recent) >= 2 and job.status == "running":
-        per_step = (recent[-1].elapsed_s - recent[0].elapsed_s) / (recent[-1].step - recent[0].step)
-        out["eta_s"] = per_step * (total - out["step"])
+    last = job.losses[-1] if job.losses else None
+    out = {"run_id": job.id, "sweep": job.sweep, "rank": job.config.lora.rank, "status": job.status,
+           "phase": job.phase, "queue_position": lab.position(job), "total_steps": total,
+           "step": last[0] if last else 0, "loss": last[1] if last else None,
+           "tokens_per_s": job.summary.get("last_tokens_per_s"), "elapsed_s": job.summary.get("elapsed_s", 0.0),
+           "eta_s": job.eta_s(), "losses": [[s, v] for s, v, _ in job.losses], "val_losses": job.val_losses,
+           "summary": {k: v for k, v in job.summary.items() if k != "last_tokens_per_s"},
+           "quality": job.quality, "memory": job.memory, "error": job.error}
     return out
 
 
 def _status_line(s: dict) -> str:
     if s["status"] == "queued":
-        return f"⏳ queued — position {s['queue_position']} in line (one training job runs at a time)"
+        return f"⏳ queued: position {s['queue_position']} in line (one training job runs at a time)"
     if s["status"] == "running" and s["step"] == 0:
-        return "⚙️ preparing: adding the adapter, tokenising the data…"
+        return "⚙️ preparing: adding the adapter, tokenising the data, first step…"
     parts = [f"step {s['step']}/{s['total_steps']}"]
     if s["loss"] is not None:
         parts.append(f"loss {s['loss']:.3f}")
@@ -109,21 +129,27 @@ def _status_line(s: dict) -> str:
     parts.append(f"elapsed {s['elapsed_s']:.0f} s")
     if s["eta_s"] is not None:
         parts.append(f"ETA {s['eta_s']:.0f} s")
-    icon = {"running": "🏃", "completed": "✅", "stopped": "⏹️", "failed": "❌"}.get(s["status"], "")
-    line = f"{icon} {s['status']} · " + " · ".join(parts)
+    icon = {"running": "🏃", "completed": "✅", "stopped": "⏹️", "failed": "❌", "interrupted": "⚠️"}
+    line = f"{icon.get(s['status'], '')} {s['status']} · r={s['rank']} · " + " · ".join(parts)
+    if s["phase"] == "evaluating":
+        line += "  \n📏 scoring BLEU/chrF on the newstest2016 slice…"
     if s["status"] in ("completed", "stopped") and s["summary"].get("first_loss_s") is not None:
         line += "  \n" + summary_text(s["status"], s["summary"]).replace("\n", "  \n").replace("->", "→")
+    q = s.get("quality")
+    if q:
+        line += (f"  \nBLEU base {q['base']['bleu']:.2f} → LoRA {q['lora']['bleu']:.2f} · chrF base "
+                 f"{q['base']['chrf']:.2f} → LoRA {q['lora']['chrf']:.2f} ({q['n']} newstest2016 sentences)")
     if s["error"]:
         line += f"  \n**{s['error']}**"
     return line
 
 
 def _stream(job: Job) -> Iterator[dict]:
-    """Poll a job until it ends, yielding its status whenever something new arrived."""
-    lab, seen = _lab(), -1
+    """Poll a job until it ends, yielding its status whenever something changed."""
+    lab, seen = _lab(), None
     while True:
         done = job.done.is_set()
-        key = (len(job.events), job.status, lab.position(job))
+        key = (job.version, job.status, lab.position(job))
         if key != seen:
             seen = key
             yield _status(job, lab)
@@ -136,25 +162,35 @@ def _session_of(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
 
-def _latest_with_adapter(session: str) -> Job | None:
-    jobs = [j for j in _lab().session_jobs(session) if j.adapter is not None]
-    return max(jobs, key=lambda j: j.created) if jobs else None
+def _usable(job: Job) -> bool:
+    return bool(job.adapter_files) and job.status != "failed" and job.config.model == _lab().loaded.name
 
 
-def _translate(text, run_id: str, scale, session: str) -> dict:
+def _translate(text, run_id: str, scale, session: str, reference: str = "") -> dict:
     sentences, notices = clean_sentences(text)
-    if not isinstance(scale, (int, float)) or not 0.0 <= float(scale) <= 2.0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= float(scale) <= 2.0:
         raise ConfigError(f"LoRA scale must be between 0 and 2, got {scale!r}")
-    job = _lab().jobs.get(run_id) if run_id else _latest_with_adapter(session)
-    if job is None and run_id:
-        raise ConfigError(f"no run {run_id!r}")
-    if job is not None and job.adapter is None:
-        notices.append(f"run {job.id} has no adapter yet ({job.status}); showing the base model in both columns")
-        job = None
-    if job is None and not run_id:
-        notices.append("no trained adapter in this session yet: an untrained LoRA equals the base model exactly")
-    base, lora = _lab().translate(sentences, job.id if job else None, float(scale), session=session)
-    return {"english": sentences, "base": base, "lora": lora, "run_id": job.id if job else "", "notices": notices}
+    lab = _lab()
+    if run_id:
+        job = lab.jobs.get(run_id)
+        if job is None:
+            raise ConfigError(f"no run {run_id!r}")
+    else:
+        usable = [j for j in lab.runs(session) if _usable(j)]
+        job = usable[-1] if usable else None
+        if job is None:
+            notices.append("no trained adapter in this session yet: an untrained LoRA equals the base model exactly")
+    base, lora = lab.translate(sentences, job.id if job else None, float(scale), session=session)
+    out = {"english": sentences, "base": base, "lora": lora, "run_id": job.id if job else "", "notices": notices,
+           "chrf_base": None, "chrf_lora": None}
+    refs = [" ".join(r.split()) for r in (reference or "").splitlines() if r.strip()]
+    if refs:
+        if len(refs) != len(sentences):
+            notices.append(f"{len(refs)} reference lines for {len(sentences)} sentences: chrF needs one per line")
+        else:
+            out["chrf_base"] = [round(sentence_chrf(h, r), 2) for h, r in zip(base, refs)]
+            out["chrf_lora"] = [round(sentence_chrf(h, r), 2) for h, r in zip(lora, refs)]
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -177,31 +213,63 @@ def api_params(rank: int = 8, alpha: float = 16.0, targets: list[str] | None = N
 def api_train(rank: int = 8, alpha: float = 16.0, targets: list[str] | None = None, side: str = "both",
               first_layer: int = 0, last_layer: int = -1, steps: int = _T.steps, batch_size: int = _T.batch_size,
               lr: float = _T.lr, train_size: int = _T.train_size, seed: int = _T.seed, optimizer: str = _T.optimizer,
-              request: gr.Request = None) -> Iterator[dict]:
-    """Queue a training run and stream its progress; the last message carries the summary."""
+              bleu_size: int = _T.bleu_size, request: gr.Request = None) -> Iterator[dict]:
+    """Queue a training run and stream its progress; the last message carries the summary and BLEU/chrF."""
     try:
         cfg = run_config(lora_config(rank, alpha, ["q", "v"] if targets is None else targets, side, first_layer,
-                                     last_layer), steps, batch_size, lr, train_size, seed, optimizer)
+                                     last_layer), steps, batch_size, lr, train_size, seed, optimizer, bleu_size)
     except ConfigError as exc:
         raise gr.Error(str(exc)) from None
     yield from _stream(_lab().submit(cfg, _session_of(request)))
 
 
-def api_stop(run_id: str = "", request: gr.Request = None) -> dict:
-    """Stop a run (default: this session's newest unfinished run). Takes effect within one step."""
-    session = _session_of(request)
-    jobs = [j for j in _lab().session_jobs(session) if not j.done.is_set()]
-    job = _lab().jobs.get(run_id) if run_id else (max(jobs, key=lambda j: j.created) if jobs else None)
-    if job is None or job.session != session:
-        raise gr.Error(f"no run {run_id!r} in this session" if run_id else "no run to stop in this session")
-    _lab().stop(job.id)
-    return {"run_id": job.id, "stop_requested": True, "status": job.status}
-
-
-def api_translate(text: str, run_id: str = "", scale: float = 1.0, request: gr.Request = None) -> dict:
-    """English lines -> base and LoRA German side by side (default run: this session's newest)."""
+def api_sweep(ranks: str = DEFAULT_RANKS, alpha: float = 16.0, targets: list[str] | None = None,
+              side: str = "both", first_layer: int = 0, last_layer: int = -1, steps: int = _T.steps,
+              batch_size: int = _T.batch_size, lr: float = _T.lr, train_size: int = _T.train_size,
+              seed: int = _T.seed, optimizer: str = _T.optimizer, bleu_size: int = _T.bleu_size,
+              request: gr.Request = None) -> Iterator[dict]:
+    """Train the same config at each rank (same seed and data order); stream every run's status."""
     try:
-        return _translate(text, run_id, scale, _session_of(request))
+        ranks_list = parse_ranks(ranks)
+        cfg = run_config(lora_config(ranks_list[0], alpha, ["q", "v"] if targets is None else targets, side,
+                                     first_layer, last_layer), steps, batch_size, lr, train_size, seed, optimizer,
+                         bleu_size)
+    except ConfigError as exc:
+        raise gr.Error(str(exc)) from None
+    jobs = _lab().submit_sweep(cfg, ranks_list, _session_of(request))
+    for job in jobs:
+        for _ in _stream(job):
+            yield {"sweep": job.sweep, "runs": [_status(j, _lab()) for j in jobs]}
+
+
+def api_stop(run_id: str = "", request: gr.Request = None) -> dict:
+    """Stop a run or a whole sweep (default: this session's newest unfinished run). Within one step."""
+    session = _session_of(request)
+    mine = [j for j in _lab().runs(session) if not j.done.is_set()]
+    if run_id:
+        owned = [j for j in _lab().runs(session) if run_id in (j.id, j.sweep)]
+        if not owned:
+            raise gr.Error(f"no run or sweep {run_id!r} in this session")
+        target = run_id
+    elif mine:
+        target = mine[-1].sweep or mine[-1].id
+    else:
+        raise gr.Error("no run to stop in this session")
+    _lab().stop(target)
+    return {"stopped": target, "stop_requested": True}
+
+
+def api_runs(all_runs: bool = False, request: gr.Request = None) -> list[dict]:
+    """Recorded runs of this session (or of the whole server with all_runs), oldest first."""
+    return [summary_row(j) for j in _lab().runs(None if all_runs else _session_of(request))]
+
+
+def api_translate(text: str, run_id: str = "", scale: float = 1.0, reference: str = "",
+                  request: gr.Request = None) -> dict:
+    """English lines -> base and LoRA German side by side (default run: this session's newest).
+    With reference German (one line per sentence), per-sentence chrF for both."""
+    try:
+        return _translate(text, run_id, scale, _session_of(request), reference)
     except ConfigError as exc:
         raise gr.Error(str(exc)) from None
 
@@ -214,63 +282,150 @@ def ui_params(rank, alpha, targets, side, first_layer, last_layer):
     try:
         b = preview(_lab().loaded.model.config, lora_config(rank, alpha, targets, side, first_layer, last_layer))
     except ConfigError as exc:
-        return f"<div class='notice'>⚠️ {exc}</div>", gr.skip(), gr.skip()
+        return f"<div class='notice'>⚠️ {html.escape(str(exc))}</div>", gr.skip(), gr.skip()
     summary = (f"**{b.trainable:,} trainable** of {b.total:,} parameters (**{b.pct_trainable:.3f}%**) · "
                f"frozen {b.frozen:,} · adapter **{b.adapter_mb:.3f} MB** (fp32)")
     rows = [[n, f"{p:,}", f"{t:,}", f"{pct:.3f}%"] for n, p, t, pct in b.rows()]
     return summary, rows, plots.params_figure(b.rows())
 
 
+def _live(job: Job, s: dict):
+    lora = job.config.lora
+    fig = plots.loss_figure(job.record(), s["total_steps"],
+                            title=f"Loss · r={lora.rank}, {'+'.join(lora.targets)} · run {job.id}")
+    return _status_line(s), fig
+
+
 def ui_train(rank, alpha, targets, side, first_layer, last_layer, steps, batch_size, lr, train_size, seed,
-             optimizer, session):
+             optimizer, bleu_size, session):
     session = session or str(uuid.uuid4())
     try:
         cfg = run_config(lora_config(rank, alpha, targets, side, first_layer, last_layer), steps, batch_size, lr,
-                         train_size, seed, optimizer)
+                         train_size, seed, optimizer, bleu_size)
     except ConfigError as exc:
         raise gr.Error(str(exc)) from None
     job = _lab().submit(cfg, session)
     for s in _stream(job):
-        fig = plots.loss_figure(s["losses"], s["val_losses"], s["total_steps"],
-                                title=f"Loss · r={cfg.lora.rank}, {'+'.join(cfg.lora.targets)} · run {job.id}")
-        yield _status_line(s), fig, job.id, session
+        yield *_live(job, s), job.id, session
+
+
+def ui_sweep(ranks, alpha, targets, side, first_layer, last_layer, steps, batch_size, lr, train_size, seed,
+             optimizer, bleu_size, session):
+    session = session or str(uuid.uuid4())
+    try:
+        ranks_list = parse_ranks(ranks)
+        cfg = run_config(lora_config(ranks_list[0], alpha, targets, side, first_layer, last_layer), steps,
+                         batch_size, lr, train_size, seed, optimizer, bleu_size)
+    except ConfigError as exc:
+        raise gr.Error(str(exc)) from None
+    jobs = _lab().submit_sweep(cfg, ranks_list, session)
+    for i, job in enumerate(jobs):
+        for s in _stream(job):
+            status, fig = _live(job, s)
+            yield f"**Rank sweep {i + 1}/{len(jobs)}** (ranks {', '.join(map(str, ranks_list))})  \n{status}", \
+                fig, job.sweep, session
 
 
 def ui_stop(run_id):
     if not run_id:
         return "No run to stop."
     job = _lab().stop(run_id)
-    return "⏹️ stop requested: the run ends after the current step" if job else f"no run {run_id}"
+    what = "the sweep's remaining runs are cancelled and the current one ends" if run_id.startswith("sweep-") \
+        else "the run ends"
+    return f"⏹️ stop requested: {what} after the current step" if job else f"no run {run_id}"
 
 
-def ui_translate(text, scale, run_id, session):
+def _visible(session, show_all) -> list[Job]:
+    return _lab().runs(None if show_all else (session or ""))
+
+
+def _run_label(job: Job) -> str:
+    lora = job.config.lora
+    q = f", BLEU {job.quality['lora']['bleu']:.1f}" if job.quality else ""
+    return f"r={lora.rank} {'+'.join(lora.targets)} · {job.status}{q} · {job.id}"
+
+
+def ui_runs(session, show_all, selected, curves, log_y, x_axis, metric, seen, force=True):
+    """Refresh the run list, comparison table and charts (skipped when nothing changed)."""
+    jobs = _visible(session, show_all)
+    key = ",".join(f"{j.id}:{j.version}" for j in jobs) + f"|{show_all}"
+    if not force and key == seen:
+        return (gr.skip(),) * 6 + (seen,)
+    ids = [j.id for j in jobs]
+    known = {part.split(":")[0] for part in (seen or "").split("|")[0].split(",") if part}
+    kept = [i for i in (selected or []) if i in ids]
+    new = [i for i in ids if i not in known and i not in kept][-AUTO_PLOT:]  # new runs join the charts
+    chosen = kept + new
+    records = [j.record() for j in jobs]
+    shown = [r for r in records if r["run_id"] in chosen]
+    mine = [j for j in _lab().runs(session or "") if _usable(j)]
+    return (compare.table(records),
+            gr.update(choices=[(_run_label(j), j.id) for j in jobs], value=chosen),
+            plots.loss_overlay(shown, "train" in (curves or []), "validation" in (curves or []), bool(log_y),
+                               "tokens" if x_axis == "training tokens" else "step", title="Loss by run (colour = rank)"),
+            plots.quality_figure(shown, "chrf" if metric == "chrF" else "bleu"),
+            gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-1].id if mine else None),
+            gr.skip(), key)
+
+
+def ui_runs_tick(*args):
+    return ui_runs(*args, force=False)
+
+
+def ui_export(session, show_all):
+    records = [j.record() for j in _visible(session, show_all)]
+    if not records:
+        raise gr.Error("no runs to export yet")
+    path = Path(tempfile.mkdtemp(prefix="lora-lab-")) / "lora_lab_runs.csv"
+    path.write_text(compare.to_csv(records), encoding="utf-8")
+    return str(path)
+
+
+def _diff_html(english, base, lora) -> str:
+    def words(pairs):
+        return " ".join(f"<mark class='changed'>{html.escape(w)}</mark>" if changed else html.escape(w)
+                        for w, changed in pairs)
+    rows = []
+    for en, b, l in zip(english, base, lora):
+        bw, lw = word_diff(b, l)
+        rows.append(f"<tr><td>{html.escape(en)}</td><td>{words(bw)}</td><td>{words(lw)}</td></tr>")
+    return ("<div class='diff'><b>Where base and LoRA differ</b> (highlighted words)<table><tr><th>English</th>"
+            "<th>Base</th><th>LoRA</th></tr>" + "".join(rows) + "</table></div>")
+
+
+def ui_translate(text, scale, run_id, reference, session):
     try:
-        out = _translate(text, run_id or "", scale, session or "")
+        out = _translate(text, run_id or "", scale, session or "", reference)
     except ConfigError as exc:
         raise gr.Error(str(exc)) from None
-    rows = [list(r) for r in zip(out["english"], out["base"], out["lora"])]
-    note = " · ".join(out["notices"])
-    label = f"LoRA adapter of run {out['run_id']} at scale {float(scale):g}" if out["run_id"] else "no adapter yet"
-    return rows, (f"{label}" + (f"  \n⚠️ {note}" if note else ""))
+    scored = out["chrf_base"] is not None
+    rows = [[en, b, l] + ([cb, cl] if scored else []) for en, b, l, cb, cl in
+            zip(out["english"], out["base"], out["lora"], out["chrf_base"] or [None] * len(out["english"]),
+                out["chrf_lora"] or [None] * len(out["english"]))]
+    headers = ["English", "Base", "LoRA"] + (["chrF base", "chrF LoRA"] if scored else [])
+    label = f"LoRA = adapter of run {out['run_id']} at scale {float(scale):g}" if out["run_id"] else "no adapter yet"
+    note = label + "".join(f"  \n⚠️ {n}" for n in out["notices"])
+    return gr.update(value=rows, headers=headers), _diff_html(out["english"], out["base"], out["lora"]), note
 
 
 def ui_restore(session):
     """On page load: a stable session id, and this session's newest run (a reload loses nothing)."""
     session = session or str(uuid.uuid4())
-    jobs = sorted(_lab().session_jobs(session), key=lambda j: j.created)
+    jobs = _lab().runs(session)
     if not jobs:
-        return session, "", "Ready. Press **Train** to start a run.", plots.loss_figure([], [])
-    s = _status(jobs[-1], _lab())
-    return session, jobs[-1].id, _status_line(s), plots.loss_figure(s["losses"], s["val_losses"], s["total_steps"])
+        return session, "", "Ready. Press **Train** to start a run.", plots.loss_figure(None)
+    job = jobs[-1]
+    status, fig = _live(job, _status(job, _lab()))
+    return session, job.sweep or job.id, status, fig
 
 
 def ui_follow(run_id):
-    """After a reload: keep streaming a run that is still going."""
-    job = _lab().jobs.get(run_id) if run_id else None
-    if job is None or job.done.is_set():
-        return
-    for s in _stream(job):
-        yield _status_line(s), plots.loss_figure(s["losses"], s["val_losses"], s["total_steps"])
+    """After a reload: keep streaming a run (or the current run of a sweep) that is still going."""
+    lab = _lab()
+    jobs = [j for j in lab.jobs.values() if run_id and run_id in (j.id, j.sweep) and not j.done.is_set()]
+    for job in sorted(jobs, key=lambda j: j.created):
+        for s in _stream(job):
+            yield _live(job, s)
 
 
 # ---------------------------------------------------------------------------
@@ -285,10 +440,11 @@ def build_demo(lab: Lab) -> gr.Blocks:
     info = device_info()
     with gr.Blocks(title="LoRA Lab") as demo:
         session = gr.BrowserState("", storage_key="lora_lab_session")
-        run_id = gr.State("")
+        run_id = gr.State("")        # the run (or sweep id) that Stop stops
+        seen = gr.State("")          # what the run list last showed, to skip unchanged refreshes
         gr.Markdown(f"# 🧪 LoRA Lab\nLow-rank adaptation of **FLAN-T5** in TensorFlow, English → German on WMT16. "
-                    f"Pick a rank and target layers, train for a minute, and compare base and LoRA translations.  \n"
-                    f"Model: **{lab.loaded.label}** · device: **{info['name']}**")
+                    f"Pick a rank and target layers, train for a minute, compare runs, and compare base and "
+                    f"LoRA translations.  \nModel: **{lab.loaded.label}** · device: **{info['name']}**")
         if lab.loaded.notice:
             gr.Markdown(f"⚠️ {lab.loaded.notice}", elem_classes=["notice"])
         with gr.Row(equal_height=False):
@@ -314,46 +470,87 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     optimizer = gr.Dropdown([(OPTIMIZER_LABELS[o], o) for o in available_optimizers()],
                                             value="adamw", label="optimizer")
                     seed = gr.Number(value=0, precision=0, label="seed")
+                bleu_size = gr.Slider(0, 500, value=dflt.bleu_size, step=10,
+                                      label="BLEU/chrF sentences after the run (newstest2016; 0 = skip)")
                 with gr.Row():
                     train_btn = gr.Button("▶ Train", variant="primary")
                     stop_btn = gr.Button("⏹ Stop", variant="stop")
+                with gr.Row(equal_height=True):
+                    ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks", scale=2)
+                    sweep_btn = gr.Button("Sweep ranks", scale=1)
             with gr.Column(scale=3, min_width=420):
                 status = gr.Markdown("Ready. Press **Train** to start a run.", elem_classes=["status"])
-                loss_plot = gr.Plot(plots.loss_figure([], []), label="loss", show_label=False)
+                loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False)
                 gr.Markdown("### Parameter breakdown")
                 summary = gr.Markdown()
                 params_plot = gr.Plot(show_label=False)
                 table = gr.Dataframe(headers=["component", "params", "trainable", "% of total"],
                                      interactive=False, wrap=True, column_widths=["34%", "24%", "22%", "20%"])
-        gr.Markdown("### 3 · Translate: base vs LoRA\n" + FLAN_NOTE)
+
+        gr.Markdown("### 3 · Runs: compare ranks")
+        with gr.Row():
+            show_all = gr.Checkbox(False, label="show all runs on this server (not only this browser's)")
+            refresh_btn = gr.Button("↻ Refresh", size="sm")
+            export_btn = gr.Button("Export CSV", size="sm")
+            export_file = gr.File(label="comparison CSV", height=60)
+        runs_table = gr.Dataframe(headers=compare.COLUMNS, interactive=False, wrap=True, max_height=320)
+        picked = gr.CheckboxGroup([], label="runs in the charts")
+        with gr.Row():
+            curves = gr.CheckboxGroup(["train", "validation"], value=["train", "validation"], label="curves")
+            log_y = gr.Checkbox(False, label="log-scale loss")
+            x_axis = gr.Radio(["step", "training tokens"], value="step", label="x-axis")
+            metric = gr.Radio(["BLEU", "chrF"], value="BLEU", label="quality metric")
+        with gr.Row(equal_height=False):
+            overlay_plot = gr.Plot(show_label=False)
+            quality_plot = gr.Plot(show_label=False)
+
+        gr.Markdown("### 4 · Translate: base vs LoRA\n" + FLAN_NOTE)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
+                run_pick = gr.Dropdown([], label="LoRA run (this browser's runs)", allow_custom_value=False)
                 text = gr.Textbox(lines=4, label="English, one sentence per line", value=EXAMPLES[0])
+                reference = gr.Textbox(lines=2, label="reference German, one line per sentence (optional: "
+                                                      "per-sentence chrF)")
                 scale = gr.Slider(0, 2, value=1, step=0.05, label="LoRA scale (0 = base model, 1 = as trained)")
                 translate_btn = gr.Button("Translate", variant="primary")
                 gr.Examples([[e] for e in EXAMPLES], inputs=[text], label="examples")
             with gr.Column(scale=3):
-                out_table = gr.Dataframe(headers=["English", "Base", "LoRA"], interactive=False, wrap=True,
-                                         column_widths=["30%", "35%", "35%"])
+                out_table = gr.Dataframe(headers=["English", "Base", "LoRA"], interactive=False, wrap=True)
+                diff = gr.HTML()
                 out_note = gr.Markdown()
 
+        # -- events ------------------------------------------------------------
+        private = dict(api_visibility="private")
         lora_inputs = [rank, alpha, targets, side, first, last]
+        train_inputs = [steps, batch, lr, train_size, seed, optimizer, bleu_size, session]
+        runs_inputs = [session, show_all, picked, curves, log_y, x_axis, metric, seen]
+        runs_outputs = [runs_table, picked, overlay_plot, quality_plot, run_pick, export_file, seen]
         for c in lora_inputs:
-            c.change(ui_params, lora_inputs, [summary, table, params_plot], api_visibility="private",
-                     show_progress="hidden")
-        demo.load(ui_params, lora_inputs, [summary, table, params_plot], api_visibility="private")
-        demo.load(ui_restore, [session], [session, run_id, status, loss_plot], api_visibility="private").then(
-            ui_follow, [run_id], [status, loss_plot], api_visibility="private", concurrency_limit=None)
-        train_btn.click(ui_train, lora_inputs + [steps, batch, lr, train_size, seed, optimizer, session],
-                        [status, loss_plot, run_id, session], api_visibility="private", concurrency_limit=None)
-        stop_btn.click(ui_stop, [run_id], [status], api_visibility="private", concurrency_limit=None)
+            c.change(ui_params, lora_inputs, [summary, table, params_plot], show_progress="hidden", **private)
+        demo.load(ui_params, lora_inputs, [summary, table, params_plot], **private)
+        demo.load(ui_restore, [session], [session, run_id, status, loss_plot], **private).then(
+            ui_runs, runs_inputs, runs_outputs, **private).then(
+            ui_follow, [run_id], [status, loss_plot], concurrency_limit=None, **private)
+        train_btn.click(ui_train, lora_inputs + train_inputs, [status, loss_plot, run_id, session],
+                        concurrency_limit=None, **private).then(ui_runs, runs_inputs, runs_outputs, **private)
+        sweep_btn.click(ui_sweep, [ranks] + lora_inputs[1:] + train_inputs, [status, loss_plot, run_id, session],
+                        concurrency_limit=None, **private).then(ui_runs, runs_inputs, runs_outputs, **private)
+        stop_btn.click(ui_stop, [run_id], [status], concurrency_limit=None, **private)
+        for c in (show_all, curves, log_y, x_axis, metric):
+            c.change(ui_runs, runs_inputs, runs_outputs, show_progress="hidden", **private)
+        picked.input(ui_runs, runs_inputs, runs_outputs, show_progress="hidden", **private)
+        refresh_btn.click(ui_runs, runs_inputs, runs_outputs, **private)
+        gr.Timer(3).tick(ui_runs_tick, runs_inputs, runs_outputs, show_progress="hidden", **private)
+        export_btn.click(ui_export, [session, show_all], [export_file], **private)
         for trigger in (translate_btn.click, text.submit):
-            trigger(ui_translate, [text, scale, run_id, session], [out_table, out_note], api_visibility="private",
-                    concurrency_limit=None)
+            trigger(ui_translate, [text, scale, run_pick, reference, session], [out_table, diff, out_note],
+                    concurrency_limit=None, **private)
 
         gr.api(api_params, api_name="params", concurrency_limit=None)
         gr.api(api_train, api_name="train", concurrency_limit=None)
+        gr.api(api_sweep, api_name="sweep", concurrency_limit=None)
         gr.api(api_stop, api_name="stop", concurrency_limit=None)
+        gr.api(api_runs, api_name="runs", concurrency_limit=None)
         gr.api(api_translate, api_name="translate", concurrency_limit=None)
     return demo
 
