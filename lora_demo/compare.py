@@ -8,6 +8,9 @@ import io
 COLUMNS = ["run", "status", "rank", "alpha", "targets", "stacks", "blocks", "trainable", "% trainable",
            "adapter MB", "steps", "train loss", "val loss", "BLEU base", "BLEU LoRA", "chrF base", "chrF LoRA",
            "s/step", "first loss s", "peak RSS MB"]
+# Display widths for the UI table (it scrolls sideways rather than squashing 20 columns).
+WIDTHS = ["200px", "100px", "60px", "64px", "80px", "76px", "70px", "100px", "100px", "96px", "64px", "90px",
+          "84px", "90px", "90px", "90px", "90px", "70px", "96px", "104px"]
 
 
 def _get(d: dict | None, *keys):

@@ -67,7 +67,11 @@ def loss_overlay(records: list[dict], show_train: bool = True, show_val: bool = 
         fig.update_yaxes(type="log")
     if not fig.data:
         _empty(fig, "Press Train: the curve draws here as steps finish" if not records else "nothing to show")
-    return _layout(fig, title, "step" if x == "step" else "training tokens", "cross-entropy loss")
+    fig = _layout(fig, title, "step" if x == "step" else "training tokens", "cross-entropy loss")
+    if len(records) > 1:  # many entries: the legend goes under the chart, clear of the title
+        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0.0),
+                          height=420, margin=dict(b=110))
+    return fig
 
 
 def loss_figure(record: dict | None, total_steps: int | None = None, title: str = "Training loss") -> go.Figure:

@@ -72,6 +72,7 @@ class Job:
     quality: dict | None = None              # sacreBLEU / chrF of base and LoRA on the test slice
     memory: dict = field(default_factory=dict)
     adapter_files: dict | None = None        # {"bytes": n} once written
+    outcome: str = ""                        # how training ended; becomes the status once the record is complete
     version: int = 0                         # bumped on every change, for streaming handlers
     recent: list = field(default_factory=list, repr=False)   # last (step, elapsed_s) pairs, for the ETA
     adapter: dict | None = field(default=None, repr=False)   # PEFT arrays, loaded lazily
@@ -98,9 +99,9 @@ class Job:
         elif isinstance(event, EvalLogged):
             self.val_losses.append([event.step, event.val_loss])
         elif isinstance(event, RunFinished):
-            self.status, self.summary = event.status, {**self.summary, **event.summary}
+            self.outcome, self.summary = event.status, {**self.summary, **event.summary}
         elif isinstance(event, RunFailed):
-            self.status, self.error = "failed", f"{event.reason}. {event.hint}."
+            self.outcome, self.error = "failed", f"{event.reason}. {event.hint}."
         self.version += 1
 
     # -- persistence ---------------------------------------------------------
@@ -239,13 +240,14 @@ def execute(job: Job, model, tokenizer, pairs_of, base_scores_of, on_change=None
             job.log_event(event)
             job.apply(event)
             notify(event)
+        outcome = job.outcome or "failed"
         if lora_layers(model) and job.losses:
             # Kept on disk whatever the outcome; offered for translation only if the run did not fail.
             adapters.save_adapter(model, job.config.lora, job.config.model, job.dir)
             job.adapter_files = {"bytes": (job.dir / adapters.WEIGHTS_FILE).stat().st_size}
-            if job.status != "failed":
+            if outcome != "failed":
                 job.adapter = adapters.adapter_state(model)
-        if job.status == "completed" and cfg.bleu_size > 0:
+        if outcome == "completed" and cfg.bleu_size > 0:
             job.phase = "evaluating"
             job.version += 1
             notify()
@@ -259,7 +261,7 @@ def execute(job: Job, model, tokenizer, pairs_of, base_scores_of, on_change=None
                     set_scale(model, 1.0)
                 job.quality = {"n": len(test), "split": "newstest2016", "base": base, "lora": lora}
     job.memory = mem.figures()
-    job.phase = ""
+    job.status, job.phase = outcome, ""
     job.version += 1
     job.save()
     notify()

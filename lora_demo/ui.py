@@ -378,7 +378,7 @@ def ui_export(session, show_all):
         raise gr.Error("no runs to export yet")
     path = Path(tempfile.mkdtemp(prefix="lora-lab-")) / "lora_lab_runs.csv"
     path.write_text(compare.to_csv(records), encoding="utf-8")
-    return str(path)
+    return gr.update(value=str(path), visible=True)
 
 
 def _diff_html(english, base, lora) -> str:
@@ -403,9 +403,11 @@ def ui_translate(text, scale, run_id, reference, session):
             zip(out["english"], out["base"], out["lora"], out["chrf_base"] or [None] * len(out["english"]),
                 out["chrf_lora"] or [None] * len(out["english"]))]
     headers = ["English", "Base", "LoRA"] + (["chrF base", "chrF LoRA"] if scored else [])
+    widths = ["26%", "30%", "30%", "7%", "7%"] if scored else ["30%", "35%", "35%"]
     label = f"LoRA = adapter of run {out['run_id']} at scale {float(scale):g}" if out["run_id"] else "no adapter yet"
     note = label + "".join(f"  \n⚠️ {n}" for n in out["notices"])
-    return gr.update(value=rows, headers=headers), _diff_html(out["english"], out["base"], out["lora"]), note
+    return (gr.update(value=rows, headers=headers, column_widths=widths),
+            _diff_html(out["english"], out["base"], out["lora"]), note)
 
 
 def ui_restore(session):
@@ -492,8 +494,9 @@ def build_demo(lab: Lab) -> gr.Blocks:
             show_all = gr.Checkbox(False, label="show all runs on this server (not only this browser's)")
             refresh_btn = gr.Button("↻ Refresh", size="sm")
             export_btn = gr.Button("Export CSV", size="sm")
-            export_file = gr.File(label="comparison CSV", height=60)
-        runs_table = gr.Dataframe(headers=compare.COLUMNS, interactive=False, wrap=True, max_height=320)
+        export_file = gr.File(label="comparison CSV", visible=False)
+        runs_table = gr.Dataframe(headers=compare.COLUMNS, interactive=False, wrap=True, max_height=320,
+                                  column_widths=compare.WIDTHS)
         picked = gr.CheckboxGroup([], label="runs in the charts")
         with gr.Row():
             curves = gr.CheckboxGroup(["train", "validation"], value=["train", "validation"], label="curves")
@@ -515,7 +518,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 translate_btn = gr.Button("Translate", variant="primary")
                 gr.Examples([[e] for e in EXAMPLES], inputs=[text], label="examples")
             with gr.Column(scale=3):
-                out_table = gr.Dataframe(headers=["English", "Base", "LoRA"], interactive=False, wrap=True)
+                out_table = gr.Dataframe(headers=["English", "Base", "LoRA"], interactive=False, wrap=True,
+                                         column_widths=["30%", "35%", "35%"])
                 diff = gr.HTML()
                 out_note = gr.Markdown()
 

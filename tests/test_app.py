@@ -57,7 +57,7 @@ def test_params_endpoint_matches_the_arithmetic(client):
 
 
 def test_train_streams_updates_then_translate_gives_two_columns(client, app):
-    job = client.submit(rank=4, targets=["q", "v"], steps=12, train_size=32, api_name="/train")
+    job = client.submit(rank=4, targets=["q", "v"], steps=12, train_size=32, bleu_size=8, api_name="/train")
     updates = list(job)
     final = job.result()
     assert final["status"] == "completed", final
@@ -66,6 +66,7 @@ def test_train_streams_updates_then_translate_gives_two_columns(client, app):
     assert any(0 < u["step"] < 12 for u in updates), "no update arrived while training"
     assert [s for s, _ in final["losses"]] == list(range(1, 13))
     assert final["summary"]["probe_loss_base"] is not None
+    assert final["quality"]["n"] == 8 and "bleu" in final["quality"]["lora"]
     run_dir = app[1] / "runs" / final["run_id"]
     assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
 
@@ -78,7 +79,7 @@ def test_train_streams_updates_then_translate_gives_two_columns(client, app):
 
 
 def test_stop_ends_the_run_as_stopped(client):
-    job = client.submit(steps=400, train_size=32, api_name="/train")
+    job = client.submit(steps=400, train_size=32, bleu_size=0, api_name="/train")
     for update in job:
         if update["step"] >= 2:
             stopped = client.predict(run_id=update["run_id"], api_name="/stop")
@@ -87,7 +88,7 @@ def test_stop_ends_the_run_as_stopped(client):
     final = job.result()
     assert final["status"] == "stopped" and final["step"] < 400
     # the next run starts cleanly
-    nxt = client.submit(steps=2, train_size=16, api_name="/train")
+    nxt = client.submit(steps=2, train_size=16, bleu_size=0, api_name="/train")
     assert nxt.result()["status"] == "completed"
 
 
@@ -108,6 +109,60 @@ def test_unloadable_default_model_falls_back_to_tiny_with_a_notice(tmp_path):
         assert "Could not load" in page and "--model" in page and "tiny" in page
         c = Client(url, verbose=False)
         assert c.predict(text="Hello.", api_name="/translate")["base"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_runs_are_listed_per_session_and_translate_uses_the_chosen_run(app):
+    mine, other = Client(app[0], verbose=False), Client(app[0], verbose=False)
+    first = mine.submit(rank=2, steps=3, train_size=16, bleu_size=0, api_name="/train").result()
+    second = mine.submit(rank=8, steps=3, train_size=16, bleu_size=0, api_name="/train").result()
+    listed = mine.predict(api_name="/runs")
+    ids = [r["run_id"] for r in listed]
+    assert ids[-2:] == [first["run_id"], second["run_id"]] and [r["rank"] for r in listed[-2:]] == [2, 8]
+    assert other.predict(api_name="/runs") == []
+    assert {first["run_id"], second["run_id"]} <= {r["run_id"] for r in other.predict(all_runs=True,
+                                                                                      api_name="/runs")}
+    out = mine.predict(text="The session is resumed.", run_id=first["run_id"], reference="Die Sitzung ist eröffnet.",
+                       api_name="/translate")
+    assert out["run_id"] == first["run_id"]
+    assert len(out["chrf_base"]) == len(out["chrf_lora"]) == 1 and 0 <= out["chrf_lora"][0] <= 100
+    with pytest.raises(Exception, match="another session"):
+        other.predict(text="Hello.", run_id=first["run_id"], api_name="/translate")
+
+
+def test_rank_sweep_through_the_api(client):
+    job = client.submit(ranks="1,2", steps=3, train_size=16, bleu_size=4, api_name="/sweep")
+    updates = list(job)
+    final = job.result()["runs"]
+    assert [r["rank"] for r in final] == [1, 2] and all(r["status"] == "completed" for r in final)
+    assert all(r["quality"]["n"] == 4 for r in final)
+    assert len({r["sweep"] for r in final}) == 1 and len(updates) >= 4
+    with pytest.raises(Exception, match="sweep rank"):
+        client.predict(ranks="1,0", api_name="/sweep")
+
+
+def test_stop_cancels_the_rest_of_a_sweep(client):
+    job = client.submit(ranks="1,2,4", steps=400, train_size=16, bleu_size=0, api_name="/sweep")
+    for update in job:
+        if update["runs"][0]["step"] >= 1:
+            assert client.predict(run_id=update["sweep"], api_name="/stop")["stopped"] == update["sweep"]
+            break
+    final = job.result()["runs"]
+    assert [r["status"] for r in final] == ["stopped"] * 3
+    assert final[0]["step"] < 400 and final[1]["step"] == final[2]["step"] == 0
+    assert "waiting in the queue" in final[2]["error"]
+
+
+def test_a_restarted_app_lists_the_runs_again(app):
+    before = {r["run_id"] for r in Client(app[0], verbose=False).predict(all_runs=True, api_name="/runs")}
+    assert before, "earlier tests should have recorded runs"
+    proc, url = launch(app[1], "--model", "tiny")  # same --runs-dir
+    try:
+        after = Client(url, verbose=False).predict(all_runs=True, api_name="/runs")
+        assert before <= {r["run_id"] for r in after}
+        assert all(r["status"] in ("completed", "stopped", "failed", "interrupted") for r in after)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -66,8 +66,24 @@ def test_train_then_translate_with_the_adapter(tmp_path):
 
 def test_train_json_lines_and_unloadable_model(tmp_path):
     out = cli("train", "--model", "tiny", "--steps", "2", "--train-size", "16", "--eval-size", "8", "--json",
-              "--out", str(tmp_path))
+              "--bleu-size", "0", "--out", str(tmp_path))
     events = [json.loads(line)["event"] for line in out.stdout.splitlines()]
     assert events[0] == "RunStarted" and events[-1] == "RunFinished" and events.count("StepLogged") == 2
     bad = cli("train", "--model", str(tmp_path / "nope"), "--steps", "2", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "no model directory" in bad.stderr
+
+
+def test_sweep_writes_one_record_per_rank_and_a_summary(tmp_path):
+    out = cli("sweep", "--model", "tiny", "--ranks", "1,2", "--steps", "4", "--train-size", "16",
+              "--eval-size", "8", "--bleu-size", "8", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json")]
+    records = sorted(records, key=lambda r: r["config"]["lora"]["rank"])
+    assert [r["config"]["lora"]["rank"] for r in records] == [1, 2]
+    assert all(r["status"] == "completed" and r["quality"]["n"] == 8 for r in records)
+    assert records[0]["quality"]["base"] == records[1]["quality"]["base"]  # same base, same slice
+    assert records[0]["sweep"] == records[1]["sweep"] != ""
+    # same seed and data order: the first step sees the same batch, and an untrained adapter is the base
+    assert records[0]["losses"][0][1] == pytest.approx(records[1]["losses"][0][1], rel=1e-6)
+    assert (tmp_path / "summary.csv").read_text().count("\n") == 3
+    assert "| run |" in (tmp_path / "summary.md").read_text() and "| run |" in out.stdout
