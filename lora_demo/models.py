@@ -76,7 +76,13 @@ def _load_dir(path: Path):
 
 def _load_hub(name: str):
     local_only = not hub_reachable()  # offline: use the cache if it has the model, fail fast if not
-    model = TFT5ForConditionalGeneration.from_pretrained(name, local_files_only=local_only)
+    try:
+        model = TFT5ForConditionalGeneration.from_pretrained(name, local_files_only=local_only)
+    except OSError as exc:
+        if "tf_model.h5" not in str(exc):
+            raise
+        # A repo with PyTorch weights only: convert them (needs torch installed).
+        model = TFT5ForConditionalGeneration.from_pretrained(name, local_files_only=local_only, from_pt=True)
     return model, AutoTokenizer.from_pretrained(name, local_files_only=local_only)
 
 

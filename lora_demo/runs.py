@@ -15,9 +15,11 @@ marks it "interrupted", so every step that was logged is still there.
 Training runs in one worker thread, one job at a time, on its own copy of the
 base model; other jobs wait in a FIFO queue and know their position. Closing a
 browser tab does not touch the job. Translation uses a second copy under a
-lock and activates the chosen run's adapter for the duration of a request, so
-it keeps working while a job trains and one session's adapter never leaks into
-another's translations. Neither copy's base weights are ever modified.
+lock: the chosen run's adapter is merged into that copy's kernels for the
+duration of one request and the kernels are then restored bit for bit, so it
+keeps working while a job trains, one session's adapter never leaks into
+another's translations, and merged inference costs no more than the base. The
+training copy's base weights are never modified.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from pathlib import Path
 
 from . import adapters, data
 from .config import ConfigError, RunConfig
-from .evaluate import scores, translate, translate_both
+from .evaluate import scores, translate
 from .events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged, to_dict
-from .inject import apply_lora, lora_layers, remove_lora, set_scale
+from .inject import dense_sites, lora_layers, remove_lora, set_scale
 from .models import LoadedModel, peak_gpu_mb, reset_gpu_peak
 from .params import keras_name_to_path
 from .train import train
@@ -291,8 +293,7 @@ class Lab:
         self.data_source = data_source
         self.trainer = loaded.model                     # the worker's model; LoRA is injected per run
         self.translator = clone_model(loaded)           # requests activate adapters on this one
-        self.translate_lock = threading.Lock()
-        self.active_adapter: tuple | None = None        # (run_id, structure) on the translator
+        self.translate_lock = threading.Lock()          # one request at a time merges into the translator
         self.jobs: dict[str, Job] = {}
         self.pending: queue.Queue[Job] = queue.Queue()
         self.waiting: list[str] = []                    # job ids in queue order
@@ -387,20 +388,37 @@ class Lab:
             job.adapter = adapters.load_state(job.dir)  # a run recorded before this server started
         return job.adapter
 
-    def _activate(self, job: Job | None) -> None:
-        """Put ``job``'s adapter on the translator (or none), re-wrapping only when the structure changes."""
-        if job is None:
-            if lora_layers(self.translator):
-                remove_lora(self.translator)
-            self.active_adapter = None
-            return
+    def _merged(self, job: Job, scale: float):
+        """Context: ``job``'s adapter merged into the translator's kernels at ``scale``, then restored.
+
+        The translator never carries LoRA layers, so its compiled generate functions are traced
+        once and serve every run; the kernels are restored from copies, bit for bit.
+        """
+        import contextlib
+
+        import tensorflow as tf
+
         lcfg = job.config.lora
-        structure = (lcfg.rank, lcfg.targets, lcfg.side, lcfg.layers)
-        if self.active_adapter is None or self.active_adapter[1] != structure:
-            apply_lora(self.translator, lcfg)
-        if self.active_adapter != (job.id, structure):
-            adapters.assign_state(self.translator, self.adapter_of(job))
-        self.active_adapter = (job.id, structure)
+        kernels = {site.path: getattr(site.owner, site.attr).kernel for site in dense_sites(self.translator)}
+        state = self.adapter_of(job)
+
+        @contextlib.contextmanager
+        def merged():
+            backups = {}
+            try:
+                for key, a_t in state.items():
+                    if not key.endswith("lora_A.weight"):
+                        continue
+                    path = key[len(adapters.PREFIX):-len(".lora_A.weight")]
+                    b_t = state[key.replace("lora_A", "lora_B")]
+                    delta = (a_t.T @ b_t.T) * (lcfg.alpha / lcfg.rank * scale)   # (in, r) @ (r, out)
+                    backups[path] = tf.identity(kernels[path])
+                    kernels[path].assign_add(delta.astype(kernels[path].dtype.as_numpy_dtype))
+                yield
+            finally:
+                for path, value in backups.items():
+                    kernels[path].assign(value)
+        return merged()
 
     def translate(self, sentences: list[str], run_id: str | None = None, scale: float = 1.0,
                   session: str | None = None) -> tuple[list[str], list[str]]:
@@ -416,5 +434,8 @@ class Lab:
         if job is not None and self.adapter_of(job) is None:
             raise ConfigError(f"run {run_id!r} has no usable adapter (status: {job.status})")
         with self.translate_lock:
-            self._activate(job)
-            return translate_both(self.translator, self.loaded.tokenizer, sentences, scale=scale)
+            base = translate(self.translator, self.loaded.tokenizer, sentences)
+            if job is None:
+                return base, list(base)
+            with self._merged(job, scale):
+                return base, translate(self.translator, self.loaded.tokenizer, sentences)

@@ -403,7 +403,7 @@ def ui_translate(text, scale, run_id, reference, session):
             zip(out["english"], out["base"], out["lora"], out["chrf_base"] or [None] * len(out["english"]),
                 out["chrf_lora"] or [None] * len(out["english"]))]
     headers = ["English", "Base", "LoRA"] + (["chrF base", "chrF LoRA"] if scored else [])
-    widths = ["26%", "30%", "30%", "7%", "7%"] if scored else ["30%", "35%", "35%"]
+    widths = ["24%", "28%", "28%", "10%", "10%"] if scored else ["30%", "35%", "35%"]
     label = f"LoRA = adapter of run {out['run_id']} at scale {float(scale):g}" if out["run_id"] else "no adapter yet"
     note = label + "".join(f"  \n⚠️ {n}" for n in out["notices"])
     return (gr.update(value=rows, headers=headers, column_widths=widths),

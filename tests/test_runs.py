@@ -81,3 +81,30 @@ def test_the_lab_lists_recorded_runs_after_a_restart(recorded, bundled_tiny, tmp
     assert base == lora  # adapter loaded from disk; scale 0 is the base exactly
     with pytest.raises(ValueError, match="another session"):
         lab.translate(["Hi."], recorded.id, session="s9")
+
+
+def test_merged_translation_matches_the_unmerged_adapter_and_restores_the_kernels(recorded, bundled_tiny, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from lora_demo import adapters
+    from lora_demo.evaluate import translate_both
+    from lora_demo.inject import apply_lora
+
+    shutil.copytree(recorded.dir, tmp_path / recorded.id)
+    lab = Lab(bundled_tiny, runs_dir=tmp_path, data_source="bundled")
+    before = [v.numpy().copy() for v in lab.translator.weights]
+    sentences = ["The session is resumed.", "I would like to thank the Commissioner."]
+    # a clearly visible adapter: the recorded one at scale 2
+    base, merged = lab.translate(sentences, recorded.id, scale=2.0, session="s1")
+    for v, b in zip(lab.translator.weights, before):
+        assert np.array_equal(v.numpy(), b), v.name
+    cfg, state = adapters.read_adapter(recorded.dir)
+    try:
+        apply_lora(bundled_tiny.model, cfg)
+        adapters.assign_state(bundled_tiny.model, state)
+        base_u, lora_u = translate_both(bundled_tiny.model, bundled_tiny.tokenizer, sentences, scale=2.0)
+    finally:
+        remove_lora(bundled_tiny.model)
+    assert base == base_u and merged == lora_u
