@@ -13,7 +13,7 @@ import numpy as np
 import sacrebleu
 import tensorflow as tf
 
-from .data import PROMPT, Pairs
+from .data import PROMPT
 from .inject import generation, lora_layers, set_scale
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,6 @@ def scores(hypotheses: list[str], references: list[str]) -> dict:
     c = chrf.corpus_score(hypotheses, [references])
     return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
             "chrf_signature": str(chrf.get_signature()), "n": len(hypotheses)}
-
-
-def evaluate_pairs(model, tokenizer, pairs: Pairs, scale: float = 1.0, **kw) -> dict:
-    """BLEU and chrF of base and LoRA on ``pairs`` (e.g. the fixed newstest2016 slice)."""
-    en = [p.en for p in pairs.items]
-    refs = [p.de for p in pairs.items]
-    base, lora = translate_both(model, tokenizer, en, scale=scale, **kw)
-    return {"base": scores(base, refs), "lora": scores(lora, refs)}
 
 
 def sentence_chrf(hypothesis: str, reference: str) -> float:

@@ -5,7 +5,8 @@ import pytest
 
 from lora_demo import data
 from lora_demo.config import LoraConfig
-from lora_demo.evaluate import evaluate_pairs, scores, sentence_chrf, translate, translate_both
+from lora_demo.evaluate import scores, sentence_chrf, translate, translate_both
+from lora_demo.runs import score_translations
 from lora_demo.inject import apply_lora, lora_layers, remove_lora
 
 SENTENCES = ["The session is resumed.", "I would like to thank the Commissioner.", "Obama receives Netanyahu."]
@@ -50,8 +51,9 @@ def test_scores_have_signatures_and_known_values():
     assert sentence_chrf("Hallo Welt", "Hallo Welt") == pytest.approx(100.0)
 
 
-def test_evaluate_pairs_on_the_fixed_test_slice(tiny):
+def test_scoring_the_fixed_test_slice(tiny):
     pairs = data.load_pairs("test", 4, source="bundled")
-    res = evaluate_pairs(tiny.model, tiny.tokenizer, pairs)
-    assert res["base"] == res["lora"]  # no adapter: LoRA column is the base
-    assert res["base"]["n"] == 4 and 0 <= res["base"]["chrf"] <= 100
+    res = score_translations(tiny.model, tiny.tokenizer, pairs)
+    hyps = translate(tiny.model, tiny.tokenizer, [p.en for p in pairs.items], max_new_tokens=128)
+    assert res == scores(hyps, [p.de for p in pairs.items])
+    assert res["n"] == 4 and 0 <= res["chrf"] <= 100
