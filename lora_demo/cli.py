@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ConfigError, LoraConfig, RunConfig, TrainConfig, parse_targets
+from .config import ConfigError, LoraConfig, RunConfig, TrainConfig, parse_ranks, parse_targets
 
 
 def _lora_args(p: argparse.ArgumentParser) -> None:
@@ -122,14 +122,9 @@ def _execute(a, loaded, job, base_cache: dict) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{event.loss:.3f}", tok_s=f"{event.tokens_per_s:,.0f}")
 
-    def base_scores(n, compute):
-        if n not in base_cache:
-            base_cache[n] = compute()
-        return base_cache[n]
-
     try:
         execute(job, loaded.model, loaded.tokenizer, lambda split, n: data.load_pairs(split, n, source=a.data),
-                base_scores, on_change)
+                base_cache, on_change)
     finally:
         if bar:
             bar.close()
@@ -167,14 +162,9 @@ def cmd_train(a) -> int:
 
 def cmd_sweep(a) -> int:
     from . import compare
-    from .config import ConfigError
     from .runs import Job
 
-    try:
-        ranks = [int(r) for r in a.ranks.split(",") if r.strip()]
-    except ValueError:
-        raise ConfigError(f"--ranks must be whole numbers separated by commas, got {a.ranks!r}") from None
-    configs = [_run_config(a, rank=r) for r in ranks]  # validate every rank before training any
+    configs = [_run_config(a, rank=r) for r in parse_ranks(a.ranks)]  # validate every rank before training any
     loaded = _load(a.model)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

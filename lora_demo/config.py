@@ -126,6 +126,25 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+def parse_ranks(text) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]; each rank is checked like a single run's."""
+    if isinstance(text, (list, tuple)):
+        parts = list(text)
+    else:
+        parts = [p for p in str(text or "").replace(" ", ",").split(",") if p]
+    if not parts:
+        raise ConfigError("give at least one rank, e.g. 1,2,4,8,16")
+    if len(parts) > 12:
+        raise ConfigError("a sweep takes at most 12 ranks")
+    ranks = []
+    for p in parts:
+        try:
+            ranks.append(LoraConfig(rank=int(p) if str(p).strip().lstrip("-").isdigit() else p).rank)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"sweep rank {p!r}: {exc}") from None
+    return ranks
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 30                 # a CPU run on flan-t5-small takes about a minute (~1.5 s/step)

@@ -219,12 +219,12 @@ def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Even
     return scores(hyps, [p.de for p in items])
 
 
-def execute(job: Job, model, tokenizer, pairs_of, base_scores_of, on_change=None) -> None:
+def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=None) -> None:
     """Run ``job`` to the end on ``model`` and leave a complete record in ``job.dir``.
 
-    ``pairs_of(split, n)`` supplies data; ``base_scores_of(n, compute)`` returns the
-    base model's BLEU/chrF on the first n test pairs, calling ``compute()`` only when
-    it has no cached value (the base never changes). ``on_change(event)`` is called
+    ``pairs_of(split, n)`` supplies data; ``base_cache`` maps n to the base model's
+    BLEU/chrF on the first n test pairs and is filled here on first need (the base
+    never changes, so one cache serves every run on the same model). ``on_change(event)`` is called
     with each train() event, and with None when the phase changes. Shared by the
     app's worker and the CLI, so both write the same record.
     """
@@ -258,7 +258,9 @@ def execute(job: Job, model, tokenizer, pairs_of, base_scores_of, on_change=None
             if lora is not None:
                 set_scale(model, 0.0)
                 try:
-                    base = base_scores_of(cfg.bleu_size, lambda: score_translations(model, tokenizer, test))
+                    if cfg.bleu_size not in base_cache:
+                        base_cache[cfg.bleu_size] = score_translations(model, tokenizer, test)
+                    base = base_cache[cfg.bleu_size]
                 finally:
                     set_scale(model, 1.0)
                 job.quality = {"n": len(test), "split": "newstest2016", "base": base, "lora": lora}
@@ -321,11 +323,6 @@ class Lab:
             self._pairs[key] = data.load_pairs(split, n, source=self.data_source)
         return self._pairs[key]
 
-    def base_scores(self, n: int, compute) -> dict:
-        if n not in self._base_scores:
-            self._base_scores[n] = compute()
-        return self._base_scores[n]
-
     # -- jobs ----------------------------------------------------------------
     def submit(self, config: RunConfig, session: str = "", sweep: str = "") -> Job:
         job = Job.new(config, session, self.runs_dir, sweep=sweep)
@@ -372,7 +369,7 @@ class Lab:
                     job.status, job.error = "stopped", "stopped while waiting in the queue"
                     job.save()
                 else:
-                    execute(job, self.trainer, self.loaded.tokenizer, self.pairs, self.base_scores)
+                    execute(job, self.trainer, self.loaded.tokenizer, self.pairs, self._base_scores)
             except Exception as exc:  # never let one job kill the worker; the record says what happened
                 log.exception("job %s crashed", job.id)
                 job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -19,7 +19,7 @@ import gradio as gr
 
 from . import compare, plots
 from .config import (MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, clean_sentences, defaults_for,
-                     limits)
+                     limits, parse_ranks)
 from .evaluate import sentence_chrf, word_diff
 from .events import summary_text
 from .inject import MODULE_PATH, dense_sites
@@ -79,25 +79,6 @@ def run_config(lora: LoraConfig, steps, batch_size, lr, train_size, seed, optimi
     return RunConfig(model=_lab().loaded.name, lora=lora,
                      train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
                                        optimizer=optimizer, bleu_size=bleu_size))
-
-
-def parse_ranks(text) -> list[int]:
-    """'1,2,4,8' -> [1, 2, 4, 8]; each rank is checked like a single run's."""
-    if isinstance(text, (list, tuple)):
-        parts = list(text)
-    else:
-        parts = [p for p in str(text or "").replace(" ", ",").split(",") if p]
-    if not parts:
-        raise ConfigError("give at least one rank, e.g. 1,2,4,8,16")
-    if len(parts) > 12:
-        raise ConfigError("a sweep takes at most 12 ranks")
-    ranks = []
-    for p in parts:
-        try:
-            ranks.append(LoraConfig(rank=int(p) if str(p).strip().lstrip("-").isdigit() else p).rank)
-        except (ConfigError, TypeError) as exc:
-            raise ConfigError(f"sweep rank {p!r}: {exc}") from None
-    return ranks
 
 
 def _status(job: Job, lab: Lab) -> dict:
