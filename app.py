@@ -21,9 +21,12 @@ def main() -> None:
     args = ap.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    configure_devices()
+    devices = configure_devices()   # before anything touches a GPU
+    log = logging.getLogger("lora_lab")
+    if devices["gpus"]:
+        log.info("GPUs: %d, memory growth on %s", devices["gpus"], ", ".join(devices["memory_growth"]) or "none")
     loaded = load_model(args.model)
-    logging.getLogger("lora_lab").info(describe(loaded))
+    log.info(describe(loaded))
     demo = build_demo(Lab(loaded, runs_dir=args.runs_dir, data_source=args.data))
     launch(demo, server_name=args.host, server_port=args.port)
 

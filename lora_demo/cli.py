@@ -1,4 +1,4 @@
-"""Command line: ``python -m lora_demo train|translate|params ...``.
+"""Command line: ``python -m lora_demo params|train|sweep|translate|export ...``.
 
 The CLI calls the same functions as the app, so its numbers are the app's numbers.
 """
@@ -68,11 +68,18 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("translate", help="translate English with the base model and (optionally) an adapter")
     p.add_argument("--model", default="google/flan-t5-small")
-    p.add_argument("--adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--adapter", help="adapter: a directory or zip with adapter_config.json + "
+                                     "adapter_model.safetensors (ours or made by PEFT)")
     p.add_argument("--scale", type=float, default=1.0, help="adapter strength: 0 = base model, 1 = as trained")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
     p.add_argument("sentences", nargs="*", help="English sentences (default: one per line on stdin)")
+
+    p = sub.add_parser("export", help="merge an adapter into the base model; save a full TF checkpoint "
+                                      "(save_pretrained) that TFAutoModelForSeq2SeqLM loads")
+    p.add_argument("--model", default="google/flan-t5-small")
+    p.add_argument("--adapter", required=True, help="adapter directory or zip (ours or made by PEFT)")
+    p.add_argument("--out", required=True, help="output directory for the merged checkpoint and tokenizer")
     return ap
 
 
@@ -193,9 +200,9 @@ def cmd_translate(a) -> int:
         raise ConfigError("give English sentences as arguments or one per line on stdin")
     loaded = _load(a.model)
     if a.adapter:
-        cfg, state = adapters.read_adapter(a.adapter)
-        apply_lora(loaded.model, cfg)
-        adapters.assign_state(loaded.model, state)
+        adapter = _adapter_for(a, loaded)
+        apply_lora(loaded.model, adapter.config)
+        adapters.assign_state(loaded.model, adapter.state)
     base, lora = translate_both(loaded.model, loaded.tokenizer, sentences, scale=a.scale,
                                 max_new_tokens=a.max_new_tokens)
     for en, b, l in zip(sentences, base, lora):
@@ -206,11 +213,34 @@ def cmd_translate(a) -> int:
     return 0
 
 
+def _adapter_for(a, loaded):
+    """Read ``--adapter`` and check it against the loaded model (errors say what does not fit)."""
+    from . import adapters
+
+    adapter = adapters.read_adapter(a.adapter)
+    adapters.check_fits(adapter, loaded.model, loaded.name)
+    print(f"adapter: {adapters.describe(adapter)}", file=sys.stderr)
+    for note in adapter.notices:
+        print(f"note: {note}", file=sys.stderr)
+    return adapter
+
+
+def cmd_export(a) -> int:
+    from . import adapters
+
+    loaded = _load(a.model)
+    adapter = _adapter_for(a, loaded)
+    out = adapters.export_merged(loaded.model, loaded.tokenizer, adapter.config, adapter.state, a.out,
+                                 source={"adapter": str(a.adapter), "base_model": loaded.name})
+    print(f"wrote a merged TF checkpoint to {out} (load it with TFAutoModelForSeq2SeqLM.from_pretrained)")
+    return 0
+
+
 def main(argv=None) -> None:
     a = _parser().parse_args(argv)
     try:
         code = {"params": cmd_params, "train": cmd_train, "sweep": cmd_sweep,
-                "translate": cmd_translate}[a.command](a)
+                "translate": cmd_translate, "export": cmd_export}[a.command](a)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

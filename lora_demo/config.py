@@ -43,6 +43,7 @@ class Limits:
     max_train_size: int = 20000  # LORA_LAB_MAX_TRAIN_SIZE: the bundled train split holds 20,000 pairs
     max_text_chars: int = 2000   # LORA_LAB_MAX_TEXT_CHARS: longer translate input is cut, with a notice
     max_lines: int = 32          # LORA_LAB_MAX_LINES: sentences per translate request
+    max_upload_mb: int = 64      # LORA_LAB_MAX_UPLOAD_MB: an uploaded adapter (zip or files), unpacked size
 
 
 def limits() -> Limits:

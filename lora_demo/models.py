@@ -119,14 +119,32 @@ def _why(name: str, exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
-def configure_devices() -> None:
+def configure_devices() -> dict:
     """Let TensorFlow grow GPU memory on demand instead of taking all of it at start-up, so the
-    training worker and the translation copy share a GPU with other processes. No-op on a CPU."""
+    training worker and the translation copy share a GPU with other processes. Must run before
+    TensorFlow touches a GPU (app.py calls it first). Returns what it did, for the start-up log."""
+    done = {"gpus": 0, "memory_growth": []}
     for gpu in tf.config.list_physical_devices("GPU"):
+        done["gpus"] += 1
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
+            done["memory_growth"].append(gpu.name)
         except RuntimeError as exc:  # already initialised: too late to change, and harmless
             log.warning("could not enable memory growth on %s: %s", gpu.name, exc)
+    return done
+
+
+def gpu_bf16_capable(details: dict) -> bool:
+    """bf16 matmuls are fast from compute capability 8.0 (Ampere: A10G, A100, L4, ...), not on a T4 (7.5).
+    ``details`` is what ``tf.config.experimental.get_device_details(gpu)`` returns."""
+    cc = details.get("compute_capability")
+    return bool(cc) and tuple(cc) >= (8, 0)
+
+
+def variable_device(model) -> str:
+    """Where the model's weights live; new variables (LoRA A/B, optimiser slots) go beside them."""
+    weights = model.weights
+    return weights[0].device if weights else ""
 
 
 def reset_gpu_peak() -> None:
@@ -145,9 +163,12 @@ def device_info() -> dict:
     """Which device TensorFlow trains on, for the start-up log and the UI."""
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
-        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
-        return {"device": "GPU", "name": ", ".join(names), "count": len(gpus)}
-    return {"device": "CPU", "name": f"CPU ({os.cpu_count()} cores)", "count": 1}
+        details = [tf.config.experimental.get_device_details(g) for g in gpus]
+        names = [d.get("device_name", g.name) for d, g in zip(details, gpus)]
+        return {"device": "GPU", "name": ", ".join(names), "count": len(gpus),
+                "bf16": all(gpu_bf16_capable(d) for d in details), "tensorflow": tf.__version__}
+    return {"device": "CPU", "name": f"CPU ({os.cpu_count()} cores)", "count": 1, "bf16": None,
+            "tensorflow": tf.__version__}
 
 
 def is_gpu() -> bool:
@@ -156,5 +177,7 @@ def is_gpu() -> bool:
 
 def describe(loaded: LoadedModel) -> str:
     info = device_info()
-    return f"model: {loaded.label} · device: {info['name']}"
+    extra = f", bf16 {'yes' if info['bf16'] else 'no'}" if info["device"] == "GPU" else ""
+    return (f"model: {loaded.label} · device: {info['name']}{extra} · TensorFlow {info['tensorflow']} · "
+            f"weights on {variable_device(loaded.model) or 'default device'}")
 

@@ -38,13 +38,13 @@ from . import adapters, data
 from .config import ConfigError, RunConfig
 from .evaluate import scores, translate
 from .events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged, to_dict
-from .inject import dense_sites, lora_layers, remove_lora, set_scale
+from .inject import lora_layers, remove_lora, set_scale
 from .models import LoadedModel, peak_gpu_mb, reset_gpu_peak
 from .params import keras_name_to_path
 from .train import train
 
 log = logging.getLogger(__name__)
-FINAL = ("completed", "stopped", "failed", "interrupted")
+FINAL = ("completed", "stopped", "failed", "interrupted", "imported")
 RECORD = "metrics.json"
 EVAL_BATCH = 16          # sentences per generate() call when scoring BLEU/chrF
 EVAL_MAX_NEW_TOKENS = 128
@@ -74,6 +74,7 @@ class Job:
     quality: dict | None = None              # sacreBLEU / chrF of base and LoRA on the test slice
     memory: dict = field(default_factory=dict)
     adapter_files: dict | None = None        # {"bytes": n} once written
+    origin: dict = field(default_factory=dict)   # for an imported adapter: file name, base model, notices
     outcome: str = ""                        # how training ended; becomes the status once the record is complete
     version: int = 0                         # bumped on every change, for streaming handlers
     recent: list = field(default_factory=list, repr=False)   # last (step, elapsed_s) pairs, for the ETA
@@ -119,7 +120,8 @@ class Job:
                 "status": self.status, "error": self.error, "config": self.config.to_dict(),
                 "model": self.config.model, "params": self.params, "data": self.data, "device": self.device,
                 "losses": self.losses, "val_losses": self.val_losses, "summary": self.summary,
-                "quality": self.quality, "memory": self.memory, "adapter": self.adapter_files}
+                "quality": self.quality, "memory": self.memory, "adapter": self.adapter_files,
+                "origin": self.origin}
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ class Job:
                   created=rec["created"], status=rec["status"], error=rec["error"], params=rec["params"],
                   data=rec["data"], device=rec["device"], losses=rec["losses"], val_losses=rec["val_losses"],
                   summary=rec["summary"], quality=rec["quality"], memory=rec["memory"],
-                  adapter_files=rec["adapter"])
+                  adapter_files=rec["adapter"], origin=rec.get("origin") or {})
         if job.status not in FINAL:
             job._replay()
             job.status = "interrupted"
@@ -165,11 +167,13 @@ class Job:
                 self.apply(kind(**d))
 
 
-def summary_row(job: Job) -> dict:
-    """A compact, JSON-friendly view of a run for lists and the API."""
+def summary_row(job: Job, session: str | None = None) -> dict:
+    """A compact, JSON-friendly view of a run for lists and the API. Session ids are never shown
+    (they are what keeps one user's adapters from another's); ``mine`` says whose it is."""
     rec = job.record()
-    for key in ("losses", "val_losses", "config"):
+    for key in ("losses", "val_losses", "config", "session"):
         rec.pop(key)
+    rec["mine"] = session is not None and job.session == session
     rec.update(rank=job.config.lora.rank, alpha=job.config.lora.alpha, targets=list(job.config.lora.targets),
                steps=job.config.train.steps, steps_done=len(job.losses))
     return rec
@@ -385,54 +389,79 @@ class Lab:
             job.adapter = adapters.load_state(job.dir)  # a run recorded before this server started
         return job.adapter
 
-    def _merged(self, job: Job, scale: float):
-        """Context: ``job``'s adapter merged into the translator's kernels at ``scale``, then restored.
+    def owned(self, run_id: str, session: str | None) -> Job:
+        """A run of ``session`` (any session with None) that has an adapter this server can use."""
+        job = self.jobs.get(run_id or "")
+        if job is None:
+            raise ConfigError(f"no run {run_id!r} on this server" if run_id else "choose a run first")
+        if session is not None and job.session != session:
+            raise ConfigError(f"run {run_id!r} belongs to another session")
+        if job.config.model != self.loaded.name:
+            raise ConfigError(f"run {run_id!r} was trained on {job.config.model}; this server runs "
+                              f"{self.loaded.name}")
+        if self.adapter_of(job) is None:
+            raise ConfigError(f"run {run_id!r} has no usable adapter (status: {job.status})")
+        return job
 
-        The translator never carries LoRA layers, so its compiled generate functions are traced
-        once and serve every run; the kernels are restored from copies, bit for bit.
+    # -- adapters in and out ---------------------------------------------------
+    def import_adapter(self, sources, session: str = "", name: str = "") -> Job:
+        """Validate an uploaded adapter against the base model and keep it as a run of ``session``.
+
+        Everything is checked before anything is written, and what is written is the validated
+        arrays (re-serialised), never the uploaded bytes, and only inside the runs directory.
         """
-        import contextlib
+        adapter = adapters.read_adapter(sources)
+        cfg = adapters.check_fits(adapter, self.translator, self.loaded.name)
+        from .params import preview
 
-        import tensorflow as tf
+        job = Job.new(RunConfig(model=self.loaded.name, lora=cfg), session, self.runs_dir)
+        job.status, job.params = "imported", preview(self.loaded.model.config, cfg).to_dict()
+        job.origin = {"kind": "imported", "file": name, "base_model": adapter.base_model,
+                      "notices": adapter.notices, "described": adapters.describe(adapter)}
+        adapters.write_adapter(adapter.state, cfg, adapter.base_model or self.loaded.name, job.dir)
+        job.adapter_files = {"bytes": (job.dir / adapters.WEIGHTS_FILE).stat().st_size}
+        job.adapter = adapter.state
+        job.save()
+        job.done.set()
+        with self.lock:
+            self.jobs[job.id] = job
+        return job
 
-        lcfg = job.config.lora
-        kernels = {site.path: getattr(site.owner, site.attr).kernel for site in dense_sites(self.translator)}
-        state = self.adapter_of(job)
+    def _export_dir(self, job: Job) -> Path:
+        """Downloads are built inside the run's own directory, so nothing is written outside the runs
+        directory and a deleted run takes its exports with it."""
+        out = job.dir / "exports"
+        out.mkdir(exist_ok=True)
+        return out
 
-        @contextlib.contextmanager
-        def merged():
-            backups = {}
-            try:
-                for key, a_t in state.items():
-                    if not key.endswith("lora_A.weight"):
-                        continue
-                    path = key[len(adapters.PREFIX):-len(".lora_A.weight")]
-                    b_t = state[key.replace("lora_A", "lora_B")]
-                    delta = (a_t.T @ b_t.T) * (lcfg.alpha / lcfg.rank * scale)   # (in, r) @ (r, out)
-                    backups[path] = tf.identity(kernels[path])
-                    kernels[path].assign_add(delta.astype(kernels[path].dtype.as_numpy_dtype))
-                yield
-            finally:
-                for path, value in backups.items():
-                    kernels[path].assign(value)
-        return merged()
+    def adapter_zip(self, run_id: str, session: str | None = None) -> Path:
+        """A zip of the run's PEFT adapter directory (for download; upload it back to import it)."""
+        job = self.owned(run_id, session)
+        return adapters.zip_dir(job.dir, self._export_dir(job) / f"lora-lab-adapter-{job.id}.zip",
+                                only=(adapters.CONFIG_FILE, adapters.WEIGHTS_FILE))
+
+    def export_merged(self, run_id: str, session: str | None = None) -> Path:
+        """A zip of a full TF checkpoint with the run's adapter merged in (``save_pretrained``)."""
+        import shutil
+
+        job = self.owned(run_id, session)
+        out = self._export_dir(job) / f"lora-lab-merged-{job.id}"
+        shutil.rmtree(out, ignore_errors=True)
+        with self.translate_lock:   # the translator's kernels carry the adapter only inside this block
+            adapters.export_merged(self.translator, self.loaded.tokenizer, job.config.lora, self.adapter_of(job),
+                                   out, source={"run_id": job.id, "base_model": self.loaded.name})
+        try:
+            return adapters.zip_dir(out, out.with_suffix(".zip"), compress=False)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
     def translate(self, sentences: list[str], run_id: str | None = None, scale: float = 1.0,
                   session: str | None = None) -> tuple[list[str], list[str]]:
         """(base, LoRA) German for each sentence, with run ``run_id``'s adapter at ``scale``."""
-        job = self.jobs.get(run_id) if run_id else None
-        if run_id and job is None:
-            raise ConfigError(f"no run {run_id!r} on this server")
-        if job is not None and session is not None and job.session != session:
-            raise ConfigError(f"run {run_id!r} belongs to another session; its adapter is not applied here")
-        if job is not None and job.config.model != self.loaded.name:
-            raise ConfigError(f"run {run_id!r} was trained on {job.config.model}; this server runs "
-                              f"{self.loaded.name}")
-        if job is not None and self.adapter_of(job) is None:
-            raise ConfigError(f"run {run_id!r} has no usable adapter (status: {job.status})")
+        job = self.owned(run_id, session) if run_id else None
         with self.translate_lock:
             base = translate(self.translator, self.loaded.tokenizer, sentences)
             if job is None:
                 return base, list(base)
-            with self._merged(job, scale):
+            with adapters.merged_into(self.translator, job.config.lora, self.adapter_of(job), scale):
                 return base, translate(self.translator, self.loaded.tokenizer, sentences)

@@ -28,7 +28,7 @@ from . import data
 from .config import ConfigError, RunConfig, TrainConfig
 from .events import EvalLogged, Event, RunFailed, RunFinished, RunStarted, StepLogged
 from .inject import apply_lora, set_scale
-from .models import device_info
+from .models import device_info, variable_device
 from .params import breakdown, specs_from_model
 
 # ---------------------------------------------------------------------------
@@ -215,7 +215,8 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
     tracer = None
     try:
         tf.keras.utils.set_random_seed(cfg.seed)
-        layers = apply_lora(model, run.lora, seed=cfg.seed)
+        with tf.device(variable_device(model)):   # adapter and optimiser state beside the base weights
+            layers = apply_lora(model, run.lora, seed=cfg.seed)
         variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
         arrays = data.encode(tokenizer, train_pairs, cfg.max_source_len, cfg.max_target_len)
         val = data.encode(tokenizer, val_pairs, cfg.max_source_len, cfg.max_target_len)
@@ -228,7 +229,8 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
         probe_batches = data.fixed_batches(probe, cfg.batch_size, tokenizer.pad_token_id)
         stream = data.batches(arrays, cfg.batch_size, cfg.seed)
         opt = make_optimizer(cfg)
-        build_optimizer_state(opt, variables)
+        with tf.device(variable_device(model)):
+            build_optimizer_state(opt, variables)
         eager_step, eager_eval = make_step(model, opt, variables, cfg.clip_norm), make_eval(model)
         first = next(stream)
         to_trace = [(tf.function(eager_step, autograph=False), _spec(first)),

@@ -22,7 +22,7 @@ from .config import (MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, c
                      limits, parse_ranks)
 from .evaluate import sentence_chrf, word_diff
 from .events import summary_text
-from .inject import MODULE_PATH, dense_sites
+from .inject import MODULE_PATH, dense_sites, select_paths
 from .models import device_info, is_gpu
 from .params import preview
 from .runs import Job, Lab, summary_row
@@ -242,7 +242,8 @@ def api_stop(run_id: str = "", request: gr.Request = None) -> dict:
 
 def api_runs(all_runs: bool = False, request: gr.Request = None) -> list[dict]:
     """Recorded runs of this session (or of the whole server with all_runs), oldest first."""
-    return [summary_row(j) for j in _lab().runs(None if all_runs else _session_of(request))]
+    session = _session_of(request)
+    return [summary_row(j, session) for j in _lab().runs(None if all_runs else session)]
 
 
 def api_translate(text: str, run_id: str = "", scale: float = 1.0, reference: str = "",
@@ -331,7 +332,7 @@ def ui_runs(session, show_all, selected, curves, log_y, x_axis, metric, seen, fo
     jobs = _visible(session, show_all)
     key = ",".join(f"{j.id}:{j.version}" for j in jobs) + f"|{show_all}"
     if not force and key == seen:
-        return (gr.skip(),) * 6 + (seen,)
+        return (gr.skip(),) * 7 + (seen,)
     ids = [j.id for j in jobs]
     known = {part.split(":")[0] for part in (seen or "").split("|")[0].split(",") if part}
     kept = [i for i in (selected or []) if i in ids]
@@ -345,6 +346,7 @@ def ui_runs(session, show_all, selected, curves, log_y, x_axis, metric, seen, fo
             plots.loss_overlay(shown, "train" in (curves or []), "validation" in (curves or []), bool(log_y),
                                "tokens" if x_axis == "training tokens" else "step", title="Loss by run (colour = rank)"),
             plots.quality_figure(shown, "chrf" if metric == "chrF" else "bleu"),
+            gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-1].id if mine else None),
             gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-1].id if mine else None),
             gr.skip(), key)
 
@@ -411,6 +413,105 @@ def ui_follow(run_id):
             yield _live(job, s)
 
 
+def _adapter_info(job: Job) -> str:
+    """What a run's adapter is and what it weighs, measured on disk."""
+    lora, size = job.config.lora, (job.adapter_files or {}).get("bytes", 0)
+    blocks = "all blocks" if lora.layers is None else f"blocks {lora.layers[0]}-{lora.layers[1]}"
+    n_layers = len(select_paths([site.path for site in dense_sites(_lab().loaded.model)], lora))
+    text = (f"**{job.id}** · r={lora.rank}, alpha={lora.alpha:g} on **{'+'.join(lora.targets)}** "
+            f"({lora.side}, {blocks}) · {n_layers} adapted layers × 2 matrices · "
+            f"**{job.params.get('trainable', 0):,} parameters** · adapter file **{size / 1e6:.3f} MB** "
+            f"({size:,} bytes, fp32 safetensors)")
+    origin = job.origin or {}
+    if origin.get("kind") == "imported":
+        made = f" for {origin['base_model']}" if origin.get("base_model") else ""
+        text += f"  \nimported from {origin.get('file') or 'an upload'} (made{made})"
+        text += "".join(f"  \n⚠️ {n}" for n in origin.get("notices") or [])
+    return text
+
+
+def _file_paths(files) -> list[str]:
+    if files is None:
+        return []
+    files = files if isinstance(files, list) else [files]
+    return [getattr(f, "path", None) or getattr(f, "name", None) or (f.get("path") if isinstance(f, dict) else f)
+            for f in files]
+
+
+def _import(files, session: str) -> Job:
+    paths = _file_paths(files)
+    if not paths:
+        raise ConfigError("choose an adapter zip, or its adapter_config.json and adapter_model.safetensors")
+    name = ", ".join(Path(p).name for p in paths)
+    return _lab().import_adapter(paths, session, name=name)
+
+
+def ui_adapter_pick(run_id, session):
+    if not run_id:
+        return "Train a run or import an adapter; its files and size show here."
+    try:
+        return _adapter_info(_lab().owned(run_id, session or ""))
+    except ConfigError as exc:
+        return f"⚠️ {html.escape(str(exc))}"
+
+
+def ui_download_adapter(run_id, session):
+    try:
+        return gr.update(value=str(_lab().adapter_zip(run_id, session or "")), visible=True)
+    except ConfigError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def ui_download_merged(run_id, session, progress=gr.Progress()):
+    progress(0.1, desc="merging the adapter into a copy of the base model and saving it")
+    try:
+        return gr.update(value=str(_lab().export_merged(run_id, session or "")), visible=True)
+    except ConfigError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def ui_import(files, session):
+    """Upload -> validated run of this session; errors stay on screen and change nothing."""
+    session = session or str(uuid.uuid4())
+    try:
+        job = _import(files, session)
+    except ConfigError as exc:
+        names = ", ".join(Path(p).name for p in _file_paths(files))
+        return (f"❌ **Not imported** ({html.escape(names) or 'no file'}): {html.escape(str(exc))}",
+                gr.update(value=None), session)
+    return (f"✅ imported as run **{job.id}**; pick it under *Translate*.  \n{_adapter_info(job)}",
+            gr.update(value=None), session)
+
+
+def api_import_adapter(files, request: gr.Request):
+    """Import an adapter (a zip, or adapter_config.json + adapter_model.safetensors) into this session."""
+    try:
+        job = _import(files, _session_of(request))
+    except ConfigError as exc:
+        raise gr.Error(str(exc)) from None
+    return {"run_id": job.id, "status": job.status, "rank": job.config.lora.rank, "alpha": job.config.lora.alpha,
+            "targets": list(job.config.lora.targets), "side": job.config.lora.side,
+            "layers": list(job.config.lora.layers) if job.config.lora.layers else None,
+            "adapter_bytes": job.adapter_files["bytes"], "trainable": job.params.get("trainable"),
+            "notices": job.origin.get("notices", [])}
+
+
+def api_download_adapter(run_id, request: gr.Request):
+    """This session's run ``run_id`` as a zip of its PEFT adapter directory."""
+    try:
+        return str(_lab().adapter_zip(run_id, _session_of(request)))
+    except ConfigError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def api_download_merged(run_id, request: gr.Request):
+    """This session's run ``run_id`` merged into the base model: a zip of a TF save_pretrained checkpoint."""
+    try:
+        return str(_lab().export_merged(run_id, _session_of(request)))
+    except ConfigError as exc:
+        raise gr.Error(str(exc)) from None
+
+
 # ---------------------------------------------------------------------------
 # Layout
 # ---------------------------------------------------------------------------
@@ -427,7 +528,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
         seen = gr.State("")          # what the run list last showed, to skip unchanged refreshes
         gr.Markdown(f"# 🧪 LoRA Lab\nLow-rank adaptation of **FLAN-T5** in TensorFlow, English → German on WMT16. "
                     f"Pick a rank and target layers, train for a minute, compare runs, and compare base and "
-                    f"LoRA translations.  \nModel: **{lab.loaded.label}** · device: **{info['name']}**")
+                    f"LoRA translations.  \nModel: **{lab.loaded.label}** · device: **{info['name']}** · TensorFlow {info['tensorflow']}")
         if lab.loaded.notice:
             gr.Markdown(f"⚠️ {lab.loaded.notice}", elem_classes=["notice"])
         with gr.Row(equal_height=False):
@@ -504,12 +605,35 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 diff = gr.HTML()
                 out_note = gr.Markdown()
 
+        gr.Markdown("### 5 · Adapters: download, import, merged export\n"
+                    "Adapters are saved in PyTorch **PEFT** format (`adapter_config.json` + "
+                    "`adapter_model.safetensors`): `PeftModel.from_pretrained(base, folder)` loads one as-is. "
+                    "Adapters made by PEFT for the same base model import here. The merged export is a full "
+                    "TensorFlow checkpoint (`TFAutoModelForSeq2SeqLM.from_pretrained`) with the adapter folded in.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                adapter_pick = gr.Dropdown([], label="run (this browser's runs)", allow_custom_value=False)
+                adapter_info = gr.Markdown("Train a run or import an adapter; its files and size show here.")
+                with gr.Row():
+                    adapter_btn = gr.Button("⬇ Adapter (.zip, PEFT format)", size="sm")
+                    merged_btn = gr.Button("⬇ Merged model (.zip, TF checkpoint)", size="sm")
+                download_file = gr.File(label="download", visible=False, interactive=False)
+            with gr.Column(scale=2):
+                upload = gr.File(file_count="multiple", file_types=[".zip", ".json", ".safetensors"],
+                                 label=f"import: an adapter zip, or adapter_config.json + adapter_model.safetensors "
+                                       f"(safetensors only; up to {lim.max_upload_mb} MB)")
+                import_btn = gr.Button("Import adapter", variant="secondary")
+                import_note = gr.Markdown()
+        # Public, session-bound endpoints for API clients (their session is the connection's).
+        api_btn = gr.Button(visible=False)
+        api_run, api_file, api_json = gr.Textbox(visible=False), gr.File(visible=False), gr.JSON(visible=False)
+
         # -- events ------------------------------------------------------------
         private = dict(api_visibility="private")
         lora_inputs = [rank, alpha, targets, side, first, last]
         train_inputs = [steps, batch, lr, train_size, seed, optimizer, bleu_size, session]
         runs_inputs = [session, show_all, picked, curves, log_y, x_axis, metric, seen]
-        runs_outputs = [runs_table, picked, overlay_plot, quality_plot, run_pick, export_file, seen]
+        runs_outputs = [runs_table, picked, overlay_plot, quality_plot, run_pick, adapter_pick, export_file, seen]
         for c in lora_inputs:
             c.change(ui_params, lora_inputs, [summary, table, params_plot], show_progress="hidden", **private)
         demo.load(ui_params, lora_inputs, [summary, table, params_plot], **private)
@@ -531,6 +655,16 @@ def build_demo(lab: Lab) -> gr.Blocks:
             trigger(ui_translate, [text, scale, run_pick, reference, session], [out_table, diff, out_note],
                     concurrency_limit=None, **private)
 
+        adapter_pick.change(ui_adapter_pick, [adapter_pick, session], [adapter_info], show_progress="hidden",
+                            **private)
+        adapter_btn.click(ui_download_adapter, [adapter_pick, session], [download_file], **private)
+        merged_btn.click(ui_download_merged, [adapter_pick, session], [download_file], **private)
+        import_btn.click(ui_import, [upload, session], [import_note, upload, session], **private).then(
+            ui_runs, runs_inputs, runs_outputs, **private)
+        api_btn.click(api_import_adapter, [upload], [api_json], api_name="import_adapter")
+        api_btn.click(api_download_adapter, [api_run], [api_file], api_name="download_adapter")
+        api_btn.click(api_download_merged, [api_run], [api_file], api_name="download_merged")
+
         gr.api(api_params, api_name="params", concurrency_limit=None)
         gr.api(api_train, api_name="train", concurrency_limit=None)
         gr.api(api_sweep, api_name="sweep", concurrency_limit=None)
@@ -541,4 +675,6 @@ def build_demo(lab: Lab) -> gr.Blocks:
 
 
 def launch(demo: gr.Blocks, **kwargs):
+    # Uploads over the limit are refused by the server before any handler sees them.
+    kwargs.setdefault("max_file_size", limits().max_upload_mb * 2**20)
     return demo.queue(default_concurrency_limit=None).launch(css=CSS, theme=gr.themes.Soft(), **kwargs)

@@ -166,3 +166,61 @@ def test_a_restarted_app_lists_the_runs_again(app):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_adapter_download_import_and_bad_uploads(client, app, tmp_path):
+    """Download a run's adapter, import it in another session (same translations); corrupt, pickled and
+    mismatched uploads get a clear message, change nothing on disk, and the app keeps working."""
+    import json
+    import pickle
+    import zipfile
+
+    from conftest import build, tiny_config
+    from gradio_client import handle_file
+
+    from lora_demo import adapters
+    from lora_demo.config import LoraConfig
+    from lora_demo.inject import apply_lora
+
+    run = client.submit(rank=4, targets=["q", "v"], steps=3, train_size=16, bleu_size=0, api_name="/train").result()
+    zipped = client.predict(run_id=run["run_id"], api_name="/download_adapter")
+    with zipfile.ZipFile(zipped) as zf:
+        names = sorted(n.split("/")[-1] for n in zf.namelist())
+        conf = json.loads(zf.read(next(n for n in zf.namelist() if n.endswith("adapter_config.json"))))
+    assert names == ["adapter_config.json", "adapter_model.safetensors"] and conf["r"] == 4
+    other = Client(app[0], verbose=False)
+    with pytest.raises(Exception, match="another session"):
+        other.predict(run_id=run["run_id"], api_name="/download_adapter")
+
+    garbage = tmp_path / "adapter_model.safetensors"
+    garbage.write_bytes(b"\x00\x00 not a tensor file")
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps(conf))
+    pickled = tmp_path / "adapter.zip"
+    with zipfile.ZipFile(pickled, "w") as zf:
+        zf.writestr("adapter_config.json", json.dumps(conf))
+        zf.writestr("adapter_model.bin", pickle.dumps({"lora_A": [1.0]}))
+    small = build(tiny_config())          # d_model 16: does not fit the bundled tiny (d_model 128)
+    apply_lora(small, LoraConfig(rank=4, targets=("q", "v")))
+    wrong = adapters.save_adapter(small, LoraConfig(rank=4, targets=("q", "v")), "tiny", tmp_path / "wrong")
+    runs_dir = app[1] / "runs"
+    listing = sorted(p.name for p in runs_dir.iterdir())
+    cases = [([garbage, config], "not a safetensors file"), ([pickled], "pickle-based weight files are refused"),
+             ([wrong / "adapter_config.json", wrong / "adapter_model.safetensors"], "this model's layer is 128"),
+             ([config], "adapter_model.safetensors missing")]
+    for files, message in cases:
+        with pytest.raises(Exception, match=message):
+            other.predict(files=[handle_file(str(f)) for f in files], api_name="/import_adapter")
+    assert sorted(p.name for p in runs_dir.iterdir()) == listing   # nothing written
+
+    imported = other.predict(files=[handle_file(zipped)], api_name="/import_adapter")
+    assert imported["status"] == "imported" and imported["rank"] == 4 and imported["adapter_bytes"] > 0
+    assert imported["run_id"] in {r["run_id"] for r in other.predict(api_name="/runs")}
+    text = "I would like to thank the Commissioner for her answer."
+    theirs = other.predict(text=text, run_id=imported["run_id"], scale=2.0, api_name="/translate")
+    ours = client.predict(text=text, run_id=run["run_id"], scale=2.0, api_name="/translate")
+    assert theirs["lora"] == ours["lora"] and theirs["base"] == ours["base"]
+
+    merged = other.predict(run_id=imported["run_id"], api_name="/download_merged")
+    with zipfile.ZipFile(merged) as zf:
+        assert {"tf_model.h5", "config.json", "lora_lab_merge.json"} <= {n.split("/")[-1] for n in zf.namelist()}

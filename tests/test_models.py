@@ -38,3 +38,45 @@ def test_configs_without_weights():
     assert shipped_config("google/flan-t5-base").d_model == 768
     assert shipped_config("flan-t5-small").num_layers == 8
     assert model_config("tiny").vocab_size == 4000
+
+
+def test_device_set_up_on_a_cpu_machine():
+    from lora_demo.models import configure_devices, device_info
+
+    done = configure_devices()
+    assert done == {"gpus": 0, "memory_growth": []} and configure_devices() == done   # idempotent
+    info = device_info()
+    assert info["device"] == "CPU" and info["bf16"] is None and info["tensorflow"] == tf.__version__
+
+
+@pytest.mark.parametrize("details, fast", [
+    ({"device_name": "Tesla T4", "compute_capability": (7, 5)}, False),
+    ({"device_name": "NVIDIA A10G", "compute_capability": (8, 6)}, True),
+    ({"device_name": "NVIDIA A100-SXM4-40GB", "compute_capability": (8, 0)}, True),
+    ({"device_name": "NVIDIA H100", "compute_capability": (9, 0)}, True),
+    ({}, False),
+])
+def test_bf16_is_used_only_where_the_gpu_does_it_fast(details, fast):
+    from lora_demo.models import gpu_bf16_capable
+
+    assert gpu_bf16_capable(details) is fast
+
+
+def test_adapter_weights_are_placed_beside_the_base_weights(bundled_tiny):
+    from lora_demo import data
+    from lora_demo.config import LoraConfig, RunConfig, TrainConfig
+    from lora_demo.inject import lora_layers, remove_lora
+    from lora_demo.models import variable_device
+    from lora_demo.train import train
+
+    run = RunConfig(model="tiny", lora=LoraConfig(rank=2, targets=("q",)),
+                    train=TrainConfig(steps=2, batch_size=4, train_size=8, eval_size=4, eval_every=2))
+    try:
+        events = list(train(run, bundled_tiny.model, bundled_tiny.tokenizer, data.load_pairs("train", 8, "bundled"),
+                            data.load_pairs("validation", 4, "bundled")))
+        assert type(events[-1]).__name__ == "RunFinished"
+        where = variable_device(bundled_tiny.model)
+        assert where.endswith("CPU:0")
+        assert {v.device for layer in lora_layers(bundled_tiny.model) for v in (layer.lora_A, layer.lora_B)} == {where}
+    finally:
+        remove_lora(bundled_tiny.model)

@@ -98,11 +98,55 @@ def test_merged_translation_matches_the_unmerged_adapter_and_restores_the_kernel
     base, merged = lab.translate(sentences, recorded.id, scale=2.0, session="s1")
     for v, b in zip(lab.translator.weights, before):
         assert np.array_equal(v.numpy(), b), v.name
-    cfg, state = adapters.read_adapter(recorded.dir)
+    adapter = adapters.read_adapter(recorded.dir)
     try:
-        apply_lora(bundled_tiny.model, cfg)
-        adapters.assign_state(bundled_tiny.model, state)
+        apply_lora(bundled_tiny.model, adapters.check_fits(adapter, bundled_tiny.model))
+        adapters.assign_state(bundled_tiny.model, adapter.state)
         base_u, lora_u = translate_both(bundled_tiny.model, bundled_tiny.tokenizer, sentences, scale=2.0)
     finally:
         remove_lora(bundled_tiny.model)
     assert base == base_u and merged == lora_u
+
+
+def test_download_import_and_merged_export_through_the_lab(recorded, bundled_tiny, tmp_path):
+    """A run's adapter zip imports into another session as a run that translates identically; a bad
+    upload changes nothing; the merged export of the imported run loads and matches it."""
+    import shutil
+    import zipfile
+
+    from transformers import TFAutoModelForSeq2SeqLM
+
+    from lora_demo.adapters import AdapterError
+    from lora_demo.evaluate import translate
+
+    runs = tmp_path / "runs"
+    shutil.copytree(recorded.dir, runs / recorded.id)
+    lab = Lab(bundled_tiny, runs_dir=runs, data_source="bundled")
+    zipped = lab.adapter_zip(recorded.id, session="s1")
+    assert zipped.parent.parent == runs / recorded.id   # built inside the run's own directory
+    with pytest.raises(ValueError, match="another session"):
+        lab.adapter_zip(recorded.id, session="s9")
+
+    listing = sorted(p.name for p in runs.iterdir())
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("../adapter_config.json", "{}")
+    with pytest.raises(AdapterError, match="outside the archive"):
+        lab.import_adapter([bad], session="s9")
+    assert sorted(p.name for p in runs.iterdir()) == listing and len(lab.jobs) == 1
+
+    job = lab.import_adapter([zipped], session="s9", name=zipped.name)
+    assert job.status == "imported" and job.config.lora == recorded.config.lora
+    assert job.params["trainable"] == recorded.params["trainable"]
+    assert Job.load(job.dir).status == "imported"      # a restart keeps it as it is
+    sentences = ["The session is resumed.", "I would like to thank the Commissioner."]
+    _, theirs = lab.translate(sentences, job.id, scale=2.0, session="s9")
+    _, ours = lab.translate(sentences, recorded.id, scale=2.0, session="s1")
+    assert theirs == ours
+
+    merged_zip = lab.export_merged(job.id, session="s9")
+    with zipfile.ZipFile(merged_zip) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    merged = TFAutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "unzipped" / merged_zip.stem))
+    _, at_one = lab.translate(sentences, job.id, scale=1.0, session="s9")
+    assert translate(merged, bundled_tiny.tokenizer, sentences, compiled=False) == at_one
