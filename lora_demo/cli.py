@@ -1,4 +1,4 @@
-"""Command line: ``python -m lora_demo params|train|sweep|translate|export ...``.
+"""Command line: ``python -m lora_demo params|train|sweep|translate|export|bench ...``.
 
 The CLI calls the same functions as the app, so its numbers are the app's numbers.
 """
@@ -74,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
     p.add_argument("sentences", nargs="*", help="English sentences (default: one per line on stdin)")
+
+    p = sub.add_parser("bench", help="measure step time, first loss, memory, translation latency (random weights)")
+    p.add_argument("--quick", action="store_true", help="flan-t5-small only (a few minutes)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="precision of our LoRA step (auto: bf16 where the hardware does it fast)")
+    p.add_argument("--child", choices=("lora", "full"), help=argparse.SUPPRESS)
+    p.add_argument("--child-model", default="google/flan-t5-small", help=argparse.SUPPRESS)
 
     p = sub.add_parser("export", help="merge an adapter into the base model; save a full TF checkpoint "
                                       "(save_pretrained) that TFAutoModelForSeq2SeqLM loads")
@@ -236,11 +244,24 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from . import bench
+
+    if a.child:   # one peak-memory measurement, in its own process
+        bench.child(a.child, a.child_model, bench.resolve_precision(a.precision))
+        return 0
+    figures = bench.run(quick=a.quick, precision=a.precision,
+                        log=(lambda m: print(m, file=sys.stderr, flush=True)))
+    print(json.dumps(figures) if a.json else bench.table(figures))
+    return 0
+
+
 def main(argv=None) -> None:
     a = _parser().parse_args(argv)
     try:
         code = {"params": cmd_params, "train": cmd_train, "sweep": cmd_sweep,
-                "translate": cmd_translate, "export": cmd_export}[a.command](a)
+                "translate": cmd_translate, "export": cmd_export,
+                "bench": cmd_bench}[a.command](a)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

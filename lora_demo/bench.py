@@ -1,0 +1,349 @@
+"""``python -m lora_demo bench``: measure the training step, first loss, memory and translation.
+
+Everything is measured in one run on this machine, against baselines measured in the same run:
+flan-t5-small (and, without ``--quick``, flan-t5-base) built from the shipped configs with random
+weights (no download), batch 8, 64 source + 64 target tokens, LoRA r=8 on q,v.
+
+- ``lora_step_s``: our training step (the one ``train()`` compiles: autograph off), median of
+  several steps, at the chosen precision (``auto`` = bf16 where the CPU or GPU does it fast).
+- ``plain_step_s``: the plain baseline: ``tf.function`` with autograph on, float32.
+- ``first_loss_s`` / ``plain_first_loss_s``: from "Train pressed" (model loaded) to the first loss.
+- ``full_step_s``: full fine-tuning (every weight trainable, AdamW), float32.
+- ``peak_rss_lora_mb`` / ``peak_rss_full_mb``: each in its own process (flan-t5-base, or
+  flan-t5-small with ``--quick``), so one measurement never inflates the other.
+- ``translate_1_s`` / ``translate_16_s``: base and LoRA columns together, as the app does it
+  (compiled generate, adapter merged for the LoRA column), 64 new tokens, compile excluded.
+- ``peft_step_s``: PyTorch + PEFT, same shapes, when both are installed (else null).
+- ``mfu``: model FLOPs of our LoRA step / step time / the matmul peak measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+BATCH, SOURCE, TARGET, RANK = 8, 64, 64, 8
+SMALL, BASE = "google/flan-t5-small", "google/flan-t5-base"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 (Linux /proc/cpuinfo flags)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_precision(requested: str = "auto") -> str:
+    """auto -> bf16 when the hardware does bf16 matmuls fast, else fp32."""
+    if requested not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {requested!r}")
+    if requested != "auto":
+        return requested
+    import tensorflow as tf
+
+    from .models import gpu_bf16_capable
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return "bf16" if all(gpu_bf16_capable(tf.config.experimental.get_device_details(g)) for g in gpus) \
+            else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def _median(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
+    """Measured matmul throughput in GFLOP/s (best of a few tries)."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n), dtype=tf.float32)
+    a = tf.cast(a, tf.bfloat16) if dtype == "bf16" else a
+    f = tf.function(lambda x: tf.reduce_sum(tf.cast(tf.matmul(x, x), tf.float32)))
+    f(a).numpy()
+    best = min(_median(lambda: [f(a).numpy() for _ in range(reps)], 3) for _ in range(2))
+    return 2 * n ** 3 * reps / best / 1e9
+
+
+def step_flops(config) -> float:
+    """Matmul FLOPs of one LoRA training step (frozen base): forward, plus the backward pass for
+    activations (about the forward again); LoRA's own weight gradients are negligible."""
+    d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
+    gated = 3 if config.is_gated_act else 2
+    enc_tok, dec_tok = BATCH * SOURCE, BATCH * TARGET
+    per_layer_enc = 4 * d * inner + gated * d * ff
+    enc = config.num_layers * (enc_tok * per_layer_enc + 2 * BATCH * SOURCE * SOURCE * inner)
+    dec_layers = config.num_decoder_layers or config.num_layers
+    dec = dec_layers * (dec_tok * (4 * d * inner + 2 * d * inner + gated * d * ff) + enc_tok * 2 * d * inner
+                        + 2 * BATCH * TARGET * TARGET * inner + 2 * BATCH * TARGET * SOURCE * inner)
+    head = dec_tok * d * config.vocab_size
+    forward = 2 * (enc + dec + head)
+    return 2 * forward
+
+
+def _batch(seed: int = 0):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    return {"input_ids": tf.constant(rng.integers(2, 4000, (BATCH, SOURCE)), tf.int32),
+            "attention_mask": tf.ones((BATCH, SOURCE), tf.int32),
+            "labels": tf.constant(rng.integers(2, 4000, (BATCH, TARGET)), tf.int32)}
+
+
+def _model(name: str, precision: str):
+    import tensorflow as tf
+
+    from .models import build_random
+
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+    try:
+        return build_random(name)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+
+
+def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5) -> dict:
+    """First-loss time (from adding the adapter) and median step time of one step flavour."""
+    import tensorflow as tf
+
+    from .config import LoraConfig, TrainConfig
+    from .inject import apply_lora
+    from .train import build_optimizer_state, make_optimizer, make_step
+
+    model = _model(name, precision)
+    batch = _batch()
+    t0 = time.perf_counter()
+    layers = apply_lora(model, LoraConfig(rank=RANK, targets=("q", "v")))
+    variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
+    opt = make_optimizer(TrainConfig())
+    build_optimizer_state(opt, variables)
+    step = make_step(model, opt, variables, 1.0)
+    if autograph:   # the plain baseline: trace first, then run
+        fn = tf.function(step)
+        first_loss = float(fn(batch))
+        first_s = time.perf_counter() - t0
+    else:           # ours, as train() does it: step 1 eagerly (reported at once), then the trace
+        first_loss = float(step(batch))
+        first_s = time.perf_counter() - t0
+        fn = tf.function(step, autograph=False).get_concrete_function(
+            {k: tf.TensorSpec(v.shape, v.dtype, name=k) for k, v in batch.items()})
+    fn(batch)
+    return {"first_loss_s": first_s, "step_s": _median(lambda: float(fn(batch)), steps), "loss": first_loss}
+
+
+def full_step(name: str, precision: str, steps: int = 3) -> float:
+    import tensorflow as tf
+
+    from .config import TrainConfig
+    from .train import build_optimizer_state, make_optimizer, make_step
+
+    model = _model(name, precision)
+    variables = model.trainable_variables
+    opt = make_optimizer(TrainConfig())
+    build_optimizer_state(opt, variables)
+    fn = tf.function(make_step(model, opt, variables, 1.0), autograph=False)
+    batch = _batch()
+    fn(batch)
+    return _median(lambda: float(fn(batch)), steps)
+
+
+def translate_latency(name: str, precision: str) -> dict:
+    """Base + LoRA columns, as the app's Lab.translate does it, for 1 and 16 sentences."""
+    import tensorflow as tf
+
+    from . import adapters
+    from .config import LoraConfig
+    from .evaluate import _compiled_generate
+    from .inject import apply_lora, lora_layers, remove_lora
+
+    model = _model(name, precision)
+    cfg = LoraConfig(rank=RANK, targets=("q", "v"))
+    apply_lora(model, cfg)
+    for i, layer in enumerate(lora_layers(model)):
+        layer.lora_B.assign(tf.random.stateless_normal(layer.lora_B.shape, seed=(i, 0)) * 0.01)
+    state = adapters.adapter_state(model)
+    remove_lora(model)
+    out = {}
+    rng = np.random.default_rng(1)
+    for n in (1, 16):
+        ids = tf.constant(rng.integers(2, 4000, (n, 32)), tf.int32)
+        mask = tf.ones_like(ids)
+        gen = _compiled_generate(model, n, 32, 64)
+        t = time.perf_counter()
+        gen(ids, mask).numpy()
+        out[f"translate_compile_{n}_s"] = time.perf_counter() - t
+
+        def both():
+            gen(ids, mask).numpy()
+            with adapters.merged_into(model, cfg, state):
+                gen(ids, mask).numpy()
+        out[f"translate_{n}_s"] = _median(both, 3)
+    return out
+
+
+def peft_step(name: str, steps: int = 3) -> float | None:
+    try:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import T5ForConditionalGeneration
+    except Exception:
+        return None
+    from .models import model_config
+
+    torch.manual_seed(0)
+    model = get_peft_model(T5ForConditionalGeneration(model_config(name)),
+                           LoraConfig(r=RANK, lora_alpha=16, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    b = {k: torch.tensor(v.numpy(), dtype=torch.long) for k, v in _batch().items()}
+
+    def step():
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    step()
+    return _median(step, steps)
+
+
+def peak_rss_child(kind: str, name: str, precision: str) -> float:
+    """Peak RSS of a fresh process that builds ``name`` and runs 3 steps of ``kind`` (lora|full)."""
+    cmd = [sys.executable, "-m", "lora_demo", "bench", "--child", kind, "--child-model", name,
+           "--precision", precision]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child {kind} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def child(kind: str, name: str, precision: str) -> None:
+    if kind == "lora":
+        lora_steps(name, precision, autograph=False, steps=2)
+    else:
+        full_step(name, precision, steps=2)
+    print(json.dumps({"peak_rss_mb": round(peak_rss_kb() / 1024, 1)}))
+
+
+def peak_rss_kb() -> int:
+    """This process's resident-memory high-water mark. VmHWM, not ru_maxrss: on Linux ru_maxrss
+    survives exec, so a child started by a big parent would report the parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def run(quick: bool = False, precision: str = "auto", log=print) -> dict:
+    import tensorflow as tf
+
+    from .models import model_config
+
+    prec = resolve_precision(precision)
+    fig: dict = {"model": SMALL, "precision": prec, "batch": BATCH, "source_len": SOURCE, "target_len": TARGET,
+                 "rank": RANK, "targets": "q,v", "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
+                 "cpu_fast_bf16": cpu_has_fast_bf16()}
+    log("measuring the matmul peak...")
+    fig["peak_gflops_fp32"] = matmul_peak("fp32")
+    fig["peak_gflops_bf16"] = matmul_peak("bf16")
+    log("plain baseline step (tf.function, autograph on, fp32)...")
+    plain = lora_steps(SMALL, "fp32", autograph=True)
+    log(f"our LoRA step ({prec})...")
+    ours = lora_steps(SMALL, prec, autograph=False)
+    fig.update(lora_step_s=ours["step_s"], plain_step_s=plain["step_s"], first_loss_s=ours["first_loss_s"],
+               plain_first_loss_s=plain["first_loss_s"])
+    if prec != "fp32":
+        log("our LoRA step (fp32, for reference)...")
+        fig["lora_step_fp32_s"] = lora_steps(SMALL, "fp32", autograph=False)["step_s"]
+    log("full fine-tuning step (fp32)...")
+    fig["full_step_s"] = full_step(SMALL, "fp32")
+    mem_model = SMALL if quick else BASE
+    log(f"peak memory, each in its own process ({mem_model})...")
+    fig["memory_model"] = mem_model
+    fig["peak_rss_lora_mb"] = peak_rss_child("lora", mem_model, prec)
+    fig["peak_rss_full_mb"] = peak_rss_child("full", mem_model, "fp32")
+    if not quick:
+        log("flan-t5-base steps...")
+        fig["base_lora_step_s"] = lora_steps(BASE, prec, autograph=False, steps=3)["step_s"]
+        fig["base_full_step_s"] = full_step(BASE, "fp32", steps=2)
+    log("translation latency (compiles once per shape first)...")
+    fig.update(translate_latency(SMALL, "fp32"))
+    log("PyTorch + PEFT step (if installed)...")
+    fig["peft_step_s"] = peft_step(SMALL)
+    flops = step_flops(model_config(SMALL))
+    peak = fig["peak_gflops_bf16"] if prec == "bf16" else fig["peak_gflops_fp32"]
+    fig["step_gflop"] = flops / 1e9
+    fig["mfu"] = flops / 1e9 / fig["lora_step_s"] / peak
+    return fig
+
+
+GOALS = [  # (label, figure, goal text, passes(fig))
+    ("LoRA step, flan-t5-small", "lora_step_s", "<= 0.35 s and >= 2.5x the plain step",
+     lambda f: f["lora_step_s"] <= 0.35 and f["plain_step_s"] / f["lora_step_s"] >= 2.5),
+    ("first loss point", "first_loss_s", "<= 5 s", lambda f: f["first_loss_s"] <= 5),
+    ("against PyTorch+PEFT", "peft_step_s", ">= 8x faster per step",
+     lambda f: None if f["peft_step_s"] is None else f["peft_step_s"] / f["lora_step_s"] >= 8),
+    ("peak memory, LoRA vs full", "peak_rss_lora_mb", "<= 0.5x full fine-tuning (flan-t5-base)",
+     lambda f: None if f["memory_model"] != BASE else f["peak_rss_lora_mb"] <= 0.5 * f["peak_rss_full_mb"]),
+    ("translate 1 sentence (base + LoRA)", "translate_1_s", "<= 1 s", lambda f: f["translate_1_s"] <= 1),
+    ("translate 16 sentences (base + LoRA)", "translate_16_s", "<= 4 s", lambda f: f["translate_16_s"] <= 4),
+]
+
+
+def table(f: dict) -> str:
+    def x(a, b):
+        return f"{a / b:.2f}x" if a and b else "–"
+    rows = [
+        ("LoRA step (ours, %s)" % f["precision"], f"{f['lora_step_s']:.3f} s",
+         f"{x(f['plain_step_s'], f['lora_step_s'])} faster than plain"),
+        ("plain tf.function step (fp32)", f"{f['plain_step_s']:.3f} s", "baseline"),
+        ("first loss point (ours)", f"{f['first_loss_s']:.1f} s", f"{x(f['plain_first_loss_s'], f['first_loss_s'])} "
+                                                                  "sooner than plain"),
+        ("first loss point (plain)", f"{f['plain_first_loss_s']:.1f} s", "trace, then first step"),
+        ("full fine-tuning step (fp32)", f"{f['full_step_s']:.3f} s", f"{x(f['full_step_s'], f['lora_step_s'])} our "
+                                                                      "LoRA step"),
+        (f"peak RSS LoRA ({f['memory_model'].split('/')[-1]})", f"{f['peak_rss_lora_mb']:,.0f} MB",
+         f"{f['peak_rss_lora_mb'] / f['peak_rss_full_mb']:.2f}x full fine-tuning"),
+        (f"peak RSS full ({f['memory_model'].split('/')[-1]})", f"{f['peak_rss_full_mb']:,.0f} MB", ""),
+        ("translate 1 sentence, base + LoRA", f"{f['translate_1_s']:.2f} s",
+         f"compile once: {f['translate_compile_1_s']:.0f} s"),
+        ("translate 16 sentences, base + LoRA", f"{f['translate_16_s']:.2f} s",
+         f"compile once: {f['translate_compile_16_s']:.0f} s"),
+        ("PyTorch + PEFT step", "not installed" if f["peft_step_s"] is None else f"{f['peft_step_s']:.3f} s",
+         "" if f["peft_step_s"] is None else f"ours is {x(f['peft_step_s'], f['lora_step_s'])} faster"),
+        ("MFU of our LoRA step", f"{100 * f['mfu']:.1f}%", f"{f['step_gflop']:.0f} GFLOP/step; peak "
+         f"{f['peak_gflops_' + f['precision']]:.0f} GFLOP/s ({f['precision']}, measured)"),
+    ]
+    if "base_lora_step_s" in f:
+        rows.append(("flan-t5-base LoRA / full step", f"{f['base_lora_step_s']:.2f} / {f['base_full_step_s']:.2f} s",
+                     ""))
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'figure':<{w}}  {'value':>14}  note", "-" * (w + 40)]
+    lines += [f"{a:<{w}}  {b:>14}  {c}" for a, b, c in rows]
+    lines += ["", "goals:"]
+    for label, _, goal, ok in GOALS:
+        try:
+            result = ok(f)
+        except (TypeError, KeyError, ZeroDivisionError):
+            result = None
+        met = "not measured in this run" if result is None else ("met" if result else "MISSED")
+        lines.append(f"  {label}: {goal} -> {met}")
+    return "\n".join(lines)
