@@ -7,6 +7,7 @@ import os
 import lora_demo  # noqa: F401  (pins Keras before TensorFlow loads)
 from lora_demo.models import DEFAULT_MODEL, configure_devices, describe, load_model
 from lora_demo.runs import Lab
+from lora_demo.train import make_strategy
 from lora_demo.ui import build_demo, launch
 
 
@@ -16,8 +17,15 @@ def main() -> None:
                     help="hub id, local checkpoint directory, or 'tiny' (bundled offline model)")
     ap.add_argument("--runs-dir", default=os.environ.get("LORA_LAB_RUNS_DIR", "runs"))
     ap.add_argument("--data", default="auto", choices=("auto", "hub", "bundled"), help="where WMT16 comes from")
+    ap.add_argument("--precision", default=os.environ.get("LORA_LAB_PRECISION", "auto"),
+                    choices=("auto", "fp32", "bf16"),
+                    help="training compute precision (auto: bf16 where the hardware does it fast); "
+                         "translation stays float32")
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    ap.add_argument("--strategy", default=os.environ.get("LORA_LAB_STRATEGY", "default"),
+                    choices=("default", "mirrored", "multiworker"),
+                    help="tf.distribute strategy for training: one device, all local GPUs, or TF_CONFIG workers")
     args = ap.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -27,7 +35,10 @@ def main() -> None:
         log.info("GPUs: %d, memory growth on %s", devices["gpus"], ", ".join(devices["memory_growth"]) or "none")
     loaded = load_model(args.model)
     log.info(describe(loaded))
-    demo = build_demo(Lab(loaded, runs_dir=args.runs_dir, data_source=args.data))
+    lab = Lab(loaded, runs_dir=args.runs_dir, data_source=args.data, precision=args.precision,
+              strategy=make_strategy(args.strategy))
+    log.info("training precision: %s (asked for %s)", lab.precision, args.precision)
+    demo = build_demo(lab)
     launch(demo, server_name=args.host, server_port=args.port)
 
 

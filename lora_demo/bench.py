@@ -32,32 +32,6 @@ BATCH, SOURCE, TARGET, RANK = 8, 64, 64, 8
 SMALL, BASE = "google/flan-t5-small", "google/flan-t5-base"
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 (Linux /proc/cpuinfo flags)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def resolve_precision(requested: str = "auto") -> str:
-    """auto -> bf16 when the hardware does bf16 matmuls fast, else fp32."""
-    if requested not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {requested!r}")
-    if requested != "auto":
-        return requested
-    import tensorflow as tf
-
-    from .models import gpu_bf16_capable
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        return "bf16" if all(gpu_bf16_capable(tf.config.experimental.get_device_details(g)) for g in gpus) \
-            else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
 def _median(fn, n: int) -> float:
     times = []
     for _ in range(n):
@@ -105,16 +79,10 @@ def _batch(seed: int = 0):
 
 
 def _model(name: str, precision: str):
-    import tensorflow as tf
+    from .models import build_random, precision_policy
 
-    from .models import build_random
-
-    policy = tf.keras.mixed_precision.global_policy()
-    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
-    try:
+    with precision_policy(precision):
         return build_random(name)
-    finally:
-        tf.keras.mixed_precision.set_global_policy(policy)
 
 
 def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5) -> dict:
@@ -252,30 +220,31 @@ def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def run(quick: bool = False, precision: str = "auto", log=print) -> dict:
+def run(quick: bool = False, precision: str = "auto", log=print, model: str = SMALL) -> dict:
+    """All figures in one run. ``model`` other than flan-t5-small (e.g. ``tiny``) is for smoke runs."""
     import tensorflow as tf
 
-    from .models import model_config
+    from .models import cpu_has_fast_bf16, model_config, resolve_precision
 
     prec = resolve_precision(precision)
-    fig: dict = {"model": SMALL, "precision": prec, "batch": BATCH, "source_len": SOURCE, "target_len": TARGET,
+    fig: dict = {"model": model, "precision": prec, "batch": BATCH, "source_len": SOURCE, "target_len": TARGET,
                  "rank": RANK, "targets": "q,v", "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
                  "cpu_fast_bf16": cpu_has_fast_bf16()}
     log("measuring the matmul peak...")
     fig["peak_gflops_fp32"] = matmul_peak("fp32")
     fig["peak_gflops_bf16"] = matmul_peak("bf16")
     log("plain baseline step (tf.function, autograph on, fp32)...")
-    plain = lora_steps(SMALL, "fp32", autograph=True)
+    plain = lora_steps(model, "fp32", autograph=True)
     log(f"our LoRA step ({prec})...")
-    ours = lora_steps(SMALL, prec, autograph=False)
+    ours = lora_steps(model, prec, autograph=False)
     fig.update(lora_step_s=ours["step_s"], plain_step_s=plain["step_s"], first_loss_s=ours["first_loss_s"],
                plain_first_loss_s=plain["first_loss_s"])
     if prec != "fp32":
         log("our LoRA step (fp32, for reference)...")
-        fig["lora_step_fp32_s"] = lora_steps(SMALL, "fp32", autograph=False)["step_s"]
+        fig["lora_step_fp32_s"] = lora_steps(model, "fp32", autograph=False)["step_s"]
     log("full fine-tuning step (fp32)...")
-    fig["full_step_s"] = full_step(SMALL, "fp32")
-    mem_model = SMALL if quick else BASE
+    fig["full_step_s"] = full_step(model, "fp32")
+    mem_model = model if quick else BASE
     log(f"peak memory, each in its own process ({mem_model})...")
     fig["memory_model"] = mem_model
     fig["peak_rss_lora_mb"] = peak_rss_child("lora", mem_model, prec)
@@ -285,10 +254,10 @@ def run(quick: bool = False, precision: str = "auto", log=print) -> dict:
         fig["base_lora_step_s"] = lora_steps(BASE, prec, autograph=False, steps=3)["step_s"]
         fig["base_full_step_s"] = full_step(BASE, "fp32", steps=2)
     log("translation latency (compiles once per shape first)...")
-    fig.update(translate_latency(SMALL, "fp32"))
+    fig.update(translate_latency(model, "fp32"))
     log("PyTorch + PEFT step (if installed)...")
-    fig["peft_step_s"] = peft_step(SMALL)
-    flops = step_flops(model_config(SMALL))
+    fig["peft_step_s"] = peft_step(model)
+    flops = step_flops(model_config(model))
     peak = fig["peak_gflops_bf16"] if prec == "bf16" else fig["peak_gflops_fp32"]
     fig["step_gflop"] = flops / 1e9
     fig["mfu"] = flops / 1e9 / fig["lora_step_s"] / peak

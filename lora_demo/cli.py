@@ -43,6 +43,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bleu-size", type=int, default=t.bleu_size,
                    help="newstest2016 sentences scored with BLEU/chrF after the run (0 = skip)")
     p.add_argument("--data", default="auto", choices=("auto", "hub", "bundled"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="compute precision of training (auto: bf16 where the hardware does it fast; "
+                        "weights, LoRA factors and the loss stay float32)")
+    p.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"),
+                   help="tf.distribute strategy: one device, all local GPUs (mirrored), or the workers in "
+                        "TF_CONFIG (multiworker)")
     p.add_argument("--json", action="store_true", help="JSON lines of events instead of a progress bar")
 
 
@@ -77,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure step time, first loss, memory, translation latency (random weights)")
     p.add_argument("--quick", action="store_true", help="flan-t5-small only (a few minutes)")
+    p.add_argument("--model", default="google/flan-t5-small",
+                   help="architecture for the step figures (shipped config or 'tiny' for a smoke run)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="precision of our LoRA step (auto: bf16 where the hardware does it fast)")
@@ -99,10 +107,11 @@ def cmd_params(a) -> int:
     return 0
 
 
-def _load(name: str):
-    from .models import load_model
+def _load(name: str, precision: str = "fp32"):
+    from .models import load_model, precision_policy, resolve_precision
 
-    return load_model(name, fallback=False)
+    with precision_policy(resolve_precision(precision)):
+        return load_model(name, fallback=False)
 
 
 def _run_config(a, rank=None) -> RunConfig:
@@ -137,9 +146,11 @@ def _execute(a, loaded, job, base_cache: dict) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{event.loss:.3f}", tok_s=f"{event.tokens_per_s:,.0f}")
 
+    from .train import make_strategy
+
     try:
         execute(job, loaded.model, loaded.tokenizer, lambda split, n: data.load_pairs(split, n, source=a.data),
-                base_cache, on_change)
+                base_cache, on_change, strategy=make_strategy(a.strategy))
     finally:
         if bar:
             bar.close()
@@ -163,7 +174,7 @@ def cmd_train(a) -> int:
     from .runs import Job
 
     run = _run_config(a)
-    loaded = _load(a.model)
+    loaded = _load(a.model, a.precision)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     job = Job(out.resolve().name, run, "cli", out)
@@ -180,7 +191,7 @@ def cmd_sweep(a) -> int:
     from .runs import Job
 
     configs = [_run_config(a, rank=r) for r in parse_ranks(a.ranks)]  # validate every rank before training any
-    loaded = _load(a.model)
+    loaded = _load(a.model, a.precision)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     sweep, base_cache, jobs = f"sweep-{out.resolve().name}", {}, []
@@ -248,9 +259,11 @@ def cmd_bench(a) -> int:
     from . import bench
 
     if a.child:   # one peak-memory measurement, in its own process
-        bench.child(a.child, a.child_model, bench.resolve_precision(a.precision))
+        from .models import resolve_precision
+
+        bench.child(a.child, a.child_model, resolve_precision(a.precision))
         return 0
-    figures = bench.run(quick=a.quick, precision=a.precision,
+    figures = bench.run(quick=a.quick, precision=a.precision, model=a.model,
                         log=(lambda m: print(m, file=sys.stderr, flush=True)))
     print(json.dumps(figures) if a.json else bench.table(figures))
     return 0

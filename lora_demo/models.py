@@ -7,6 +7,7 @@ that says why, so the app always starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -139,6 +140,49 @@ def gpu_bf16_capable(details: dict) -> bool:
     ``details`` is what ``tf.config.experimental.get_device_details(gpu)`` returns."""
     cc = details.get("compute_capability")
     return bool(cc) and tuple(cc) >= (8, 0)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 matrices natively (Linux /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(requested: str = "auto") -> str:
+    """``auto`` -> bf16 where the hardware does bf16 matmuls fast (every GPU of compute capability
+    8.0+, or a CPU with AVX512-BF16/AMX), else fp32. ``fp32`` and ``bf16`` are taken as given."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        fast = all(gpu_bf16_capable(tf.config.experimental.get_device_details(g)) for g in gpus)
+        return "bf16" if fast else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str):
+    """Models built inside compute in ``precision``: bf16 is Keras' mixed policy, so weights stay
+    float32 and only the computation is bf16 (LoRA layers and the loss stay float32 regardless)."""
+    before = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(before)
+
+
+def model_precision(model) -> str:
+    return "bf16" if model.compute_dtype == "bfloat16" else "fp32"
 
 
 def variable_device(model) -> str:

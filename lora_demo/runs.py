@@ -39,7 +39,8 @@ from .config import ConfigError, RunConfig
 from .evaluate import scores, translate
 from .events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged, to_dict
 from .inject import lora_layers, remove_lora, set_scale
-from .models import LoadedModel, peak_gpu_mb, reset_gpu_peak
+from .models import (LoadedModel, model_precision, peak_gpu_mb, precision_policy, reset_gpu_peak,
+                     resolve_precision)
 from .params import keras_name_to_path
 from .train import train
 
@@ -223,7 +224,7 @@ def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Even
     return scores(hyps, [p.de for p in items])
 
 
-def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=None) -> None:
+def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=None, strategy=None) -> None:
     """Run ``job`` to the end on ``model`` and leave a complete record in ``job.dir``.
 
     ``pairs_of(split, n)`` supplies data; ``base_cache`` maps n to the base model's
@@ -242,7 +243,7 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
     with MemoryMonitor() as mem:
         train_pairs, val_pairs = pairs_of("train", cfg.train_size), pairs_of("validation", cfg.eval_size)
         for event in train(job.config, model, tokenizer, train_pairs, val_pairs, stop=job.stop,
-                           data_origin=train_pairs.origin):
+                           data_origin=train_pairs.origin, strategy=strategy):
             job.log_event(event)
             job.apply(event)
             notify(event)
@@ -279,12 +280,13 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
 # The lab
 # ---------------------------------------------------------------------------
 
-def clone_model(loaded: LoadedModel):
-    """A second model with the same weights (no disk I/O): translation's own copy."""
+def clone_model(loaded: LoadedModel, precision: str = "fp32"):
+    """A second model with the same (float32) weights, computing in ``precision``; no disk I/O."""
     if lora_layers(loaded.model):
         raise ValueError("clone the base model before any adapter is added to it")
-    model = type(loaded.model)(loaded.model.config)
-    model(model.dummy_inputs)
+    with precision_policy(precision):
+        model = type(loaded.model)(loaded.model.config)
+        model(model.dummy_inputs)
     source = {keras_name_to_path(v.name): v for v in loaded.model.weights}
     for dst in model.weights:
         dst.assign(source[keras_name_to_path(dst.name)])
@@ -292,13 +294,18 @@ def clone_model(loaded: LoadedModel):
 
 
 class Lab:
-    def __init__(self, loaded: LoadedModel, runs_dir: Path | str = "runs", data_source: str = "auto"):
+    def __init__(self, loaded: LoadedModel, runs_dir: Path | str = "runs", data_source: str = "auto",
+                 precision: str = "fp32", strategy=None):
         self.loaded = loaded
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.data_source = data_source
+        self.strategy = strategy                        # a tf.distribute strategy, or None for one device
+        self.precision = resolve_precision(precision)  # of training; translation stays float32
+        self.translator = clone_model(loaded)           # requests merge adapters into this one
+        if self.precision != model_precision(loaded.model):
+            loaded.model = clone_model(loaded, self.precision)   # the float32-compute original is dropped
         self.trainer = loaded.model                     # the worker's model; LoRA is injected per run
-        self.translator = clone_model(loaded)           # requests activate adapters on this one
         self.translate_lock = threading.Lock()          # one request at a time merges into the translator
         self.jobs: dict[str, Job] = {}
         self.pending: queue.Queue[Job] = queue.Queue()
@@ -373,7 +380,8 @@ class Lab:
                     job.status, job.error = "stopped", "stopped while waiting in the queue"
                     job.save()
                 else:
-                    execute(job, self.trainer, self.loaded.tokenizer, self.pairs, self._base_scores)
+                    execute(job, self.trainer, self.loaded.tokenizer, self.pairs, self._base_scores,
+                            strategy=self.strategy)
             except Exception as exc:  # never let one job kill the worker; the record says what happened
                 log.exception("job %s crashed", job.id)
                 job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"

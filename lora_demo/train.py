@@ -28,7 +28,7 @@ from . import data
 from .config import ConfigError, RunConfig, TrainConfig
 from .events import EvalLogged, Event, RunFailed, RunFinished, RunStarted, StepLogged
 from .inject import apply_lora, set_scale
-from .models import device_info, variable_device
+from .models import device_info, model_precision, variable_device
 from .params import breakdown, specs_from_model
 
 # ---------------------------------------------------------------------------
@@ -126,6 +126,69 @@ def make_eval(model):
     return evaluate
 
 
+# ---------------------------------------------------------------------------
+# Scale-out: the same step under a tf.distribute strategy
+# ---------------------------------------------------------------------------
+
+STRATEGIES = ("default", "mirrored", "multiworker")
+
+
+def make_strategy(name: str = "default"):
+    """None for one device (the default), else a tf.distribute strategy.
+
+    - ``mirrored``: one replica per local GPU, or per logical CPU device when there is no GPU
+      (``tf.config.set_logical_device_configuration`` splits a CPU, as the tests do);
+    - ``multiworker``: one replica set per worker, workers described by the ``TF_CONFIG``
+      environment variable (without it, this machine alone).
+    """
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+    if name == "default":
+        return None
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if gpus:
+        return tf.distribute.MirroredStrategy(gpus)
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def make_distributed_step(strategy, model, opt, variables, clip_norm: float):
+    """One step of the global batch, split across replicas. Each replica's loss is its token
+    cross-entropy sum over the *global* token count, so the summed loss and gradients equal the
+    one-device step's; gradients are all-reduced before clipping, as on one device."""
+    def replica_step(batch, global_tokens):
+        with tf.GradientTape() as tape:
+            total, _ = token_losses(model, batch, training=True)
+            loss = total / global_tokens
+        grads = tape.gradient(loss, variables)
+        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        if clip_norm > 0:
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        opt.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
+        return loss
+
+    def step(per_replica, global_tokens):
+        losses = strategy.run(replica_step, args=(per_replica, global_tokens))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+    fn = tf.function(step, autograph=False)
+
+    def run(batch):
+        n = strategy.num_replicas_in_sync
+        size = len(batch["input_ids"])
+        if size % n:
+            raise ConfigError(f"batch size {size} does not split evenly over {n} replicas; use a multiple of {n}")
+        part = size // n
+        per_replica = strategy.experimental_distribute_values_from_function(
+            lambda ctx: {k: tf.constant(v[ctx.replica_id_in_sync_group * part:
+                                           (ctx.replica_id_in_sync_group + 1) * part]) for k, v in batch.items()})
+        tokens = tf.constant(max(float((batch["labels"] != -100).sum()), 1.0), tf.float32)
+        return fn(per_replica, tokens)
+    return run
+
+
 class BackgroundTrace:
     """Trace ``fns`` (a list of (tf.function, input spec)) in a thread; ``get(i)`` once ready."""
 
@@ -139,6 +202,8 @@ class BackgroundTrace:
     def _run(self, fns):
         try:
             for i, (fn, spec) in enumerate(fns):
+                if fn is None:   # a slot the caller fills itself (the distributed step)
+                    continue
                 t = time.perf_counter()
                 self.concrete[i] = fn.get_concrete_function(spec)
                 self.seconds.append(time.perf_counter() - t)
@@ -203,11 +268,13 @@ def _base_and_lora(model, fn, batches) -> tuple[float, float]:
 
 
 def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: threading.Event | None = None,
-          data_origin: str = "bundled") -> Iterator[Event]:
+          data_origin: str = "bundled", strategy=None) -> Iterator[Event]:
     """Add a fresh adapter to ``model`` as ``run.lora`` says and train it; yield events as it goes.
 
     Ends with exactly one RunFinished (completed or stopped) or RunFailed. The
-    base weights are never changed; the trained adapter stays in ``model``.
+    base weights are never changed; the trained adapter stays in ``model``. With a
+    ``strategy`` (see make_strategy) the adapter and optimiser state are mirrored and each
+    step splits the global batch across the replicas.
     """
     t0 = time.perf_counter()
     cfg = run.train
@@ -215,7 +282,9 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
     tracer = None
     try:
         tf.keras.utils.set_random_seed(cfg.seed)
-        with tf.device(variable_device(model)):   # adapter and optimiser state beside the base weights
+        # adapter and optimiser state beside the base weights, or mirrored under a strategy
+        place = strategy.scope() if strategy is not None else tf.device(variable_device(model))
+        with place:
             layers = apply_lora(model, run.lora, seed=cfg.seed)
         variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
         arrays = data.encode(tokenizer, train_pairs, cfg.max_source_len, cfg.max_target_len)
@@ -228,15 +297,17 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
         probe = {k: v[:PROBE_PAIRS] for k, v in arrays.items()}
         probe_batches = data.fixed_batches(probe, cfg.batch_size, tokenizer.pad_token_id)
         stream = data.batches(arrays, cfg.batch_size, cfg.seed)
-        opt = make_optimizer(cfg)
-        with tf.device(variable_device(model)):
+        with strategy.scope() if strategy is not None else tf.device(variable_device(model)):
+            opt = make_optimizer(cfg)
             build_optimizer_state(opt, variables)
         eager_step, eager_eval = make_step(model, opt, variables, cfg.clip_norm), make_eval(model)
+        if strategy is not None:   # traced on its first call; no eager first step across replicas
+            eager_step = make_distributed_step(strategy, model, opt, variables, cfg.clip_norm)
         first = next(stream)
         to_trace = [(tf.function(eager_step, autograph=False), _spec(first)),
                     (tf.function(eager_eval, autograph=False), _spec(val_batches[0]))]
         yield RunStarted(config=run.to_dict(), params=breakdown(specs_from_model(model)).to_dict(),
-                         device=device_info()["name"], train_pairs=len(arrays["input_ids"]), data_origin=data_origin,
+                         device=f"{device_info()['name']}, {model_precision(model)}", train_pairs=len(arrays["input_ids"]), data_origin=data_origin,
                          shapes={"source_len": arrays["input_ids"].shape[1], "target_len": arrays["labels"].shape[1]})
 
         losses, val_losses, step_times, tokens, eager_steps, first_loss_s = [], [], [], 0, 0, None
@@ -245,7 +316,7 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
             if stop is not None and stop.is_set():
                 stopped = True
                 break
-            fn = tracer.wait(0, stop) if tracer is not None else None
+            fn = tracer.wait(0, stop) if tracer is not None and strategy is None else None
             if stop is not None and stop.is_set():
                 stopped = True
                 break
@@ -257,8 +328,9 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
                                 f"lower the learning rate (it is {cfg.lr:g}; try {cfg.lr / 10:g}) "
                                 "and keep gradient clipping on")
                 return
-            eager_steps += fn is None
-            if fn is not None:
+            compiled = fn is not None or (strategy is not None and step > 1)   # step 1 includes the trace
+            eager_steps += fn is None and strategy is None
+            if compiled:
                 step_times.append(dt)
             n_tok = _tokens(batch)
             tokens += n_tok
@@ -267,9 +339,9 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
             if first_loss_s is None:
                 first_loss_s = elapsed
                 if step < cfg.steps:  # only now: tracing beside the first eager step slows it ~2.5x
-                    tracer = BackgroundTrace(to_trace)
+                    tracer = BackgroundTrace(to_trace if strategy is None else [(None, None), to_trace[1]])
             lr_now = float(opt.learning_rate(step - 1) if callable(opt.learning_rate) else cfg.lr)
-            yield StepLogged(step, loss, lr_now, n_tok, n_tok / dt, elapsed, fn is not None)
+            yield StepLogged(step, loss, lr_now, n_tok, n_tok / dt, elapsed, compiled)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 eval_fn = (tracer.get(1) if tracer is not None else None) or eager_eval
                 if not val_losses:  # the base model's point: the adapter at scale 0 is the base exactly

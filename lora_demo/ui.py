@@ -528,7 +528,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
         seen = gr.State("")          # what the run list last showed, to skip unchanged refreshes
         gr.Markdown(f"# 🧪 LoRA Lab\nLow-rank adaptation of **FLAN-T5** in TensorFlow, English → German on WMT16. "
                     f"Pick a rank and target layers, train for a minute, compare runs, and compare base and "
-                    f"LoRA translations.  \nModel: **{lab.loaded.label}** · device: **{info['name']}** · TensorFlow {info['tensorflow']}")
+                    f"LoRA translations.  \nModel: **{lab.loaded.label}** · device: **{info['name']}** · "
+                    f"training in **{lab.precision}** · TensorFlow {info['tensorflow']}")
         if lab.loaded.notice:
             gr.Markdown(f"⚠️ {lab.loaded.notice}", elem_classes=["notice"])
         with gr.Row(equal_height=False):

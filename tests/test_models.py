@@ -80,3 +80,12 @@ def test_adapter_weights_are_placed_beside_the_base_weights(bundled_tiny):
         assert {v.device for layer in lora_layers(bundled_tiny.model) for v in (layer.lora_A, layer.lora_B)} == {where}
     finally:
         remove_lora(bundled_tiny.model)
+
+
+def test_precision_auto_follows_the_hardware():
+    from lora_demo.models import cpu_has_fast_bf16, resolve_precision
+
+    assert resolve_precision("auto") == ("bf16" if cpu_has_fast_bf16() else "fp32")   # no GPU here
+    assert (resolve_precision("fp32"), resolve_precision("bf16")) == ("fp32", "bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16")   # T5 overflows in fp16

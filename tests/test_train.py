@@ -105,3 +105,27 @@ def test_every_offered_optimizer_trains(model, bundled_tiny, optimizer):
     events = list(train(run_config(steps=3, optimizer=optimizer), model, bundled_tiny.tokenizer, TRAIN, VAL))
     assert isinstance(events[-1], RunFinished), events[-1]
     assert all(np.isfinite(e.loss) for e in events if isinstance(e, StepLogged))
+
+
+def test_bf16_training_tracks_fp32_over_50_steps(bundled_tiny):
+    """Mixed bf16 (LoRA factors, optimiser and loss in float32) follows the float32 loss curve:
+    every step within 2% relative, and the mean of the last 10 steps within 1%."""
+    from lora_demo.models import model_precision
+
+    bf16 = clone_model(bundled_tiny, "bf16")
+    assert model_precision(bf16) == "bf16" and model_precision(bundled_tiny.model) == "fp32"
+    run = RunConfig(model="tiny", lora=LoraConfig(rank=8, targets=("q", "v")),
+                    train=TrainConfig(steps=50, batch_size=8, train_size=48, eval_every=50, eval_size=16))
+    curves = {}
+    for name, model in (("fp32", bundled_tiny.model), ("bf16", bf16)):
+        try:
+            events = list(train(run, model, bundled_tiny.tokenizer, TRAIN, VAL))
+        finally:
+            remove_lora(model)
+        assert events[-1].status == "completed" and events[0].device.endswith(name)
+        curves[name] = np.array([e.loss for e in events if isinstance(e, StepLogged)])
+    assert len(curves["bf16"]) == 50 and not np.array_equal(curves["bf16"], curves["fp32"])  # really bf16
+    rel = np.abs(curves["bf16"] - curves["fp32"]) / curves["fp32"]
+    assert rel.max() < 0.02, rel.max()
+    assert abs(curves["bf16"][-10:].mean() - curves["fp32"][-10:].mean()) / curves["fp32"][-10:].mean() < 0.01
+    assert curves["bf16"][-10:].mean() < curves["bf16"][:10].mean()   # and it learns

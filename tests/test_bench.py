@@ -1,0 +1,35 @@
+"""The benchmark runs and reports every figure. Not a timing test: figures are checked for being
+measured (finite, positive), never against goals. The architecture is the bundled tiny so the whole
+path (both step flavours, full fine-tuning, memory children, translation, PyTorch+PEFT) runs in about
+a minute; BENCHMARKS.md has the flan-t5 figures."""
+
+import json
+import math
+import subprocess
+import sys
+
+from conftest import ROOT
+
+KEYS = ["lora_step_s", "plain_step_s", "first_loss_s", "plain_first_loss_s", "full_step_s", "peak_rss_lora_mb",
+        "peak_rss_full_mb", "translate_1_s", "translate_16_s", "peft_step_s", "mfu"]
+
+
+def test_bench_quick_json_emits_every_figure():
+    proc = subprocess.run([sys.executable, "-m", "lora_demo", "bench", "--quick", "--json", "--model", "tiny"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fig = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(KEYS) <= set(fig), set(KEYS) - set(fig)
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        have_peft = True
+    except ImportError:
+        have_peft = False
+    for key in KEYS:
+        if key == "peft_step_s" and not have_peft:
+            assert fig[key] is None
+            continue
+        assert isinstance(fig[key], float) and math.isfinite(fig[key]) and fig[key] > 0, (key, fig[key])
+    assert fig["memory_model"] == "tiny" and 0 < fig["mfu"] < 1
+    assert fig["precision"] in ("fp32", "bf16")
