@@ -33,10 +33,9 @@ def main() -> None:
     log = logging.getLogger("lora_lab")
     if devices["gpus"]:
         log.info("GPUs: %d, memory growth on %s", devices["gpus"], ", ".join(devices["memory_growth"]) or "none")
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, precision=args.precision)
     log.info(describe(loaded))
-    lab = Lab(loaded, runs_dir=args.runs_dir, data_source=args.data, precision=args.precision,
-              strategy=make_strategy(args.strategy))
+    lab = Lab(loaded, runs_dir=args.runs_dir, data_source=args.data, strategy=make_strategy(args.strategy))
     log.info("training precision: %s (asked for %s)", lab.precision, args.precision)
     demo = build_demo(lab)
     launch(demo, server_name=args.host, server_port=args.port)

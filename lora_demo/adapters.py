@@ -204,7 +204,7 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes) -> Adapter:
         # rsLoRA scales by alpha/sqrt(r); the same update under alpha/r needs alpha * sqrt(r).
         alpha = alpha * math.sqrt(r)
         notices.append(f"rsLoRA scaling (alpha/sqrt(r)) converted to alpha/r with alpha = {alpha:g}")
-    dropout = conf.get("lora_dropout", 0.0) or 0.0
+    dropout = conf.get("lora_dropout") or 0.0   # checked by LoraConfig below
 
     state = parse_safetensors(weights_bytes)
     if not state:
@@ -234,7 +234,7 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes) -> Adapter:
     try:
         cfg = LoraConfig(rank=r, alpha=alpha, targets=tuple(m for m in MODULES if m in {x["module"] for x in matches}),
                          side=sides.pop() if len(sides) == 1 else "both", layers=(blocks[0], blocks[-1]),
-                         dropout=float(dropout))
+                         dropout=dropout)
     except ConfigError as exc:
         raise AdapterError(f"{CONFIG_FILE}: {exc}") from None
     base = conf.get("base_model_name_or_path") or ""

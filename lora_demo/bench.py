@@ -91,7 +91,7 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5) -> di
 
     from .config import LoraConfig, TrainConfig
     from .inject import apply_lora
-    from .train import build_optimizer_state, make_optimizer, make_step
+    from .train import _spec, build_optimizer_state, make_optimizer, make_step
 
     model = _model(name, precision)
     batch = _batch()
@@ -108,8 +108,7 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5) -> di
     else:           # ours, as train() does it: step 1 eagerly (reported at once), then the trace
         first_loss = float(step(batch))
         first_s = time.perf_counter() - t0
-        fn = tf.function(step, autograph=False).get_concrete_function(
-            {k: tf.TensorSpec(v.shape, v.dtype, name=k) for k, v in batch.items()})
+        fn = tf.function(step, autograph=False).get_concrete_function(_spec(batch))
     fn(batch)
     return {"first_loss_s": first_s, "step_s": _median(lambda: float(fn(batch)), steps), "loss": first_loss}
 
@@ -190,7 +189,7 @@ def peft_step(name: str, steps: int = 3) -> float | None:
 
 
 def peak_rss_child(kind: str, name: str, precision: str) -> float:
-    """Peak RSS of a fresh process that builds ``name`` and runs 3 steps of ``kind`` (lora|full)."""
+    """Peak RSS of a fresh process that builds ``name`` and runs a few steps of ``kind`` (lora|full)."""
     cmd = [sys.executable, "-m", "lora_demo", "bench", "--child", kind, "--child-model", name,
            "--precision", precision]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

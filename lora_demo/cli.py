@@ -108,10 +108,9 @@ def cmd_params(a) -> int:
 
 
 def _load(name: str, precision: str = "fp32"):
-    from .models import load_model, precision_policy, resolve_precision
+    from .models import load_model
 
-    with precision_policy(resolve_precision(precision)):
-        return load_model(name, fallback=False)
+    return load_model(name, fallback=False, precision=precision)
 
 
 def _run_config(a, rank=None) -> RunConfig:

@@ -87,8 +87,17 @@ def _load_hub(name: str):
     return model, AutoTokenizer.from_pretrained(name, local_files_only=local_only)
 
 
-def load_model(name: str = DEFAULT_MODEL, fallback: bool = True) -> LoadedModel:
-    """Load ``name``; on failure return ``tiny`` with a notice (or raise if ``fallback`` is off)."""
+def load_model(name: str = DEFAULT_MODEL, fallback: bool = True, precision: str = "fp32") -> LoadedModel:
+    """Load ``name``; on failure return ``tiny`` with a notice (or raise if ``fallback`` is off).
+
+    The model computes in ``precision`` (``auto`` resolves by hardware; see resolve_precision);
+    its weights are float32 either way.
+    """
+    with precision_policy(resolve_precision(precision)):
+        return _load_any(name, fallback)
+
+
+def _load_any(name: str, fallback: bool) -> LoadedModel:
     try:
         if name == "tiny":
             model, tok = _load_dir(TINY_DIR)
@@ -109,7 +118,7 @@ def load_model(name: str = DEFAULT_MODEL, fallback: bool = True) -> LoadedModel:
                   f"To use FLAN-T5 offline, download it once (e.g. `huggingface-cli download {DEFAULT_MODEL}`) "
                   f"or point `--model` at a local checkpoint directory: `python app.py --model /path/to/flan-t5-small`.")
         log.warning(notice)
-        loaded = load_model("tiny", fallback=False)
+        loaded = _load_any("tiny", fallback=False)
         loaded.notice = notice
         return loaded
 
@@ -162,11 +171,9 @@ def resolve_precision(requested: str = "auto") -> str:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested != "auto":
         return requested
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        fast = all(gpu_bf16_capable(tf.config.experimental.get_device_details(g)) for g in gpus)
-        return "bf16" if fast else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    info = device_info()
+    fast = info["bf16"] if info["device"] == "GPU" else cpu_has_fast_bf16()
+    return "bf16" if fast else "fp32"
 
 
 @contextlib.contextmanager

@@ -39,9 +39,8 @@ from .config import ConfigError, RunConfig
 from .evaluate import scores, translate
 from .events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged, to_dict
 from .inject import lora_layers, remove_lora, set_scale
-from .models import (LoadedModel, model_precision, peak_gpu_mb, precision_policy, reset_gpu_peak,
-                     resolve_precision)
-from .params import keras_name_to_path
+from .models import LoadedModel, model_precision, peak_gpu_mb, precision_policy, reset_gpu_peak
+from .params import keras_name_to_path, preview
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -295,16 +294,16 @@ def clone_model(loaded: LoadedModel, precision: str = "fp32"):
 
 class Lab:
     def __init__(self, loaded: LoadedModel, runs_dir: Path | str = "runs", data_source: str = "auto",
-                 precision: str = "fp32", strategy=None):
+                 strategy=None):
         self.loaded = loaded
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.data_source = data_source
         self.strategy = strategy                        # a tf.distribute strategy, or None for one device
-        self.precision = resolve_precision(precision)  # of training; translation stays float32
+        # Training computes in the precision the model was loaded with (app.py: --precision);
+        # translation always uses a float32 copy.
+        self.precision = model_precision(loaded.model)
         self.translator = clone_model(loaded)           # requests merge adapters into this one
-        if self.precision != model_precision(loaded.model):
-            loaded.model = clone_model(loaded, self.precision)   # the float32-compute original is dropped
         self.trainer = loaded.model                     # the worker's model; LoRA is injected per run
         self.translate_lock = threading.Lock()          # one request at a time merges into the translator
         self.jobs: dict[str, Job] = {}
@@ -420,8 +419,6 @@ class Lab:
         """
         adapter = adapters.read_adapter(sources)
         cfg = adapters.check_fits(adapter, self.translator, self.loaded.name)
-        from .params import preview
-
         job = Job.new(RunConfig(model=self.loaded.name, lora=cfg), session, self.runs_dir)
         job.status, job.params = "imported", preview(self.loaded.model.config, cfg).to_dict()
         job.origin = {"kind": "imported", "file": name, "base_model": adapter.base_model,

@@ -283,10 +283,11 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
     try:
         tf.keras.utils.set_random_seed(cfg.seed)
         # adapter and optimiser state beside the base weights, or mirrored under a strategy
-        place = strategy.scope() if strategy is not None else tf.device(variable_device(model))
-        with place:
+        with strategy.scope() if strategy is not None else tf.device(variable_device(model)):
             layers = apply_lora(model, run.lora, seed=cfg.seed)
-        variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
+            variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
+            opt = make_optimizer(cfg)
+            build_optimizer_state(opt, variables)
         arrays = data.encode(tokenizer, train_pairs, cfg.max_source_len, cfg.max_target_len)
         val = data.encode(tokenizer, val_pairs, cfg.max_source_len, cfg.max_target_len)
         # One shape for train, validation and probe batches: the eval function is traced once.
@@ -297,9 +298,6 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
         probe = {k: v[:PROBE_PAIRS] for k, v in arrays.items()}
         probe_batches = data.fixed_batches(probe, cfg.batch_size, tokenizer.pad_token_id)
         stream = data.batches(arrays, cfg.batch_size, cfg.seed)
-        with strategy.scope() if strategy is not None else tf.device(variable_device(model)):
-            opt = make_optimizer(cfg)
-            build_optimizer_state(opt, variables)
         eager_step, eager_eval = make_step(model, opt, variables, cfg.clip_norm), make_eval(model)
         if strategy is not None:   # traced on its first call; no eager first step across replicas
             eager_step = make_distributed_step(strategy, model, opt, variables, cfg.clip_norm)

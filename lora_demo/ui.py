@@ -431,11 +431,16 @@ def _adapter_info(job: Job) -> str:
 
 
 def _file_paths(files) -> list[str]:
-    if files is None:
-        return []
-    files = files if isinstance(files, list) else [files]
-    return [getattr(f, "path", None) or getattr(f, "name", None) or (f.get("path") if isinstance(f, dict) else f)
-            for f in files]
+    """gr.File (type "filepath") gives a path, a list of paths, or None."""
+    return [] if not files else [str(f) for f in (files if isinstance(files, list) else [files])]
+
+
+def _zip_of(make, run_id, session: str) -> str:
+    """``make`` is Lab.adapter_zip or Lab.export_merged; a refusal becomes a message for the user."""
+    try:
+        return str(make(run_id, session))
+    except ConfigError as exc:
+        raise gr.Error(str(exc)) from None
 
 
 def _import(files, session: str) -> Job:
@@ -456,18 +461,12 @@ def ui_adapter_pick(run_id, session):
 
 
 def ui_download_adapter(run_id, session):
-    try:
-        return gr.update(value=str(_lab().adapter_zip(run_id, session or "")), visible=True)
-    except ConfigError as exc:
-        raise gr.Error(str(exc)) from None
+    return gr.update(value=_zip_of(_lab().adapter_zip, run_id, session or ""), visible=True)
 
 
 def ui_download_merged(run_id, session, progress=gr.Progress()):
     progress(0.1, desc="merging the adapter into a copy of the base model and saving it")
-    try:
-        return gr.update(value=str(_lab().export_merged(run_id, session or "")), visible=True)
-    except ConfigError as exc:
-        raise gr.Error(str(exc)) from None
+    return gr.update(value=_zip_of(_lab().export_merged, run_id, session or ""), visible=True)
 
 
 def ui_import(files, session):
@@ -498,18 +497,12 @@ def api_import_adapter(files, request: gr.Request):
 
 def api_download_adapter(run_id, request: gr.Request):
     """This session's run ``run_id`` as a zip of its PEFT adapter directory."""
-    try:
-        return str(_lab().adapter_zip(run_id, _session_of(request)))
-    except ConfigError as exc:
-        raise gr.Error(str(exc)) from None
+    return _zip_of(_lab().adapter_zip, run_id, _session_of(request))
 
 
 def api_download_merged(run_id, request: gr.Request):
     """This session's run ``run_id`` merged into the base model: a zip of a TF save_pretrained checkpoint."""
-    try:
-        return str(_lab().export_merged(run_id, _session_of(request)))
-    except ConfigError as exc:
-        raise gr.Error(str(exc)) from None
+    return _zip_of(_lab().export_merged, run_id, _session_of(request))
 
 
 # ---------------------------------------------------------------------------
