@@ -42,7 +42,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-size", type=int, default=t.eval_size, help="newstest2015 pairs for validation loss")
     p.add_argument("--bleu-size", type=int, default=t.bleu_size,
                    help="newstest2016 sentences scored with BLEU/chrF after the run (0 = skip)")
-    p.add_argument("--data", default="auto", choices=("auto", "hub", "bundled"))
+    p.add_argument("--data", default="auto", choices=("auto", "hub", "bundled", "hub-stream"),
+                   help="where the WMT16 pairs come from; hub-stream reads the full hub train split (4.5M "
+                        "pairs) as training goes, without downloading it first (needs the hub)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="compute precision of training (auto: bf16 where the hardware does it fast; "
                         "weights, LoRA factors and the loss stay float32)")
@@ -123,7 +125,6 @@ def _run_config(a, rank=None) -> RunConfig:
 
 def _execute(a, loaded, job, base_cache: dict) -> None:
     """Train, score and record one run, with a progress bar (or JSON lines)."""
-    from . import data
     from .events import StepLogged, to_dict
     from .runs import execute
 
@@ -148,11 +149,27 @@ def _execute(a, loaded, job, base_cache: dict) -> None:
     from .train import make_strategy
 
     try:
-        execute(job, loaded.model, loaded.tokenizer, lambda split, n: data.load_pairs(split, n, source=a.data),
+        execute(job, loaded.model, loaded.tokenizer, lambda split, n: _pairs(a.data, split, n),
                 base_cache, on_change, strategy=make_strategy(a.strategy))
     finally:
         if bar:
             bar.close()
+
+
+def _pairs(source: str, split: str, n: int):
+    """The pairs of a split; with hub-stream, the train split as a stream (validation and test
+    slices are small and read from the hub as usual)."""
+    from . import data
+    from .hub import hub_reachable
+
+    if source != "hub-stream":
+        return data.load_pairs(split, n, source=source)
+    if split == "train":
+        if not hub_reachable():
+            raise SystemExit("--data hub-stream needs the Hugging Face hub, which does not answer from here; "
+                             "use --data auto or bundled")
+        return data.hub_stream()
+    return data.load_pairs(split, n, source="hub")
 
 
 def _report(job) -> str:

@@ -44,6 +44,8 @@ class Limits:
     max_text_chars: int = 2000   # LORA_LAB_MAX_TEXT_CHARS: longer translate input is cut, with a notice
     max_lines: int = 32          # LORA_LAB_MAX_LINES: sentences per translate request
     max_upload_mb: int = 64      # LORA_LAB_MAX_UPLOAD_MB: an uploaded adapter (zip or files), unpacked size
+    max_runs_per_session: int = 50  # LORA_LAB_MAX_RUNS_PER_SESSION: runs (incl. imports) one browser keeps
+    train_slots: int = 1         # LORA_LAB_TRAIN_SLOTS: training jobs at once (each holds a model copy)
 
 
 def limits() -> Limits:

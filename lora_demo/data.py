@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -93,6 +94,45 @@ def stream_hub_train():
 
     for row in datasets.load_dataset(*HUB_DATASET, split="train", streaming=True):
         yield Pair(en=row["translation"]["en"], de=row["translation"]["de"])
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Training pairs read as they are needed (``train()`` batches them on the fly), e.g. the
+    full hub train split. ``pairs`` is a callable returning a fresh iterator."""
+
+    pairs: Callable[[], Iterator[Pair]]
+    origin: str
+    split: str = "train"
+
+    def __iter__(self) -> Iterator[Pair]:
+        return iter(self.pairs())
+
+
+def hub_stream() -> Stream:
+    return Stream(stream_hub_train, "hub (streamed, full train split)")
+
+
+def stream_batches(tokenizer, pairs: Iterable[Pair], batch_size: int, source_len: int, target_len: int,
+                   seed: int, buffer: int = 4096):
+    """Batches from a stream of pairs, each padded to exactly (source_len, target_len) so one
+    compiled step serves them all. A seeded shuffle buffer of ``buffer`` pairs mixes the order;
+    memory stays bounded whatever the stream's length. Ends when the stream ends."""
+    rng = np.random.default_rng(seed)
+    pool: list[Pair] = []
+
+    def batch(items):
+        return pad_to(encode(tokenizer, items, source_len, target_len), source_len, target_len,
+                      tokenizer.pad_token_id)
+
+    for pair in pairs:
+        pool.append(pair)
+        if len(pool) >= buffer:
+            picks = sorted(rng.choice(len(pool), batch_size, replace=False), reverse=True)
+            yield batch([pool.pop(i) for i in picks])
+    order = rng.permutation(len(pool))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        yield batch([pool[i] for i in order[start:start + batch_size]])
 
 
 # ---------------------------------------------------------------------------

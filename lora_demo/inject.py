@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from .config import ConfigError, LoraConfig
-from .lora import LoraDense
+from .lora import DropoutClock, LoraDense
 
 MODULE_PATH = re.compile(
     r"^(?P<side>encoder|decoder)\.block\.(?P<block>\d+)\.layer\.\d+\."
@@ -114,22 +114,41 @@ def freeze_base(model) -> None:
             layer._trainable_weights = []
 
 
-def apply_lora(model, cfg: LoraConfig, seed: int = 0) -> list[LoraDense]:
-    """Wrap the targeted Dense layers (replacing any earlier adapter) and freeze the base."""
+def apply_lora(model, cfg: LoraConfig, seed: int = 0, clock: DropoutClock | None = None) -> list[LoraDense]:
+    """Wrap the targeted Dense layers (replacing any earlier adapter) and freeze the base.
+    With a ``clock`` (training), LoRA dropout masks are keyed on it (see lora.StepDropout)."""
     remove_lora(model)
     sites = {s.path: s for s in dense_sites(model)}
     chosen = select_paths(list(sites), cfg)
-    tf.keras.utils.set_random_seed(seed)
+    # Every A is drawn from its own explicit seed. No global tf.random.set_seed here: it clears
+    # TensorFlow's function caches, so compiled translate and train functions would be rebuilt.
     wrapped = []
     for i, path in enumerate(chosen):
         site = sites[path]
         layer = LoraDense(getattr(site.owner, site.attr), cfg.rank, cfg.alpha, cfg.dropout, path=path,
-                          seed=seed * 100_003 + i)
+                          seed=seed * 100_003 + i, clock=clock)
         setattr(site.owner, site.attr, layer)
         wrapped.append(layer)
     freeze_base(model)
     _bump(model)
     return wrapped
+
+
+def reattach(model, layers: list[LoraDense], alpha: float, seed: int) -> list[LoraDense]:
+    """Put LoRA layers from an earlier run back in their places, reset as apply_lora would make them
+    (A from ``seed``, B = 0). A compiled step that captured these layers' variables then serves
+    the new run without tracing again."""
+    remove_lora(model)
+    sites = {s.path: s for s in dense_sites(model)}
+    for i, layer in enumerate(layers):
+        site = sites[layer.path]
+        if getattr(site.owner, site.attr) is not layer.base:
+            raise ValueError(f"{layer.path}: the cached adapter layer wraps a different Dense")
+        layer.reset(alpha, seed * 100_003 + i)
+        setattr(site.owner, site.attr, layer)
+    freeze_base(model)
+    _bump(model)
+    return layers
 
 
 def set_scale(model, scale: float) -> None:

@@ -7,12 +7,56 @@ before the first step the output equals the base layer's exactly.
 
 from __future__ import annotations
 
+import zlib
+
 import tensorflow as tf
+
+
+def _init_a(seed: int | None):
+    # PEFT's kaiming_uniform_(a=sqrt(5)) on (r, in) is U(±1/sqrt(in)); this is the same.
+    return tf.keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform", seed=seed)
+
+
+class DropoutClock:
+    """What a dropout mask is a function of: the run's seed and the training step.
+
+    The training step advances ``step`` itself, in eager and compiled code alike; a run sets
+    ``seed`` and puts ``step`` back to 0, so a run that reuses a compiled step draws the same masks
+    as one that traced its own. Held as a plain object, not tracked by Keras: these are not weights.
+    """
+
+    def __init__(self):
+        self.seed = tf.Variable(0, trainable=False, dtype=tf.int64, name="dropout_seed")
+        self.step = tf.Variable(0, trainable=False, dtype=tf.int64, name="dropout_step")
+
+    def key(self, salt: int) -> tf.Tensor:
+        return tf.stack([self.seed * 1_000_003 + salt, tf.cast(self.step, tf.int64)])
+
+
+class StepDropout(tf.keras.layers.Layer):
+    """Dropout with stateless masks keyed on (seed, step, layer).
+
+    Keras' own Dropout draws from per-kernel random state, so a compiled step reused by a later run
+    would continue the earlier run's random stream, and an eager step and a traced one draw
+    different masks. Here the mask depends only on the clock, so a run is reproducible from its
+    seed however its steps are executed.
+    """
+
+    def __init__(self, rate: float, clock: DropoutClock, salt: int, **kwargs):
+        kwargs.setdefault("autocast", False)   # keep the input's dtype (bf16 stays bf16)
+        super().__init__(**kwargs)
+        self.rate, self.salt = float(rate), int(salt)
+        object.__setattr__(self, "clock", clock)
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0:
+            return x
+        return tf.nn.experimental.stateless_dropout(x, self.rate, seed=self.clock.key(self.salt))
 
 
 class LoraDense(tf.keras.layers.Layer):
     def __init__(self, base: tf.keras.layers.Dense, rank: int, alpha: float, dropout: float = 0.0,
-                 path: str = "", seed: int | None = None, **kwargs):
+                 path: str = "", seed: int | None = None, clock: DropoutClock | None = None, **kwargs):
         if isinstance(base, LoraDense):
             raise ValueError(f"{path or base.name} already has a LoRA adapter; remove it before adding another")
         if base.use_bias or not base.built:
@@ -22,15 +66,22 @@ class LoraDense(tf.keras.layers.Layer):
         super().__init__(name=f"{base.name}_lora", dtype="float32", **kwargs)
         self.base, self.rank, self.alpha, self.path = base, int(rank), float(alpha), path
         d_in, d_out = base.kernel.shape
-        # PEFT's kaiming_uniform_(a=sqrt(5)) on (r, in) is U(±1/sqrt(in)); this is the same.
-        init_a = tf.keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform", seed=seed)
-        self.lora_A = self.add_weight(name="lora_A", shape=(d_in, rank), initializer=init_a, dtype=tf.float32)
+        self.lora_A = self.add_weight(name="lora_A", shape=(d_in, rank), initializer=_init_a(seed), dtype=tf.float32)
         self.lora_B = self.add_weight(name="lora_B", shape=(rank, d_out), initializer="zeros", dtype=tf.float32)
         # s: a variable (not a Python float) so changing it at inference does not retrace. Set
         # without Keras attribute tracking: it is a knob, not a weight, and must not show up in
         # model.weights, parameter counts or checkpoints.
         object.__setattr__(self, "scale", tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lora_scale"))
-        self.dropout = tf.keras.layers.Dropout(dropout, seed=seed) if dropout > 0 else None
+        # alpha/r as a variable too, so a compiled step reused with another alpha needs no retrace
+        object.__setattr__(self, "_scaling", tf.Variable(self.alpha / self.rank, trainable=False, dtype=tf.float32,
+                                                         name="lora_scaling"))
+        self.init_seed = seed
+        if dropout <= 0:
+            self.dropout = None
+        elif clock is not None:   # training: masks keyed on (seed, step, this layer's path)
+            self.dropout = StepDropout(dropout, clock, salt=zlib.crc32(path.encode()))
+        else:
+            self.dropout = tf.keras.layers.Dropout(dropout, seed=seed)
         self.merged_kernel_backup: tf.Tensor | None = None
         self.built = True
 
@@ -42,6 +93,14 @@ class LoraDense(tf.keras.layers.Layer):
     def merged(self) -> bool:
         return self.merged_kernel_backup is not None
 
+    def reset(self, alpha: float, seed: int | None) -> None:
+        """Start again as a fresh adapter would: A drawn as at construction from ``seed``, B = 0."""
+        self.lora_A.assign(_init_a(seed)(self.lora_A.shape, tf.float32))
+        self.lora_B.assign(tf.zeros_like(self.lora_B))
+        self.alpha, self.init_seed = float(alpha), seed
+        self._scaling.assign(self.alpha / self.rank)
+        self.scale.assign(1.0)
+
     def delta(self) -> tf.Tensor:
         """The full update ΔW = (alpha/r)·s·A·B, shape (in, out) like the Keras kernel."""
         return tf.matmul(self.lora_A, self.lora_B) * (self.scaling * self.scale)  # (in, r) @ (r, out)
@@ -52,7 +111,7 @@ class LoraDense(tf.keras.layers.Layer):
             return y
         h = self.dropout(x, training=training) if self.dropout is not None else x
         h = tf.einsum("...i,ir->...r", tf.cast(h, self.lora_A.dtype), self.lora_A)   # (B, T, in) @ (in, r)
-        h = tf.einsum("...r,ro->...o", h, self.lora_B) * (self.scaling * self.scale)  # (B, T, r) @ (r, out)
+        h = tf.einsum("...r,ro->...o", h, self.lora_B) * (self._scaling * self.scale)  # (B, T, r) @ (r, out)
         return y + tf.cast(h, y.dtype)
 
     def merge(self) -> None:
@@ -66,3 +125,30 @@ class LoraDense(tf.keras.layers.Layer):
             raise ValueError(f"{self.path}: the adapter is not merged")
         self.base.kernel.assign(self.merged_kernel_backup)
         self.merged_kernel_backup = None
+
+
+def clock_of(model) -> DropoutClock:
+    """The model's dropout clock, created on first use (on the host: it only feeds RNG seeds)."""
+    clock = getattr(model, "_lora_lab_clock", None)
+    if clock is None:
+        with tf.device("/CPU:0"):
+            clock = DropoutClock()
+        object.__setattr__(model, "_lora_lab_clock", clock)
+    return clock
+
+
+def step_dropout(model) -> DropoutClock:
+    """Swap the base model's Keras Dropouts for StepDropouts on the model's clock (once).
+
+    Each owner's salt is its index among the model's dropout owners, which adapters do not change.
+    Rate-0 dropouts are left alone: they do nothing.
+    """
+    clock = clock_of(model)
+    owners = [layer for layer in list(model._flatten_layers(include_self=True))
+              if not isinstance(layer, LoraDense)
+              and isinstance(getattr(layer, "dropout", None), (tf.keras.layers.Dropout, StepDropout))]
+    for salt, layer in enumerate(owners):
+        old = layer.dropout
+        if isinstance(old, tf.keras.layers.Dropout) and old.rate > 0:
+            layer.dropout = StepDropout(old.rate, clock, salt=salt, name=old.name, dtype=old.dtype_policy)
+    return clock

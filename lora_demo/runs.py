@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import adapters, data
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, limits
 from .evaluate import scores, translate
 from .events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged, to_dict
 from .inject import lora_layers, remove_lora, set_scale
@@ -304,7 +304,11 @@ class Lab:
         # translation always uses a float32 copy.
         self.precision = model_precision(loaded.model)
         self.translator = clone_model(loaded)           # requests merge adapters into this one
-        self.trainer = loaded.model                     # the worker's model; LoRA is injected per run
+        # One model per training slot (LORA_LAB_TRAIN_SLOTS, default 1); LoRA is injected per run.
+        # Slot 0 trains the loaded model; each further slot holds its own copy.
+        self.slots = limits().train_slots
+        self.trainers = [loaded.model] + [clone_model(loaded, self.precision) for _ in range(self.slots - 1)]
+        self.trainer = self.trainers[0]
         self.translate_lock = threading.Lock()          # one request at a time merges into the translator
         self.jobs: dict[str, Job] = {}
         self.pending: queue.Queue[Job] = queue.Queue()
@@ -313,8 +317,10 @@ class Lab:
         self._pairs: dict[tuple, data.Pairs] = {}
         self._base_scores: dict[int, dict] = {}
         self._load_records()
-        self.worker = threading.Thread(target=self._work, daemon=True, name="lora-train-worker")
-        self.worker.start()
+        self.workers = [threading.Thread(target=self._work, args=(model,), daemon=True, name=f"lora-train-{i}")
+                        for i, model in enumerate(self.trainers)]
+        for worker in self.workers:
+            worker.start()
 
     def _load_records(self) -> None:
         for run_dir in sorted(p for p in self.runs_dir.iterdir() if (p / RECORD).is_file()):
@@ -334,7 +340,17 @@ class Lab:
         return self._pairs[key]
 
     # -- jobs ----------------------------------------------------------------
+    def _room_for(self, session: str, n: int) -> None:
+        """Refuse (with what to do) when ``session`` would keep more runs than the deployment allows."""
+        cap, have = limits().max_runs_per_session, len(self.runs(session))
+        if have + n > cap:
+            raise ConfigError(f"this session keeps at most {cap} runs (LORA_LAB_MAX_RUNS_PER_SESSION) and has "
+                              f"{have}; delete runs you no longer need (section 5, after downloading what you "
+                              f"want to keep) to make room for {n} more")
+
     def submit(self, config: RunConfig, session: str = "", sweep: str = "") -> Job:
+        if not sweep:
+            self._room_for(session, 1)
         job = Job.new(config, session, self.runs_dir, sweep=sweep)
         job.dir.mkdir(parents=True)
         (job.dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -347,6 +363,7 @@ class Lab:
 
     def submit_sweep(self, config: RunConfig, ranks: list[int], session: str = "") -> list[Job]:
         """The same config, seed and data order at each rank; queued back to back."""
+        self._room_for(session, len(ranks))
         sweep = "sweep-" + time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
         configs = [replace(config, lora=replace(config.lora, rank=r)) for r in ranks]
         return [self.submit(c, session, sweep=sweep) for c in configs]
@@ -369,7 +386,24 @@ class Lab:
         jobs = [j for j in self.jobs.values() if session is None or j.session == session]
         return sorted(jobs, key=lambda j: j.created)
 
-    def _work(self) -> None:
+    def delete(self, run_id: str, session: str | None) -> Job:
+        """Remove a finished run of ``session`` and its directory (an explicit user action)."""
+        import shutil
+
+        job = self.jobs.get(run_id or "")
+        if job is None:
+            raise ConfigError(f"no run {run_id!r} on this server" if run_id else "choose a run first")
+        if session is not None and job.session != session:
+            raise ConfigError(f"run {run_id!r} belongs to another session")
+        if not job.done.is_set() and job.status in ("queued", "running"):
+            raise ConfigError(f"run {run_id!r} is still {job.status}; stop it first")
+        with self.lock:
+            self.jobs.pop(job.id, None)
+        if job.dir.resolve().parent == self.runs_dir.resolve():   # never anything outside the runs dir
+            shutil.rmtree(job.dir, ignore_errors=True)
+        return job
+
+    def _work(self, trainer) -> None:
         while True:
             job = self.pending.get()
             with self.lock:
@@ -379,14 +413,14 @@ class Lab:
                     job.status, job.error = "stopped", "stopped while waiting in the queue"
                     job.save()
                 else:
-                    execute(job, self.trainer, self.loaded.tokenizer, self.pairs, self._base_scores,
+                    execute(job, trainer, self.loaded.tokenizer, self.pairs, self._base_scores,
                             strategy=self.strategy)
             except Exception as exc:  # never let one job kill the worker; the record says what happened
                 log.exception("job %s crashed", job.id)
                 job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
                 job.save()
             finally:
-                remove_lora(self.trainer)
+                remove_lora(trainer)
                 job.version += 1
                 job.done.set()
 
@@ -417,6 +451,7 @@ class Lab:
         Everything is checked before anything is written, and what is written is the validated
         arrays (re-serialised), never the uploaded bytes, and only inside the runs directory.
         """
+        self._room_for(session, 1)
         adapter = adapters.read_adapter(sources)
         cfg = adapters.check_fits(adapter, self.translator, self.loaded.name)
         job = Job.new(RunConfig(model=self.loaded.name, lora=cfg), session, self.runs_dir)

@@ -97,7 +97,9 @@ def _status(job: Job, lab: Lab) -> dict:
 
 def _status_line(s: dict) -> str:
     if s["status"] == "queued":
-        return f"⏳ queued: position {s['queue_position']} in line (one training job runs at a time)"
+        slots = _lab().slots
+        return (f"⏳ queued: position {s['queue_position']} in line ("
+                + ("one training job runs at a time)" if slots == 1 else f"{slots} training jobs run at a time)"))
     if s["status"] == "running" and s["step"] == 0:
         return "⚙️ preparing: adding the adapter, tokenising the data, first step…"
     parts = [f"step {s['step']}/{s['total_steps']}"]
@@ -199,9 +201,10 @@ def api_train(rank: int = 8, alpha: float = 16.0, targets: list[str] | None = No
     try:
         cfg = run_config(lora_config(rank, alpha, ["q", "v"] if targets is None else targets, side, first_layer,
                                      last_layer), steps, batch_size, lr, train_size, seed, optimizer, bleu_size)
+        job = _lab().submit(cfg, _session_of(request))
     except ConfigError as exc:
         raise gr.Error(str(exc)) from None
-    yield from _stream(_lab().submit(cfg, _session_of(request)))
+    yield from _stream(job)
 
 
 def api_sweep(ranks: str = DEFAULT_RANKS, alpha: float = 16.0, targets: list[str] | None = None,
@@ -215,9 +218,9 @@ def api_sweep(ranks: str = DEFAULT_RANKS, alpha: float = 16.0, targets: list[str
         cfg = run_config(lora_config(ranks_list[0], alpha, ["q", "v"] if targets is None else targets, side,
                                      first_layer, last_layer), steps, batch_size, lr, train_size, seed, optimizer,
                          bleu_size)
+        jobs = _lab().submit_sweep(cfg, ranks_list, _session_of(request))
     except ConfigError as exc:
         raise gr.Error(str(exc)) from None
-    jobs = _lab().submit_sweep(cfg, ranks_list, _session_of(request))
     for job in jobs:
         for _ in _stream(job):
             yield {"sweep": job.sweep, "runs": [_status(j, _lab()) for j in jobs]}
@@ -236,8 +239,18 @@ def api_stop(run_id: str = "", request: gr.Request = None) -> dict:
         target = mine[-1].sweep or mine[-1].id
     else:
         raise gr.Error("no run to stop in this session")
-    _lab().stop(target)
-    return {"stopped": target, "stop_requested": True}
+    job = _lab().stop(target)
+    # the step the run had logged when the request arrived: it ends after at most one more
+    return {"stopped": target, "stop_requested": True, "step_at_request": job.losses[-1][0] if job.losses else 0}
+
+
+def api_delete_run(run_id: str, request: gr.Request = None) -> dict:
+    """Delete one of this session's finished runs and its files (to make room under the run limit)."""
+    try:
+        job = _lab().delete(run_id, _session_of(request))
+    except ConfigError as exc:
+        raise gr.Error(str(exc)) from None
+    return {"deleted": job.id}
 
 
 def api_runs(all_runs: bool = False, request: gr.Request = None) -> list[dict]:
@@ -273,7 +286,11 @@ def ui_params(rank, alpha, targets, side, first_layer, last_layer):
 
 def _live(job: Job, s: dict):
     lora = job.config.lora
-    fig = plots.loss_figure(job.record(), s["total_steps"],
+    # x-axis: while running, up to twice the current step (capped at the run's length), so early
+    # points of a long run are not squeezed against the y-axis; once it has ended, the steps it did.
+    span = min(s["total_steps"], max(2 * s["step"], 20)) if s["status"] in ("queued", "running") \
+        else max(s["step"], 1)
+    fig = plots.loss_figure(job.record(), span,
                             title=f"Loss · r={lora.rank}, {'+'.join(lora.targets)} · run {job.id}")
     return _status_line(s), fig
 
@@ -284,9 +301,9 @@ def ui_train(rank, alpha, targets, side, first_layer, last_layer, steps, batch_s
     try:
         cfg = run_config(lora_config(rank, alpha, targets, side, first_layer, last_layer), steps, batch_size, lr,
                          train_size, seed, optimizer, bleu_size)
+        job = _lab().submit(cfg, session)
     except ConfigError as exc:
         raise gr.Error(str(exc)) from None
-    job = _lab().submit(cfg, session)
     for s in _stream(job):
         yield *_live(job, s), job.id, session
 
@@ -298,9 +315,9 @@ def ui_sweep(ranks, alpha, targets, side, first_layer, last_layer, steps, batch_
         ranks_list = parse_ranks(ranks)
         cfg = run_config(lora_config(ranks_list[0], alpha, targets, side, first_layer, last_layer), steps,
                          batch_size, lr, train_size, seed, optimizer, bleu_size)
+        jobs = _lab().submit_sweep(cfg, ranks_list, session)
     except ConfigError as exc:
         raise gr.Error(str(exc)) from None
-    jobs = _lab().submit_sweep(cfg, ranks_list, session)
     for i, job in enumerate(jobs):
         for s in _stream(job):
             status, fig = _live(job, s)
@@ -460,6 +477,14 @@ def ui_adapter_pick(run_id, session):
         return f"⚠️ {html.escape(str(exc))}"
 
 
+def ui_delete(run_id, session):
+    try:
+        job = _lab().delete(run_id, session or "")
+    except ConfigError as exc:
+        return f"⚠️ {html.escape(str(exc))}"
+    return f"🗑 run **{job.id}** and its files were deleted."
+
+
 def ui_download_adapter(run_id, session):
     return gr.update(value=_zip_of(_lab().adapter_zip, run_id, session or ""), visible=True)
 
@@ -528,7 +553,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
                 gr.Markdown("### 1 · LoRA config")
-                rank = gr.Slider(1, 64, value=8, step=1, label="rank r")
+                rank = gr.Slider(1, 64, value=8, step=1, label="rank r", elem_id="rank")
                 alpha = gr.Slider(1, 128, value=16, step=1, label="alpha (update scaled by alpha / r)")
                 targets = gr.CheckboxGroup(modules, value=[m for m in ("q", "v") if m in modules],
                                            label="target modules (attention q/k/v/o, FFN wi*/wo)")
@@ -538,12 +563,12 @@ def build_demo(lab: Lab) -> gr.Blocks:
                     last = gr.Slider(0, depth - 1, value=depth - 1, step=1, label="last block")
                 gr.Markdown("### 2 · Training")
                 with gr.Row():
-                    steps = gr.Slider(1, lim.max_steps, value=dflt.steps, step=1, label="steps")
+                    steps = gr.Slider(1, lim.max_steps, value=dflt.steps, step=1, label="steps", elem_id="steps")
                     batch = gr.Slider(1, lim.max_batch_size, value=dflt.batch_size, step=1, label="batch size")
                 with gr.Row():
                     lr = gr.Number(value=dflt.lr, label="learning rate", minimum=1e-6, maximum=1.0)
                     train_size = gr.Slider(8, lim.max_train_size, value=dflt.train_size, step=8,
-                                           label="training pairs (WMT16 subset)")
+                                           label="training pairs (WMT16)")
                 with gr.Row():
                     optimizer = gr.Dropdown([(OPTIMIZER_LABELS[o], o) for o in available_optimizers()],
                                             value="adamw", label="optimizer")
@@ -551,16 +576,16 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 bleu_size = gr.Slider(0, 500, value=dflt.bleu_size, step=10,
                                       label="BLEU/chrF sentences after the run (newstest2016; 0 = skip)")
                 with gr.Row():
-                    train_btn = gr.Button("▶ Train", variant="primary")
-                    stop_btn = gr.Button("⏹ Stop", variant="stop")
+                    train_btn = gr.Button("▶ Train", variant="primary", elem_id="train-btn")
+                    stop_btn = gr.Button("⏹ Stop", variant="stop", elem_id="stop-btn")
                 with gr.Row(equal_height=True):
                     ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks", scale=2)
                     sweep_btn = gr.Button("Sweep ranks", scale=1)
             with gr.Column(scale=3, min_width=420):
-                status = gr.Markdown("Ready. Press **Train** to start a run.", elem_classes=["status"])
-                loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False)
+                status = gr.Markdown("Ready. Press **Train** to start a run.", elem_classes=["status"], elem_id="status")
+                loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False, elem_id="loss-plot")
                 gr.Markdown("### Parameter breakdown")
-                summary = gr.Markdown()
+                summary = gr.Markdown(elem_id="breakdown")
                 params_plot = gr.Plot(show_label=False)
                 table = gr.Dataframe(headers=["component", "params", "trainable", "% of total"],
                                      interactive=False, wrap=True, column_widths=["34%", "24%", "22%", "20%"])
@@ -587,15 +612,15 @@ def build_demo(lab: Lab) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 run_pick = gr.Dropdown([], label="LoRA run (this browser's runs)", allow_custom_value=False)
-                text = gr.Textbox(lines=4, label="English, one sentence per line", value=EXAMPLES[0])
+                text = gr.Textbox(lines=4, label="English, one sentence per line", value=EXAMPLES[0], elem_id="en-text")
                 reference = gr.Textbox(lines=2, label="reference German, one line per sentence (optional: "
                                                       "per-sentence chrF)")
                 scale = gr.Slider(0, 2, value=1, step=0.05, label="LoRA scale (0 = base model, 1 = as trained)")
-                translate_btn = gr.Button("Translate", variant="primary")
+                translate_btn = gr.Button("Translate", variant="primary", elem_id="translate-btn")
                 gr.Examples([[e] for e in EXAMPLES], inputs=[text], label="examples")
             with gr.Column(scale=3):
                 out_table = gr.Dataframe(headers=["English", "Base", "LoRA"], interactive=False, wrap=True,
-                                         column_widths=["30%", "35%", "35%"])
+                                         column_widths=["30%", "35%", "35%"], elem_id="translations")
                 diff = gr.HTML()
                 out_note = gr.Markdown()
 
@@ -611,6 +636,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 with gr.Row():
                     adapter_btn = gr.Button("⬇ Adapter (.zip, PEFT format)", size="sm")
                     merged_btn = gr.Button("⬇ Merged model (.zip, TF checkpoint)", size="sm")
+                    delete_btn = gr.Button("🗑 Delete run", size="sm", variant="stop")
                 download_file = gr.File(label="download", visible=False, interactive=False)
             with gr.Column(scale=2):
                 upload = gr.File(file_count="multiple", file_types=[".zip", ".json", ".safetensors"],
@@ -653,6 +679,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
                             **private)
         adapter_btn.click(ui_download_adapter, [adapter_pick, session], [download_file], **private)
         merged_btn.click(ui_download_merged, [adapter_pick, session], [download_file], **private)
+        delete_btn.click(ui_delete, [adapter_pick, session], [adapter_info], **private).then(
+            ui_runs, runs_inputs, runs_outputs, **private)
         import_btn.click(ui_import, [upload, session], [import_note, upload, session], **private).then(
             ui_runs, runs_inputs, runs_outputs, **private)
         api_btn.click(api_import_adapter, [upload], [api_json], api_name="import_adapter")
@@ -665,6 +693,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
         gr.api(api_stop, api_name="stop", concurrency_limit=None)
         gr.api(api_runs, api_name="runs", concurrency_limit=None)
         gr.api(api_translate, api_name="translate", concurrency_limit=None)
+        gr.api(api_delete_run, api_name="delete_run", concurrency_limit=None)
     return demo
 
 

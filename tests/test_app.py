@@ -1,37 +1,13 @@
 """The app launched for real on a local port (`python app.py --model tiny`), driven by gradio_client."""
 
-import os
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import launch
 from gradio_client import Client
 
 from lora_demo.config import LoraConfig
 from lora_demo.params import preview
-
-
-def launch(tmp_path, *args):
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    log = open(tmp_path / f"app-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(tmp_path / "runs"),
-                             *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited: {(tmp_path / f'app-{port}.log').read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("app did not start")
 
 
 @pytest.fixture(scope="module")

@@ -34,3 +34,4 @@ def test_bench_quick_json_emits_every_figure():
         assert isinstance(fig[key], float) and math.isfinite(fig[key]) and fig[key] > 0, (key, fig[key])
     assert fig["memory_model"] == "tiny" and 0 < fig["mfu"] < 1
     assert fig["precision"] == "fp32" and "lora_step_fp32_s" not in fig
+    assert fig["second_run_traced"] is False and 0 < fig["second_run_first_loss_s"]

@@ -144,3 +144,25 @@ def test_dropout_only_on_the_lora_path_and_only_in_training(tiny_model):
     _train_steps(tiny_model, n=1)
     a = logits(tiny_model)
     np.testing.assert_array_equal(a, logits(tiny_model))  # inference: deterministic
+
+
+def test_step_dropout_masks_follow_seed_and_step_in_eager_and_compiled_code():
+    from lora_demo.lora import DropoutClock, StepDropout
+
+    clock = DropoutClock()
+    drop = StepDropout(0.5, clock, salt=7)
+    x = tf.ones((4, 64))
+    compiled = tf.function(lambda t: drop(t, training=True), autograph=False)
+    clock.seed.assign(3)
+    clock.step.assign(1)
+    a, b = drop(x, training=True).numpy(), compiled(x).numpy()
+    np.testing.assert_array_equal(a, b)                          # eager and compiled draw the same mask
+    assert set(np.unique(a)) == {0.0, 2.0} and 0.3 < (a == 0).mean() < 0.7
+    clock.step.assign(2)
+    assert not np.array_equal(compiled(x).numpy(), a)           # a new step, a new mask
+    clock.seed.assign(4)
+    clock.step.assign(1)
+    assert not np.array_equal(compiled(x).numpy(), a)           # a new seed, a new mask
+    clock.seed.assign(3)
+    np.testing.assert_array_equal(compiled(x).numpy(), a)       # and back: a pure function of both
+    np.testing.assert_array_equal(drop(x, training=False).numpy(), x.numpy())

@@ -150,3 +150,21 @@ def test_download_import_and_merged_export_through_the_lab(recorded, bundled_tin
     merged = TFAutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "unzipped" / merged_zip.stem))
     _, at_one = lab.translate(sentences, job.id, scale=1.0, session="s9")
     assert translate(merged, bundled_tiny.tokenizer, sentences, compiled=False) == at_one
+
+
+def test_two_training_slots_train_two_jobs_at_once_on_separate_models(bundled_tiny, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("LORA_LAB_TRAIN_SLOTS", "2")
+    lab = Lab(bundled_tiny, runs_dir=tmp_path, data_source="bundled")
+    assert len(lab.trainers) == 2 and lab.trainers[1] is not bundled_tiny.model
+    jobs = [lab.submit(_config(steps=2000, bleu=0), f"s{i}") for i in range(2)]
+    deadline = time.time() + 180
+    while time.time() < deadline and not all(j.losses for j in jobs):
+        time.sleep(0.2)
+    assert all(j.losses and j.status == "running" for j in jobs), [j.status for j in jobs]   # both at once
+    assert lab.position(jobs[1]) == 0
+    for j in jobs:
+        lab.stop(j.id)
+    for j in jobs:
+        assert j.done.wait(120) and j.status == "stopped"

@@ -129,3 +129,78 @@ def test_bf16_training_tracks_fp32_over_50_steps(bundled_tiny):
     assert rel.max() < 0.02, rel.max()
     assert abs(curves["bf16"][-10:].mean() - curves["fp32"][-10:].mean()) / curves["fp32"][-10:].mean() < 0.01
     assert curves["bf16"][-10:].mean() < curves["bf16"][:10].mean()   # and it learns
+
+
+def _with_dropout(loaded, rate: float):
+    """The bundled tiny weights in a model whose own dropout is on (the bundled config has 0)."""
+    config = type(loaded.model.config).from_dict({**loaded.model.config.to_dict(), "dropout_rate": rate})
+    model = type(loaded.model)(config)
+    model(model.dummy_inputs)
+    for dst, src in zip(model.weights, loaded.model.weights):
+        dst.assign(src)
+    return model
+
+
+def test_a_second_run_with_the_same_shapes_reuses_the_trace_and_equals_a_fresh_run(bundled_tiny):
+    """Seed, alpha and learning rate are variables of the compiled step, so a later run with the
+    same shapes skips tracing; its losses equal those of a model that never saw the first run,
+    with the model's dropout and LoRA dropout on (masks keyed on seed and step)."""
+    from dataclasses import replace
+
+    def go(model, cfg):
+        try:
+            events = list(train(cfg, model, bundled_tiny.tokenizer, TRAIN, VAL))
+        finally:
+            remove_lora(model)
+        assert isinstance(events[-1], RunFinished), events[-1]
+        return [e for e in events if isinstance(e, StepLogged)], events[-1].summary
+
+    base = run_config(steps=8, eval_every=8, warmup_steps=3)
+    cfg = replace(base, lora=replace(base.lora, dropout=0.1))
+    other = replace(cfg, lora=replace(cfg.lora, alpha=4.0), train=replace(cfg.train, lr=1e-3, seed=2))
+    model = _with_dropout(bundled_tiny, 0.1)
+    steps1, first = go(model, cfg)
+    steps2, second = go(model, cfg)
+    steps3, third = go(model, other)
+    assert not first["reused_trace"] and first["trace_s"] > 0 and first["eager_steps"] == 1
+    assert second["reused_trace"] and second["trace_s"] is None and second["eager_steps"] == 0
+    assert all(e.compiled for e in steps2)
+    np.testing.assert_allclose([e.loss for e in steps2], [e.loss for e in steps1], rtol=1e-5)
+    assert [e.lr for e in steps2] == [e.lr for e in steps1] and steps1[0].lr < steps1[3].lr  # warm-up, exact
+    # the reused step really runs the new seed, alpha and rate: a model that never trained agrees
+    assert third["reused_trace"]
+    fresh_steps, fresh = go(_with_dropout(bundled_tiny, 0.1), other)
+    assert not fresh["reused_trace"]
+    np.testing.assert_allclose([e.loss for e in steps3], [e.loss for e in fresh_steps], rtol=1e-5)
+    assert not np.allclose([e.loss for e in steps3], [e.loss for e in steps1], rtol=1e-3)
+    # a new shape (another rank) traces again
+    _, fourth = go(model, replace(cfg, lora=replace(cfg.lora, rank=2)))
+    assert not fourth["reused_trace"] and fourth["trace_s"] > 0
+
+
+def test_training_from_an_endless_stream_never_materialises_it(model, bundled_tiny):
+    """data.Stream is read as training goes (the CLI's --data hub-stream is the full 4.5M-pair hub
+    split); an endless one works, so nothing tries to hold it all. Batches take the maximum lengths."""
+    import itertools
+
+    pulled = []
+
+    def endless():
+        for pair in itertools.cycle(TRAIN.items):
+            pulled.append(1)
+            yield pair
+
+    cfg = run_config(steps=6, eval_every=6, max_source_len=48, max_target_len=40)
+    events = list(train(cfg, model, bundled_tiny.tokenizer, data.Stream(endless, "endless test stream"), VAL,
+                        data_origin="endless test stream"))
+    assert isinstance(events[-1], RunFinished) and events[-1].status == "completed", events[-1]
+    started = events[0]
+    assert started.train_pairs is None and started.shapes == {"source_len": 48, "target_len": 40}
+    assert events[-1].summary["pairs_seen"] == 6 * 8 and events[-1].summary["probe_loss_final"] is not None
+    assert len(pulled) < 4096 + 32 + 6 * 8 + 8     # the shuffle buffer, the probe head and the batches
+
+
+def test_a_short_stream_ends_the_run_early_and_completes(model, bundled_tiny):
+    short = data.Stream(lambda: iter(TRAIN.items[:20]), "short stream")
+    events = list(train(run_config(steps=10), model, bundled_tiny.tokenizer, short, VAL))
+    assert events[-1].status == "completed" and events[-1].summary["steps_done"] == 2   # 20 pairs, batch 8

@@ -1,0 +1,97 @@
+"""The app in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright.
+
+Loads the page, moves the rank slider (the parameter breakdown follows), trains (the loss plot gets
+points while the run goes), stops, and translates (base and LoRA side by side). Screenshots of a
+laptop-sized window go to artifacts/browser/. CI installs Chromium, so there this test must run; on a
+machine without Chromium or Playwright it is skipped.
+"""
+
+import os
+import shutil
+
+import pytest
+from conftest import ROOT, launch
+
+from lora_demo.config import LoraConfig
+from lora_demo.params import preview
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "artifacts" / "browser"
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+if os.environ.get("CI") != "true" and (sync_playwright is None or not shutil.which(CHROMIUM)):
+    pytest.skip("needs the playwright package and Debian's chromium", allow_module_level=True)
+
+
+def _points(page) -> int:
+    """Training-loss points drawn in the live loss plot (read from the Plotly figure in the page)."""
+    return page.evaluate("""() => {
+        const el = document.querySelector('#loss-plot .js-plotly-plot');
+        if (!el || !el.data) return 0;
+        return el.data.filter(t => (t.name || '').toLowerCase().includes('train'))
+                      .reduce((n, t) => n + (t.x ? t.x.length : 0), 0);
+    }""")
+
+
+def test_the_app_in_a_real_browser(tmp_path):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    proc, url = launch(tmp_path, "--model", "tiny")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(url, wait_until="domcontentloaded")
+            breakdown = page.locator("#breakdown")
+            r8 = preview("tiny", LoraConfig(rank=8)).trainable
+            expect(breakdown).to_contain_text(f"{r8:,} trainable", timeout=60_000)
+            page.screenshot(path=str(SHOTS / "1-loaded.png"), full_page=True)
+
+            # the rank slider: the breakdown follows, before any training
+            r32 = preview("tiny", LoraConfig(rank=32)).trainable
+            rank_box = page.locator("#rank input[type=number]")
+            rank_box.fill("32")
+            rank_box.press("Enter")
+            expect(breakdown).to_contain_text(f"{r32:,} trainable", timeout=30_000)
+
+            # Train: the loss plot gets points while the run goes
+            steps_box = page.locator("#steps input[type=number]")
+            steps_box.fill("2000")
+            steps_box.press("Enter")
+            page.locator("#train-btn").click()
+            page.wait_for_function("""() => {
+                const el = document.querySelector('#loss-plot .js-plotly-plot');
+                return el && el.data && el.data.some(t => (t.name || '').toLowerCase().includes('train')
+                                                          && t.x && t.x.length >= 5);
+            }""", timeout=180_000)
+            live = _points(page)
+            expect(page.locator("#status")).to_contain_text("running", timeout=10_000)
+            page.screenshot(path=str(SHOTS / "2-training.png"), full_page=True)
+
+            # Stop: the run ends as stopped, well before its 2000 steps
+            page.locator("#stop-btn").click()
+            expect(page.locator("#status")).to_contain_text("stopped", timeout=60_000)
+            assert 5 <= live <= _points(page) < 2000
+
+            # Translate: base and LoRA side by side
+            page.locator("#en-text textarea").fill("The session is resumed.\nI thank the Commissioner.")
+            page.locator("#translate-btn").click()
+            table = page.locator("#translations")
+            expect(table).to_contain_text("The session is resumed.", timeout=60_000)
+            rows = [[table.locator(f"[data-testid=cell-{r}-{c}]").inner_text().strip() for c in range(3)]
+                    for r in range(2)]
+            assert [r[0] for r in rows] == ["The session is resumed.", "I thank the Commissioner."], rows
+            assert all(r[1] and r[2] for r in rows), rows          # a base and a LoRA German for each
+            page.locator("#translations").scroll_into_view_if_needed()
+            page.screenshot(path=str(SHOTS / "3-translated.png"), full_page=True)
+            page.set_viewport_size({"width": 1440, "height": 900})
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(SHOTS / "readme.png"))
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
