@@ -112,6 +112,13 @@ def write_adapter(state: dict[str, np.ndarray], cfg: LoraConfig, base_model: str
     return out
 
 
+def tensor_bytes(adapter_dir) -> int:
+    """Bytes of tensor data in a saved adapter: the safetensors file minus its 8-byte length and header."""
+    path = Path(adapter_dir) / WEIGHTS_FILE
+    with open(path, "rb") as fh:
+        return path.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+
+
 def save_adapter(model, cfg: LoraConfig, base_model: str, out_dir) -> Path:
     return write_adapter(adapter_state(model), cfg, base_model, out_dir)
 

@@ -98,7 +98,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="google/flan-t5-small")
     p.add_argument("--adapter", required=True, help="adapter directory or zip (ours or made by PEFT)")
     p.add_argument("--out", required=True, help="output directory for the merged checkpoint and tokenizer")
+    p = sub.add_parser("inspect", help="what a run's adapter learned: per-layer ‖ΔW‖, ‖ΔW‖/‖W‖, singular "
+                                       "values, effective rank, the heatmap grid, φ against another run, and "
+                                       "the predicted vs measured budget, as JSON")
+    p.add_argument("run_dir", help="a run directory (or an adapter directory or zip)")
+    p.add_argument("--compare", help="a second run: subspace similarity φ per shared layer")
+    p.add_argument("--model", help="base model (default: the run's own, from metrics.json)")
     return ap
+
+
+def cmd_inspect(a) -> int:
+    from . import adapters, anatomy, budget
+
+    record_path = Path(a.run_dir) / "metrics.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    adapter = adapters.read_adapter(a.run_dir)
+    name = a.model or record.get("model") or adapter.base_model
+    if not name:
+        raise ConfigError("this adapter does not say which base model it is for; pass --model")
+    loaded = _load(name)
+    cfg = adapters.check_fits(adapter, loaded.model, loaded.name)
+    out = {"run": str(a.run_dir), "model": loaded.name,
+           **anatomy.inspect(cfg, adapter.state, anatomy.base_norms(loaded.model))}
+    if a.compare:
+        other = adapters.read_adapter(a.compare)
+        out["similarity"] = {"with": str(a.compare), **anatomy.similarity(
+            cfg, adapter.state, adapters.check_fits(other, loaded.model, loaded.name), other.state)}
+    if record.get("prediction") and Path(a.run_dir).is_dir():
+        meas = budget.measured(record, adapters.tensor_bytes(a.run_dir))
+        out["budget"] = {"predicted": record["prediction"], "measured": meas,
+                         "rows": budget.side_by_side(record["prediction"], meas)}
+    print(json.dumps(out, indent=2, default=float))
+    return 0
 
 
 def cmd_params(a) -> int:
@@ -123,10 +154,15 @@ def _run_config(a, rank=None) -> RunConfig:
                                        eval_size=a.eval_size, bleu_size=a.bleu_size))
 
 
-def _execute(a, loaded, job, base_cache: dict) -> None:
+def _execute(a, loaded, job, base_cache: dict, history: list[dict] | None = None) -> None:
     """Train, score and record one run, with a progress bar (or JSON lines)."""
+    from .budget import predict
     from .events import StepLogged, to_dict
+    from .models import model_precision
     from .runs import execute
+
+    job.prediction = predict(loaded.model.config, job.config.lora, job.config.train,
+                             history or [], model_precision(loaded.model))
 
     bar = None
     if not a.json:
@@ -214,7 +250,7 @@ def cmd_sweep(a) -> int:
     for cfg in configs:
         job = Job.new(cfg, "cli", out, sweep=sweep)
         jobs.append(job)
-        _execute(a, loaded, job, base_cache)
+        _execute(a, loaded, job, base_cache, history=[j.record() for j in jobs])
         if not a.json:
             print(f"r={cfg.lora.rank}: " + _report(job).replace("\n", "\n  "), file=sys.stderr)
     records = [j.record() for j in jobs]
@@ -289,7 +325,7 @@ def main(argv=None) -> None:
     a = _parser().parse_args(argv)
     try:
         code = {"params": cmd_params, "train": cmd_train, "sweep": cmd_sweep,
-                "translate": cmd_translate, "export": cmd_export,
+                "translate": cmd_translate, "export": cmd_export, "inspect": cmd_inspect,
                 "bench": cmd_bench}[a.command](a)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -121,3 +121,63 @@ def params_figure(rows: list[list]) -> go.Figure:
     fig = _layout(fig, "Parameters by component (log scale)", "parameters", "", height=300)
     fig.update_layout(margin=dict(l=150))
     return fig
+
+
+# ---------------------------------------------------------------------------
+# Inside the adapter (data from anatomy.inspect / anatomy.similarity)
+# ---------------------------------------------------------------------------
+
+def delta_heatmap(info: dict | None) -> go.Figure:
+    """‖ΔW‖_F per adapted layer, blocks × modules: where the model changed."""
+    fig = go.Figure()
+    if not info or not info["layers"]:
+        _empty(fig, "Pick a run with an adapter: its ‖ΔW‖ per layer shows here")
+        return _layout(fig, "Where the model changed: ‖ΔW‖_F per layer", "", "")
+    h = info["heatmap"]
+    text = [[("" if v is None else f"{v:.3g}") for v in row] for row in h["fro"]]
+    fig.add_trace(go.Heatmap(z=h["fro"], x=h["columns"], y=h["rows"], colorscale="Viridis", text=text,
+                             texttemplate="%{text}", hoverongaps=False, colorbar=dict(title="‖ΔW‖_F"),
+                             hovertemplate="%{y} · %{x}<br>‖ΔW‖_F = %{z:.4g}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, f"Where the model changed: ‖ΔW‖_F per layer (r={info['rank']})", "module", "block",
+                   height=max(300, 60 + 28 * len(h["rows"])))
+
+
+def spectra_figure(info: dict | None, top: int = 8) -> go.Figure:
+    """Singular values of ΔW for the ``top`` layers with the largest update, and their effective rank."""
+    fig = go.Figure()
+    if not info or not info["layers"]:
+        _empty(fig, "Singular values of each layer's ΔW show here")
+        return _layout(fig, "Singular values of ΔW", "index", "σ")
+    layers = sorted(info["layers"], key=lambda x: -x["fro"])[:top]
+    for x in layers:
+        sv = x["singular_values"]
+        fig.add_trace(go.Scatter(x=list(range(1, len(sv) + 1)), y=sv, mode="lines+markers",
+                                 name=f"{x['row']} {x['column']} (eff. rank {x['effective_rank']})"))
+    fig.update_yaxes(type="log")
+    fig = _layout(fig, f"Singular values of ΔW, {len(layers)} largest layers (r={info['rank']}; effective rank "
+                       f"= σ's holding {100 * info['energy']:.0f}% of ‖ΔW‖²)", "singular value index", "σ (log)",
+                  height=380)
+    fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02),
+                      margin=dict(r=260))
+    return fig
+
+
+def similarity_figure(sim: dict | None) -> go.Figure:
+    """φ per layer between two runs' top input directions (paper: Hu et al. 2021, section 7)."""
+    fig = go.Figure()
+    if not sim or not sim["layers"]:
+        _empty(fig, "Pick two runs that adapt the same layers to compare their subspaces")
+        return _layout(fig, "Subspace similarity φ between two runs", "layer", "φ")
+    names = [f"{x['row']} {x['column']}" for x in sim["layers"]]
+    fig.add_trace(go.Bar(x=names, y=[x["phi_k"] for x in sim["layers"]], name=f"φ, top {sim['k']} directions",
+                         marker_color=TRAIN_COLOR))
+    fig.add_trace(go.Bar(x=names, y=[x["phi_1"] for x in sim["layers"]], name="φ, top direction",
+                         marker_color=VAL_COLOR))
+    if sim["chance_phi_k"] is not None:
+        fig.add_hline(y=sim["chance_phi_k"], line=dict(color="#64748b", dash="dash"),
+                      annotation_text=f"chance level for {sim['k']} random directions",
+                      annotation_position="top left")
+    fig.update_yaxes(range=[0, 1.05])
+    return _layout(fig, f"Subspace similarity φ, r={sim['ranks'][0]} vs r={sim['ranks'][1]} (1 = same directions)",
+                   "layer", "φ", height=360)

@@ -34,7 +34,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import adapters, data
+from . import adapters, anatomy, budget, data
 from .config import ConfigError, RunConfig, limits
 from .evaluate import scores, translate
 from .events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged, to_dict
@@ -75,6 +75,7 @@ class Job:
     memory: dict = field(default_factory=dict)
     adapter_files: dict | None = None        # {"bytes": n} once written
     origin: dict = field(default_factory=dict)   # for an imported adapter: file name, base model, notices
+    prediction: dict = field(default_factory=dict)   # budget.predict() at submit time, shown beside the measured
     outcome: str = ""                        # how training ended; becomes the status once the record is complete
     version: int = 0                         # bumped on every change, for streaming handlers
     recent: list = field(default_factory=list, repr=False)   # last (step, elapsed_s) pairs, for the ETA
@@ -121,7 +122,7 @@ class Job:
                 "model": self.config.model, "params": self.params, "data": self.data, "device": self.device,
                 "losses": self.losses, "val_losses": self.val_losses, "summary": self.summary,
                 "quality": self.quality, "memory": self.memory, "adapter": self.adapter_files,
-                "origin": self.origin}
+                "origin": self.origin, "prediction": self.prediction}
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +142,8 @@ class Job:
                   created=rec["created"], status=rec["status"], error=rec["error"], params=rec["params"],
                   data=rec["data"], device=rec["device"], losses=rec["losses"], val_losses=rec["val_losses"],
                   summary=rec["summary"], quality=rec["quality"], memory=rec["memory"],
-                  adapter_files=rec["adapter"], origin=rec.get("origin") or {})
+                  adapter_files=rec["adapter"], origin=rec.get("origin") or {},
+                  prediction=rec.get("prediction") or {})
         if job.status not in FINAL:
             job._replay()
             job.status = "interrupted"
@@ -190,6 +192,7 @@ class MemoryMonitor:
         import psutil
 
         self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.start = self.proc.memory_info().rss
         self.thread = threading.Thread(target=self._sample, daemon=True, name="rss-monitor")
 
     def _sample(self):
@@ -208,7 +211,9 @@ class MemoryMonitor:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
     def figures(self) -> dict:
-        return {"peak_rss_mb": round(self.peak / 2**20, 1), "gpu_peak_mb": peak_gpu_mb()}
+        return {"peak_rss_mb": round(self.peak / 2**20, 1), "gpu_peak_mb": peak_gpu_mb(),
+                "start_rss_mb": round(self.start / 2**20, 1),
+                "rss_growth_mb": round(max(self.peak - self.start, 0) / 2**20, 1)}
 
 
 def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Event | None = None) -> dict | None:
@@ -316,6 +321,7 @@ class Lab:
         self.lock = threading.Lock()                    # guards jobs / waiting
         self._pairs: dict[tuple, data.Pairs] = {}
         self._base_scores: dict[int, dict] = {}
+        self._base_norms: dict[str, float] | None = None   # ‖W‖_F per kernel, for anatomy
         self._load_records()
         self.workers = [threading.Thread(target=self._work, args=(model,), daemon=True, name=f"lora-train-{i}")
                         for i, model in enumerate(self.trainers)]
@@ -352,6 +358,7 @@ class Lab:
         if not sweep:
             self._room_for(session, 1)
         job = Job.new(config, session, self.runs_dir, sweep=sweep)
+        job.prediction = self.predict(config)
         job.dir.mkdir(parents=True)
         (job.dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         job.save()
@@ -367,6 +374,13 @@ class Lab:
         sweep = "sweep-" + time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
         configs = [replace(config, lora=replace(config.lora, rank=r)) for r in ranks]
         return [self.submit(c, session, sweep=sweep) for c in configs]
+
+    def predict(self, config: RunConfig) -> dict:
+        """The budget of ``config`` on this server's model, step time from its latest finished run."""
+        with self.lock:
+            history = [j.record() for j in self.jobs.values() if j.config.model == self.loaded.name
+                       and j.status in ("completed", "stopped") and j.device.endswith(self.precision)]
+        return budget.predict(self.loaded.model.config, config.lora, config.train, history, self.precision)
 
     def position(self, job: Job) -> int:
         """1 = next to run; 0 = not waiting."""
@@ -496,12 +510,40 @@ class Lab:
             shutil.rmtree(out, ignore_errors=True)
 
     def translate(self, sentences: list[str], run_id: str | None = None, scale: float = 1.0,
-                  session: str | None = None) -> tuple[list[str], list[str]]:
-        """(base, LoRA) German for each sentence, with run ``run_id``'s adapter at ``scale``."""
+                  session: str | None = None, keep: dict | None = None) -> tuple[list[str], list[str]]:
+        """(base, LoRA) German for each sentence, with run ``run_id``'s adapter at ``scale``.
+        ``keep`` (anatomy.switch_off's sides / blocks / modules) leaves only part of the adapter on."""
         job = self.owned(run_id, session) if run_id else None
         with self.translate_lock:
             base = translate(self.translator, self.loaded.tokenizer, sentences)
             if job is None:
                 return base, list(base)
-            with adapters.merged_into(self.translator, job.config.lora, self.adapter_of(job), scale):
+            state = self.adapter_of(job)
+            if keep:
+                state = anatomy.switch_off(state, **keep)
+            with adapters.merged_into(self.translator, job.config.lora, state, scale):
                 return base, translate(self.translator, self.loaded.tokenizer, sentences)
+
+    # -- inside the adapter ----------------------------------------------------
+    def inspect(self, run_id: str, session: str | None = None) -> dict:
+        """anatomy.inspect of a run's adapter, with ‖W‖ from this server's base model."""
+        job = self.owned(run_id, session)
+        if self._base_norms is None:
+            self._base_norms = anatomy.base_norms(self.translator)
+        return {"run_id": job.id, **anatomy.inspect(job.config.lora, self.adapter_of(job), self._base_norms)}
+
+    def similarity(self, run_a: str, run_b: str, session: str | None = None) -> dict:
+        a, b = self.owned(run_a, session), self.owned(run_b, session)
+        sim = anatomy.similarity(a.config.lora, self.adapter_of(a), b.config.lora, self.adapter_of(b))
+        if not sim["layers"]:
+            raise ConfigError(f"runs {a.id} and {b.id} adapt no layer in common")
+        return {"runs": [a.id, b.id], **sim}
+
+    def budget(self, run_id: str, session: str | None = None) -> dict:
+        """The run's predicted budget (made when it was queued) beside what it measured."""
+        job = self.owned(run_id, session)
+        if not job.prediction:
+            raise ConfigError(f"run {job.id} has no prediction (it was imported or recorded before predictions)")
+        meas = budget.measured(job.record(), adapters.tensor_bytes(job.dir))
+        return {"run_id": job.id, "predicted": job.prediction, "measured": meas,
+                "rows": budget.side_by_side(job.prediction, meas)}

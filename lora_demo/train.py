@@ -307,6 +307,12 @@ def reset_optimizer(opt, cfg: TrainConfig) -> None:
     opt.lora_lab_schedule.set(cfg.lr, cfg.warmup_steps)
 
 
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of the optimiser's per-weight state (moments, slow weights); scalar counters excluded."""
+    variables = opt.variables() if callable(opt.variables) else opt.variables
+    return int(sum(v.shape.num_elements() * v.dtype.size for v in variables if v.shape.rank))
+
+
 def _spec(batch: dict) -> dict:
     return {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype), name=k) for k, v in batch.items()}
 
@@ -518,6 +524,7 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
             "mean_step_s": float(np.mean(step_times)) if step_times else None,
             "tokens_per_s": tokens / elapsed if elapsed else 0.0, "data_origin": data_origin,
             "pairs_seen": len(losses) * cfg.batch_size,
+            "optimizer_state_bytes": optimizer_state_bytes(opt),
         }
         yield RunFinished("stopped" if stopped else "completed", summary)
     except Exception as exc:

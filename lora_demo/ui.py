@@ -17,9 +17,9 @@ from typing import Iterator
 
 import gradio as gr
 
-from . import compare, plots
+from . import anatomy, compare, plots
 from .config import (MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, clean_sentences, defaults_for,
-                     limits, parse_ranks)
+                     limits, parse_layers, parse_ranks)
 from .evaluate import sentence_chrf, word_diff
 from .events import summary_text
 from .inject import MODULE_PATH, dense_sites, select_paths
@@ -149,7 +149,24 @@ def _usable(job: Job) -> bool:
     return bool(job.adapter_files) and job.status != "failed" and job.config.model == _lab().loaded.name
 
 
-def _translate(text, run_id: str, scale, session: str, reference: str = "") -> dict:
+def _keep(sides, blocks, modules) -> dict | None:
+    """The part of the adapter left on in Translate; None when all of it is (the default)."""
+    sides = list(sides) if sides is not None else ["encoder", "decoder"]
+    bad = sorted(set(sides) - {"encoder", "decoder"})
+    if bad:
+        raise ConfigError(f"stacks to keep must be encoder and/or decoder, got {', '.join(map(str, bad))}")
+    layers = parse_layers(blocks)
+    if modules is not None:
+        unknown = sorted(set(modules) - set(anatomy.COLUMNS))
+        if unknown:
+            raise ConfigError(f"unknown module type(s) {', '.join(map(str, unknown))}; they are "
+                              f"{', '.join(anatomy.COLUMNS)}")
+    if len(sides) == 2 and layers is None and (modules is None or set(anatomy.COLUMNS) <= set(modules)):
+        return None
+    return {"sides": tuple(sides), "blocks": layers, "modules": None if modules is None else tuple(modules)}
+
+
+def _translate(text, run_id: str, scale, session: str, reference: str = "", keep: dict | None = None) -> dict:
     sentences, notices = clean_sentences(text)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= float(scale) <= 2.0:
         raise ConfigError(f"LoRA scale must be between 0 and 2, got {scale!r}")
@@ -163,7 +180,11 @@ def _translate(text, run_id: str, scale, session: str, reference: str = "") -> d
         job = usable[-1] if usable else None
         if job is None:
             notices.append("no trained adapter in this session yet: an untrained LoRA equals the base model exactly")
-    base, lora = lab.translate(sentences, job.id if job else None, float(scale), session=session)
+    base, lora = lab.translate(sentences, job.id if job else None, float(scale), session=session, keep=keep)
+    if keep and job is not None:
+        notices.append(f"partly switched off: LoRA kept on {'+'.join(keep['sides']) or 'no stack'}"
+                       + (f", blocks {keep['blocks'][0]}-{keep['blocks'][1]}" if keep["blocks"] else "")
+                       + (f", modules {', '.join(keep['modules']) or 'none'}" if keep["modules"] is not None else ""))
     out = {"english": sentences, "base": base, "lora": lora, "run_id": job.id if job else "", "notices": notices,
            "chrf_base": None, "chrf_lora": None}
     refs = [" ".join(r.split()) for r in (reference or "").splitlines() if r.strip()]
@@ -260,11 +281,13 @@ def api_runs(all_runs: bool = False, request: gr.Request = None) -> list[dict]:
 
 
 def api_translate(text: str, run_id: str = "", scale: float = 1.0, reference: str = "",
+                  sides: list[str] | None = None, blocks: str = "all", modules: list[str] | None = None,
                   request: gr.Request = None) -> dict:
     """English lines -> base and LoRA German side by side (default run: this session's newest).
-    With reference German (one line per sentence), per-sentence chrF for both."""
+    With reference German (one line per sentence), per-sentence chrF for both. ``sides``, ``blocks``
+    and ``modules`` keep only part of the adapter on (e.g. sides=["decoder"], modules=["self q"])."""
     try:
-        return _translate(text, run_id, scale, _session_of(request), reference)
+        return _translate(text, run_id, scale, _session_of(request), reference, _keep(sides, blocks, modules))
     except ConfigError as exc:
         raise gr.Error(str(exc)) from None
 
@@ -349,7 +372,7 @@ def ui_runs(session, show_all, selected, curves, log_y, x_axis, metric, seen, fo
     jobs = _visible(session, show_all)
     key = ",".join(f"{j.id}:{j.version}" for j in jobs) + f"|{show_all}"
     if not force and key == seen:
-        return (gr.skip(),) * 7 + (seen,)
+        return (gr.skip(),) * 9 + (seen,)
     ids = [j.id for j in jobs]
     known = {part.split(":")[0] for part in (seen or "").split("|")[0].split(",") if part}
     kept = [i for i in (selected or []) if i in ids]
@@ -365,7 +388,10 @@ def ui_runs(session, show_all, selected, curves, log_y, x_axis, metric, seen, fo
             plots.quality_figure(shown, "chrf" if metric == "chrF" else "bleu"),
             gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-1].id if mine else None),
             gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-1].id if mine else None),
-            gr.skip(), key)
+            gr.skip(),
+            gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-1].id if mine else None),
+            gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-2].id if len(mine) > 1 else None),
+            key)
 
 
 def ui_runs_tick(*args):
@@ -393,9 +419,9 @@ def _diff_html(english, base, lora) -> str:
             "<th>Base</th><th>LoRA</th></tr>" + "".join(rows) + "</table></div>")
 
 
-def ui_translate(text, scale, run_id, reference, session):
+def ui_translate(text, scale, run_id, reference, session, sides, blocks, modules):
     try:
-        out = _translate(text, run_id or "", scale, session or "", reference)
+        out = _translate(text, run_id or "", scale, session or "", reference, _keep(sides, blocks, modules))
     except ConfigError as exc:
         raise gr.Error(str(exc)) from None
     scored = out["chrf_base"] is not None
@@ -531,6 +557,120 @@ def api_download_merged(run_id, request: gr.Request):
 
 
 # ---------------------------------------------------------------------------
+# Inside the adapter, and the budget
+# ---------------------------------------------------------------------------
+
+def _mb(n) -> str:
+    return "–" if n is None else f"{n / 1e6:,.3f} MB"
+
+
+def budget_markdown(pred: dict) -> str:
+    """Predicted budget: this LoRA config, full fine-tuning, and the course demo's setup."""
+    lo, fu, emb = pred["lora"], pred["full"], pred["lora_plus_shared_embedding"]
+    step = f"{lo['step_s_est']:.2f} s (est.)" if lo["step_s_est"] else "–"
+    rows = [
+        ("trainable parameters", f"{lo['trainable']:,}", f"{fu['trainable']:,}", f"{emb['trainable']:,}"),
+        ("% of all weights", f"**{lo['pct_trainable']:.3f}%**", f"{fu['pct_trainable']:.1f}%",
+         f"**{emb['pct_trainable']:.2f}%**"),
+        ("trained weights to save", _mb(lo["adapter_bytes"]), _mb(fu["adapter_bytes"]), _mb(emb["adapter_bytes"])),
+        (f"optimiser state ({pred['optimizer']}, {pred['optimizer_slots']} slots)", _mb(lo["optimizer_bytes"]),
+         _mb(fu["optimizer_bytes"]), _mb(emb["optimizer_bytes"])),
+        ("activations per step (estimate)", _mb(lo["activation_bytes_est"]), _mb(fu["activation_bytes_est"]), "–"),
+        ("step time", step, "–", "–"),
+    ]
+    out = ["| predicted | LoRA (this config) | full fine-tuning | LoRA + shared embedding trainable |",
+           "| --- | --- | --- | --- |"] + [f"| {' | '.join(r)} |" for r in rows]
+    out.append(f"\nThe last column is the course demo this app grew from: it left the shared embedding trainable, "
+               f"which is where its \"9% trainable\" came from. Step time: {pred['step_basis']}.")
+    return "\n".join(out)
+
+
+def ui_budget(rank, alpha, targets, side, first_layer, last_layer, steps, batch_size, lr, train_size, seed,
+              optimizer, bleu_size):
+    try:
+        cfg = run_config(lora_config(rank, alpha, targets, side, first_layer, last_layer), steps, batch_size, lr,
+                         train_size, seed, optimizer, bleu_size)
+    except ConfigError as exc:
+        return f"⚠️ {html.escape(str(exc))}"
+    return budget_markdown(_lab().predict(cfg))
+
+
+def budget_rows_markdown(b: dict) -> str:
+    def fmt(v, name):
+        if v is None:
+            return "–"
+        if name.startswith("trainable"):
+            return f"{int(v):,}"
+        return f"{v:.3f}" if "time" in name else f"{v:,.3f}"
+    lines = ["| figure | predicted | measured | off by | how |", "| --- | --- | --- | --- | --- |"]
+    for name, p, m, off, how in b["rows"]:
+        lines.append(f"| {name} | {fmt(p, name)} | {fmt(m, name)} | {'–' if off is None else f'{off:+.1f}%'} "
+                     f"| {how} |")
+    return "\n".join(lines)
+
+
+def _layer_rows(info: dict) -> list[list]:
+    return [[x["layer"], round(x["fro"], 5), None if x["relative"] is None else round(x["relative"], 6),
+             f"{x['effective_rank']} / {x['rank']}"] for x in sorted(info["layers"], key=lambda x: -x["fro"])]
+
+
+def ui_inspect(run_a, run_b, session):
+    """Heatmap, spectra, per-layer table and budget of run A; φ between A and B."""
+    lab, session = _lab(), session or ""
+    if not run_a:
+        msg = "Train a run (or import an adapter) and pick it here."
+        return (plots.delta_heatmap(None), plots.spectra_figure(None), [], msg, plots.similarity_figure(None), "")
+    try:
+        info = lab.inspect(run_a, session)
+    except ConfigError as exc:
+        return (plots.delta_heatmap(None), plots.spectra_figure(None), [], f"⚠️ {html.escape(str(exc))}",
+                plots.similarity_figure(None), "")
+    s = info["summary"]
+    text = (f"**{s['layers']} adapted layers** · mean effective rank **{s['mean_effective_rank']:.2f}** of r = "
+            f"{info['rank']} (σ's holding {100 * info['energy']:.0f}% of ‖ΔW‖²) · largest update: `{s['largest']}`"
+            + (f" · largest ‖ΔW‖/‖W‖: {s['max_relative']:.2e}" if s["max_relative"] is not None else ""))
+    try:
+        text += "\n\n**Budget, predicted when queued vs measured:**\n\n" + budget_rows_markdown(lab.budget(run_a, session))
+    except ConfigError as exc:
+        text += f"\n\n{html.escape(str(exc))}"
+    sim_fig, sim_text = plots.similarity_figure(None), "Pick a second run to compare subspaces."
+    if run_b and run_b != run_a:
+        try:
+            sim = lab.similarity(run_a, run_b, session)
+            sim_fig = plots.similarity_figure(sim)
+            sim_text = (f"Mean φ over {len(sim['layers'])} shared layers: **{sim['mean_phi_k']:.3f}** for the top "
+                        f"{sim['k']} directions, **{sim['mean_phi_1']:.3f}** for the top one (chance: "
+                        f"{sim['chance_phi_k']:.3f}). 1 means r={sim['ranks'][0]} and r={sim['ranks'][1]} found the "
+                        f"same directions." if sim["mean_phi_k"] is not None else "Both adapters are zero: no "
+                        "directions to compare.")
+        except ConfigError as exc:
+            sim_text = f"⚠️ {html.escape(str(exc))}"
+    return (plots.delta_heatmap(info), plots.spectra_figure(info), _layer_rows(info), text, sim_fig, sim_text)
+
+
+def _api(fn, *args):
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def api_inspect(run_id: str, request: gr.Request = None) -> dict:
+    """ΔW of each adapted layer: ‖ΔW‖_F, ‖ΔW‖/‖W‖, singular values, effective rank; the heatmap grid."""
+    return _api(_lab().inspect, run_id, _session_of(request))
+
+
+def api_similarity(run_a: str, run_b: str, request: gr.Request = None) -> dict:
+    """Subspace similarity φ (Hu et al. 2021, sec. 7) per shared layer between two of this session's runs."""
+    return _api(_lab().similarity, run_a, run_b, _session_of(request))
+
+
+def api_budget(run_id: str, request: gr.Request = None) -> dict:
+    """A run's budget predicted when it was queued, beside what it measured."""
+    return _api(_lab().budget, run_id, _session_of(request))
+
+
+# ---------------------------------------------------------------------------
 # Layout
 # ---------------------------------------------------------------------------
 
@@ -581,6 +721,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 with gr.Row(equal_height=True):
                     ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks", scale=2)
                     sweep_btn = gr.Button("Sweep ranks", scale=1)
+                with gr.Accordion("Predicted budget: this config vs full fine-tuning", open=False):
+                    budget_md = gr.Markdown(elem_id="budget")
             with gr.Column(scale=3, min_width=420):
                 status = gr.Markdown("Ready. Press **Train** to start a run.", elem_classes=["status"], elem_id="status")
                 loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False, elem_id="loss-plot")
@@ -616,6 +758,12 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 reference = gr.Textbox(lines=2, label="reference German, one line per sentence (optional: "
                                                       "per-sentence chrF)")
                 scale = gr.Slider(0, 2, value=1, step=0.05, label="LoRA scale (0 = base model, 1 = as trained)")
+                with gr.Accordion("Switch parts of the adapter off (no retraining)", open=False):
+                    keep_sides = gr.CheckboxGroup(["encoder", "decoder"], value=["encoder", "decoder"],
+                                                  label="keep LoRA on in these stacks", elem_id="keep-sides")
+                    keep_blocks = gr.Textbox("all", label="…in these blocks (e.g. 0-3, or all)")
+                    keep_modules = gr.CheckboxGroup(anatomy.COLUMNS, value=anatomy.COLUMNS,
+                                                    label="…for these module types (self-/cross-attention, FFN)")
                 translate_btn = gr.Button("Translate", variant="primary", elem_id="translate-btn")
                 gr.Examples([[e] for e in EXAMPLES], inputs=[text], label="examples")
             with gr.Column(scale=3):
@@ -644,6 +792,25 @@ def build_demo(lab: Lab) -> gr.Blocks:
                                        f"(safetensors only; up to {lim.max_upload_mb} MB)")
                 import_btn = gr.Button("Import adapter", variant="secondary")
                 import_note = gr.Markdown()
+        gr.Markdown("### 6 · Inside the adapter: what it learned, where, and what it cost\n"
+                    "For each adapted layer, the update ΔW = (alpha/r)·A·B, computed exactly. The heatmap shows "
+                    "‖ΔW‖_F per block and module: *where* the model changed. The spectra show how much of the "
+                    "rank you paid for was used (effective rank: singular values holding 90% of ‖ΔW‖²). φ compares "
+                    "two runs' top directions per layer (Hu et al. 2021, section 7): does r=8 learn what r=64 "
+                    "learns?")
+        with gr.Row():
+            inspect_pick = gr.Dropdown([], label="run", allow_custom_value=False, elem_id="inspect-pick")
+            compare_pick = gr.Dropdown([], label="compare with (another rank)", allow_custom_value=False)
+            inspect_btn = gr.Button("Inspect", variant="primary", elem_id="inspect-btn")
+        inspect_md = gr.Markdown(elem_id="inspect-summary")
+        with gr.Row(equal_height=False):
+            heatmap_plot = gr.Plot(show_label=False, elem_id="delta-heatmap")
+            spectra_plot = gr.Plot(show_label=False, elem_id="spectra")
+        layer_table = gr.Dataframe(headers=["layer", "‖ΔW‖_F", "‖ΔW‖ / ‖W‖", "effective rank / r"],
+                                   interactive=False, max_height=260, column_widths=["52%", "16%", "16%", "16%"])
+        sim_md = gr.Markdown()
+        sim_plot = gr.Plot(show_label=False, elem_id="similarity")
+
         # Public, session-bound endpoints for API clients (their session is the connection's).
         api_btn = gr.Button(visible=False)
         api_run, api_file, api_json = gr.Textbox(visible=False), gr.File(visible=False), gr.JSON(visible=False)
@@ -653,10 +820,18 @@ def build_demo(lab: Lab) -> gr.Blocks:
         lora_inputs = [rank, alpha, targets, side, first, last]
         train_inputs = [steps, batch, lr, train_size, seed, optimizer, bleu_size, session]
         runs_inputs = [session, show_all, picked, curves, log_y, x_axis, metric, seen]
-        runs_outputs = [runs_table, picked, overlay_plot, quality_plot, run_pick, adapter_pick, export_file, seen]
+        runs_outputs = [runs_table, picked, overlay_plot, quality_plot, run_pick, adapter_pick, export_file,
+                        inspect_pick, compare_pick, seen]
         for c in lora_inputs:
             c.change(ui_params, lora_inputs, [summary, table, params_plot], show_progress="hidden", **private)
         demo.load(ui_params, lora_inputs, [summary, table, params_plot], **private)
+        budget_inputs = lora_inputs + train_inputs[:-1]
+        for c in budget_inputs:
+            c.change(ui_budget, budget_inputs, [budget_md], show_progress="hidden", **private)
+        demo.load(ui_budget, budget_inputs, [budget_md], **private)
+        inspect_outputs = [heatmap_plot, spectra_plot, layer_table, inspect_md, sim_plot, sim_md]
+        for trigger in (inspect_btn.click, inspect_pick.input, compare_pick.input):
+            trigger(ui_inspect, [inspect_pick, compare_pick, session], inspect_outputs, **private)
         demo.load(ui_restore, [session], [session, run_id, status, loss_plot], **private).then(
             ui_runs, runs_inputs, runs_outputs, **private).then(
             ui_follow, [run_id], [status, loss_plot], concurrency_limit=None, **private)
@@ -672,7 +847,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
         gr.Timer(3).tick(ui_runs_tick, runs_inputs, runs_outputs, show_progress="hidden", **private)
         export_btn.click(ui_export, [session, show_all], [export_file], **private)
         for trigger in (translate_btn.click, text.submit):
-            trigger(ui_translate, [text, scale, run_pick, reference, session], [out_table, diff, out_note],
+            trigger(ui_translate, [text, scale, run_pick, reference, session, keep_sides, keep_blocks, keep_modules],
+                    [out_table, diff, out_note],
                     concurrency_limit=None, **private)
 
         adapter_pick.change(ui_adapter_pick, [adapter_pick, session], [adapter_info], show_progress="hidden",
@@ -694,6 +870,9 @@ def build_demo(lab: Lab) -> gr.Blocks:
         gr.api(api_runs, api_name="runs", concurrency_limit=None)
         gr.api(api_translate, api_name="translate", concurrency_limit=None)
         gr.api(api_delete_run, api_name="delete_run", concurrency_limit=None)
+        gr.api(api_inspect, api_name="inspect", concurrency_limit=None)
+        gr.api(api_similarity, api_name="similarity", concurrency_limit=None)
+        gr.api(api_budget, api_name="budget", concurrency_limit=None)
     return demo
 
 

@@ -75,3 +75,21 @@ def launch(tmp_path, *args, env: dict | None = None):
             time.sleep(0.5)
     proc.kill()
     raise TimeoutError("app did not start")
+
+
+def final_row(url: str, run_id: str, timeout: float = 300) -> dict:
+    """The run's /runs row once it has ended, read by a fresh client (any session: all_runs).
+
+    Used after calling /stop on a client whose own streamed job is still open: gradio_client can drop
+    such a stream (a race in its message loop), so the outcome is read from the server instead."""
+    import time
+
+    from gradio_client import Client
+
+    watcher, deadline = Client(url, verbose=False), time.time() + timeout
+    while time.time() < deadline:
+        row = next((r for r in watcher.predict(all_runs=True, api_name="/runs") if r["run_id"] == run_id), None)
+        if row is not None and row["status"] not in ("queued", "running"):
+            return row
+        time.sleep(0.5)
+    raise TimeoutError(f"run {run_id} did not end within {timeout} s")

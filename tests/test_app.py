@@ -3,7 +3,7 @@
 import urllib.request
 
 import pytest
-from conftest import launch
+from conftest import final_row, launch
 from gradio_client import Client
 
 from lora_demo.config import LoraConfig
@@ -54,17 +54,17 @@ def test_train_streams_updates_then_translate_gives_two_columns(client, app):
     assert zero["lora"] == zero["base"] == out["base"][:1]
 
 
-def test_stop_ends_the_run_as_stopped(client):
+def test_stop_ends_the_run_as_stopped(client, app):
     job = client.submit(steps=400, train_size=32, bleu_size=0, api_name="/train")
     for update in job:
         if update["step"] >= 2:
             stopped = client.predict(run_id=update["run_id"], api_name="/stop")
             assert stopped["stop_requested"]
             break
-    final = job.result()
-    assert final["status"] == "stopped" and final["step"] < 400
+    final = final_row(app[0], update["run_id"])
+    assert final["status"] == "stopped" and final["steps_done"] < 400
     # the next run starts cleanly
-    nxt = client.submit(steps=2, train_size=16, bleu_size=0, api_name="/train")
+    nxt = Client(app[0], verbose=False).submit(steps=2, train_size=16, bleu_size=0, api_name="/train")
     assert nxt.result()["status"] == "completed"
 
 
@@ -119,15 +119,15 @@ def test_rank_sweep_through_the_api(client):
         client.predict(ranks="1,0", api_name="/sweep")
 
 
-def test_stop_cancels_the_rest_of_a_sweep(client):
+def test_stop_cancels_the_rest_of_a_sweep(client, app):
     job = client.submit(ranks="1,2,4", steps=400, train_size=16, bleu_size=0, api_name="/sweep")
     for update in job:
         if update["runs"][0]["step"] >= 1:
             assert client.predict(run_id=update["sweep"], api_name="/stop")["stopped"] == update["sweep"]
             break
-    final = job.result()["runs"]
+    final = [final_row(app[0], r["run_id"]) for r in update["runs"]]
     assert [r["status"] for r in final] == ["stopped"] * 3
-    assert final[0]["step"] < 400 and final[1]["step"] == final[2]["step"] == 0
+    assert final[0]["steps_done"] < 400 and final[1]["steps_done"] == final[2]["steps_done"] == 0
     assert "waiting in the queue" in final[2]["error"]
 
 
@@ -200,3 +200,40 @@ def test_adapter_download_import_and_bad_uploads(client, app, tmp_path):
     merged = other.predict(run_id=imported["run_id"], api_name="/download_merged")
     with zipfile.ZipFile(merged) as zf:
         assert {"tf_model.h5", "config.json", "lora_lab_merge.json"} <= {n.split("/")[-1] for n in zf.namelist()}
+
+
+def test_inside_the_adapter_through_the_api(client):
+    """On tiny runs trained in the app: the ΔW figures, φ between two ranks, the predicted and measured
+    budget side by side, and partial switch-off in Translate (everything off = the base exactly)."""
+    strong = dict(targets=["q", "v", "o", "wo"], steps=30, lr=0.05, train_size=32, bleu_size=0)
+    r8 = client.submit(rank=8, api_name="/train", **strong).result()
+    r2 = client.submit(rank=2, api_name="/train", **strong).result()
+    info = client.predict(run_id=r8["run_id"], api_name="/inspect")
+    assert info["rank"] == 8 and len(info["layers"]) == 3 * 4 + 3 * 7   # encoder q,v,o,wo; decoder also cross q,v,o
+    assert all(len(x["singular_values"]) == 8 and 1 <= x["effective_rank"] <= 8 and x["relative"] > 0
+               for x in info["layers"])
+    assert len(info["heatmap"]["rows"]) == 6 and "ffn wo" in info["heatmap"]["columns"]
+    sim = client.predict(run_a=r8["run_id"], run_b=r2["run_id"], api_name="/similarity")
+    assert sim["k"] == 2 and all(0 <= x["phi_k"] <= 1 for x in sim["layers"])
+    self_sim = client.predict(run_a=r8["run_id"], run_b=r8["run_id"], api_name="/similarity")
+    assert all(abs(x["phi_k"] - 1) < 1e-9 for x in self_sim["layers"])
+    spent = client.predict(run_id=r8["run_id"], api_name="/budget")
+    rows = {r[0]: r for r in spent["rows"]}
+    for exact in ("trainable parameters", "adapter tensors (MB)", "optimiser state (MB)"):
+        assert rows[exact][1] == rows[exact][2] and rows[exact][3] == 0.0, rows[exact]
+    assert rows["step time (s)"][2] > 0
+    later = client.predict(run_id=r2["run_id"], api_name="/budget")   # queued after r8 ended: calibrated by it
+    assert later["predicted"]["lora"]["step_s_est"] > 0 and later["rows"][4][2] > 0
+
+    text = "\n".join(["The session is resumed.", "I would like to thank the Commissioner for her answer.",
+                      "The European Parliament adopted the resolution.", "Obama receives Netanyahu."])
+    full = client.predict(text=text, run_id=r8["run_id"], scale=2.0, api_name="/translate")
+    off = client.predict(text=text, run_id=r8["run_id"], scale=2.0, sides=[], api_name="/translate")
+    assert off["lora"] == off["base"] == full["base"] and full["lora"] != full["base"]
+    assert any("partly switched off" in n for n in off["notices"])
+    partial = [client.predict(text=text, run_id=r8["run_id"], scale=2.0, api_name="/translate", **keep)["lora"]
+               for keep in (dict(sides=["encoder"]), dict(sides=["decoder"]), dict(modules=["ffn wo"]),
+                            dict(blocks="0-0"))]
+    assert any(p != full["lora"] for p in partial)       # parts of the adapter matter differently
+    with pytest.raises(Exception, match="unknown module type"):
+        client.predict(text=text, modules=["attn"], api_name="/translate")

@@ -7,6 +7,7 @@ machine without Chromium or Playwright it is skipped.
 """
 
 import os
+import re
 import shutil
 
 import pytest
@@ -88,6 +89,18 @@ def test_the_app_in_a_real_browser(tmp_path):
             assert all(r[1] and r[2] for r in rows), rows          # a base and a LoRA German for each
             page.locator("#translations").scroll_into_view_if_needed()
             page.screenshot(path=str(SHOTS / "3-translated.png"), full_page=True)
+            # Inside the adapter: the stopped run's ΔW heatmap and spectra
+            expect(page.locator("#inspect-pick input")).to_have_value(re.compile("r=32"), timeout=30_000)
+            page.locator("#inspect-btn").click()
+            page.wait_for_function("""() => {
+                const el = document.querySelector('#delta-heatmap .js-plotly-plot');
+                return el && el.data && el.data.some(t => t.type === 'heatmap');
+            }""", timeout=60_000)
+            expect(page.locator("#inspect-summary")).to_contain_text("effective rank", timeout=30_000)
+            expect(page.locator("#inspect-summary")).to_contain_text("predicted", timeout=30_000)
+            page.locator("#delta-heatmap").scroll_into_view_if_needed()
+            page.screenshot(path=str(SHOTS / "4-inside-the-adapter.png"), full_page=True)
+
             page.set_viewport_size({"width": 1440, "height": 900})
             page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(SHOTS / "readme.png"))

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import launch
+from conftest import final_row, launch
 from gradio_client import Client
 
 from lora_demo import adapters
@@ -102,8 +102,8 @@ def test_stop_takes_effect_within_one_step_and_the_run_is_kept(app):
         if update["step"] >= 2:
             answer = c.predict(run_id=update["run_id"], api_name="/stop")
             break
-    final = job.result()
-    assert final["status"] == "stopped" and final["step"] <= answer["step_at_request"] + 1, (final["step"], answer)
+    final = final_row(app[0], update["run_id"])
+    assert final["status"] == "stopped" and final["steps_done"] <= answer["step_at_request"] + 1, (final, answer)
     assert (app[1] / "runs" / final["run_id"] / "adapter_model.safetensors").is_file()
 
 

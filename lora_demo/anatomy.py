@@ -1,0 +1,160 @@
+"""What an adapter learned and where: exact figures from a run's A and B. No TensorFlow, no gradio.
+
+For each adapted layer, ΔW = (alpha/r)·A·B in the Keras kernel layout (in, out), computed in float64:
+
+- ‖ΔW‖_F, and ‖ΔW‖_F / ‖W‖_F against the frozen kernel it is added to;
+- its singular values. ΔW has rank at most r, so with A = Qa·Ra and Bᵀ = Qb·Rb (thin QR),
+  ΔW = (alpha/r)·Qa·(Ra·Rbᵀ)·Qbᵀ, and the singular values of ΔW are exactly those of the r×r matrix
+  (alpha/r)·Ra·Rbᵀ. No (in × out) SVD is needed;
+- the effective rank: how many singular values hold ``ENERGY`` (90%) of Σσ², i.e. of ‖ΔW‖_F²;
+- the subspace similarity φ of Hu et al. (2021, section 7, eq. 4) between two runs' top input-side
+  singular directions, φ(i, j) = ‖U₁[:, :i]ᵀ U₂[:, :j]‖_F² / min(i, j), in [0, 1]. The input-side
+  directions of ΔW = s·A·B lie in the span of A, which is what the paper compares.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .adapters import KEY, PREFIX
+from .config import LoraConfig
+from .inject import MODULE_PATH
+
+ENERGY = 0.90
+KIND = {"SelfAttention": "self", "EncDecAttention": "cross", "DenseReluDense": "ffn"}
+COLUMNS = ["self q", "self k", "self v", "self o", "cross q", "cross k", "cross v", "cross o",
+           "ffn wi", "ffn wi_0", "ffn wi_1", "ffn wo"]
+
+
+def column(path: str) -> str:
+    m = MODULE_PATH.match(path)
+    return f"{KIND[m['kind']]} {m['module']}"
+
+
+def row(path: str) -> str:
+    m = MODULE_PATH.match(path)
+    return f"{m['side']} {m['block']}"
+
+
+def factors(state: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """path -> (A (in, r), B (r, out)) in float64, from PEFT-layout tensors (A (r, in), B (out, r))."""
+    paths = sorted({KEY.match(k)["path"] for k in state if KEY.match(k)})
+    return {p: (state[f"{PREFIX}{p}.lora_A.weight"].T.astype(np.float64),
+                state[f"{PREFIX}{p}.lora_B.weight"].T.astype(np.float64)) for p in paths}
+
+
+def delta(cfg: LoraConfig, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ΔW = (alpha/r)·A·B, (in, out), float64."""
+    return cfg.scaling * (a @ b)
+
+
+def _core(cfg: LoraConfig, a: np.ndarray, b: np.ndarray):
+    qa, ra = np.linalg.qr(a)
+    qb, rb = np.linalg.qr(b.T)
+    u, s, vt = np.linalg.svd(cfg.scaling * ra @ rb.T)
+    return qa, u, s
+
+
+def singular_values(cfg: LoraConfig, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The r singular values of ΔW (descending; at most r are non-zero)."""
+    return _core(cfg, a, b)[2]
+
+
+def input_directions(cfg: LoraConfig, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Left singular vectors of ΔW (in × r, columns by descending singular value)."""
+    qa, u, _ = _core(cfg, a, b)
+    return qa @ u
+
+
+def effective_rank(sv: np.ndarray, energy: float = ENERGY) -> int:
+    """The fewest singular values whose squares hold ``energy`` of the total; 0 for ΔW = 0."""
+    power = np.asarray(sv, np.float64) ** 2
+    total = power.sum()
+    if total <= 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(power) / total, energy - 1e-12) + 1)
+
+
+def phi(u1: np.ndarray, u2: np.ndarray, i: int, j: int) -> float:
+    """Subspace similarity of the top-i columns of u1 and the top-j columns of u2 (orthonormal)."""
+    return float(np.linalg.norm(u1[:, :i].T @ u2[:, :j]) ** 2 / min(i, j))
+
+
+def inspect(cfg: LoraConfig, state: dict[str, np.ndarray], base_norms: dict[str, float] | None = None) -> dict:
+    """Per-layer figures, the ‖ΔW‖_F heatmap grid (blocks × modules) and a summary. Layers are named
+    by their module path under "layer" (not "path": Gradio clients read a "path" key as a file)."""
+    layers = []
+    for path, (a, b) in factors(state).items():
+        sv = singular_values(cfg, a, b)
+        fro = float(np.sqrt((sv ** 2).sum()))
+        w = (base_norms or {}).get(path)
+        layers.append({"layer": path, "row": row(path), "column": column(path), "shape": [a.shape[0], b.shape[1]],
+                       "rank": int(a.shape[1]), "fro": fro, "base_fro": w, "relative": fro / w if w else None,
+                       "singular_values": [float(x) for x in sv], "effective_rank": effective_rank(sv)})
+    rows = sorted({x["row"] for x in layers}, key=lambda r: (r.split()[0] != "encoder", int(r.split()[1])))
+    cols = [c for c in COLUMNS if any(x["column"] == c for x in layers)]
+    grid = [[None] * len(cols) for _ in rows]
+    for x in layers:
+        grid[rows.index(x["row"])][cols.index(x["column"])] = x["fro"]
+    eff = [x["effective_rank"] for x in layers]
+    rel = [x["relative"] for x in layers if x["relative"] is not None]
+    return {"rank": cfg.rank, "alpha": cfg.alpha, "energy": ENERGY, "layers": layers,
+            "heatmap": {"rows": rows, "columns": cols, "fro": grid},
+            "summary": {"layers": len(layers), "mean_effective_rank": float(np.mean(eff)) if eff else None,
+                        "max_effective_rank": max(eff) if eff else None,
+                        "total_fro": float(np.sqrt(sum(x["fro"] ** 2 for x in layers))),
+                        "max_relative": max(rel) if rel else None,
+                        "largest": max(layers, key=lambda x: x["fro"])["layer"] if layers else None}}
+
+
+def similarity(cfg1: LoraConfig, state1: dict, cfg2: LoraConfig, state2: dict) -> dict:
+    """φ between two adapters on the layers both adapted: for the top direction (i = j = 1) and
+    for the top k = min(r1, r2) directions. None where either ΔW is zero (no directions)."""
+    f1, f2 = factors(state1), factors(state2)
+    k = min(cfg1.rank, cfg2.rank)
+    layers = []
+    for path in sorted(set(f1) & set(f2)):
+        (a1, b1), (a2, b2) = f1[path], f2[path]
+        zero = not singular_values(cfg1, a1, b1).any() or not singular_values(cfg2, a2, b2).any()
+        u1, u2 = input_directions(cfg1, a1, b1), input_directions(cfg2, a2, b2)
+        layers.append({"layer": path, "row": row(path), "column": column(path),
+                       "phi_1": None if zero else phi(u1, u2, 1, 1),
+                       "phi_k": None if zero else phi(u1, u2, k, k)})
+    known = [x["phi_k"] for x in layers if x["phi_k"] is not None]
+    return {"ranks": [cfg1.rank, cfg2.rank], "k": k, "layers": layers,
+            "mean_phi_k": float(np.mean(known)) if known else None,
+            "mean_phi_1": float(np.mean([x["phi_1"] for x in layers if x["phi_1"] is not None])) if known else None,
+            # two random k-dimensional subspaces of R^d have E[φ] = k/d: the no-shared-structure level
+            "chance_phi_k": k / next(iter(f1.values()))[0].shape[0] if f1 else None}
+
+
+def base_norms(model) -> dict[str, float]:
+    """‖W‖_F of every LoRA-able kernel of a TF T5 (its frozen base kernel if it carries an adapter)."""
+    from .inject import dense_sites
+    from .lora import LoraDense
+
+    out = {}
+    for site in dense_sites(model):
+        layer = getattr(site.owner, site.attr)
+        layer = layer.base if isinstance(layer, LoraDense) else layer
+        out[site.path] = float(np.linalg.norm(layer.kernel.numpy().astype(np.float64)))
+    return out
+
+
+def switch_off(state: dict[str, np.ndarray], sides=("encoder", "decoder"), blocks: tuple[int, int] | None = None,
+               modules=None) -> dict[str, np.ndarray]:
+    """The part of an adapter that stays on: layers in ``sides``, in the block range, of the module
+    types in ``modules`` (``column`` names, e.g. "self q", "ffn wo"; None = all). The rest is off, so
+    with nothing kept the model is the base model exactly."""
+    keep = {}
+    for key, value in state.items():
+        path = KEY.match(key)["path"]
+        m = MODULE_PATH.match(path)
+        if m["side"] not in sides:
+            continue
+        if blocks is not None and not blocks[0] <= int(m["block"]) <= blocks[1]:
+            continue
+        if modules is not None and column(path) not in modules:
+            continue
+        keep[key] = value
+    return keep
