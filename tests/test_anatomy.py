@@ -161,11 +161,12 @@ def test_the_teaching_point_flan_t5_base():
 def test_cli_inspect_prints_the_figures_as_json(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = [sys.executable, "-m", "lora_demo"]
-    for rank, out in ((2, "r2"), (8, "r8")):
-        subprocess.run(run + ["train", "--model", "tiny", "--rank", str(rank), "--targets", "q,v", "--steps", "3",
-                              "--train-size", "16", "--bleu-size", "0", "--json", "--out", str(tmp_path / out)],
-                       cwd=ROOT, check=True, capture_output=True, timeout=600, env=env)
-    proc = subprocess.run(run + ["inspect", str(tmp_path / "r8"), "--compare", str(tmp_path / "r2")], cwd=ROOT,
+    subprocess.run(run + ["sweep", "--model", "tiny", "--ranks", "8,2", "--targets", "q,v", "--steps", "3",
+                          "--train-size", "16", "--bleu-size", "0", "--json", "--out", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600, env=env)
+    r8, r2 = sorted((p for p in tmp_path.iterdir() if (p / "metrics.json").is_file()),
+                    key=lambda p: json.loads((p / "metrics.json").read_text())["created"])
+    proc = subprocess.run(run + ["inspect", str(r8), "--compare", str(r2)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
@@ -177,3 +178,4 @@ def test_cli_inspect_prints_the_figures_as_json(tmp_path):
     assert all(0 <= x["phi_k"] <= 1 for x in out["similarity"]["layers"])
     rows = {r[0]: r for r in out["budget"]["rows"]}
     assert rows["trainable parameters"][1] == rows["trainable parameters"][2]
+    assert rows["optimiser state (MB)"][3] == 0.0

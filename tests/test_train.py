@@ -136,8 +136,11 @@ def _with_dropout(loaded, rate: float):
     config = type(loaded.model.config).from_dict({**loaded.model.config.to_dict(), "dropout_rate": rate})
     model = type(loaded.model)(config)
     model(model.dummy_inputs)
-    for dst, src in zip(model.weights, loaded.model.weights):
-        dst.assign(src)
+    from lora_demo.params import keras_name_to_path
+
+    source = {keras_name_to_path(v.name): v for v in loaded.model.weights}   # by name: adapters reorder weights
+    for dst in model.weights:
+        dst.assign(source[keras_name_to_path(dst.name)])
     return model
 
 
