@@ -50,13 +50,13 @@ def predict(config, lora: LoraConfig, train: TrainConfig, history: list[dict] | 
                            2 if precision == "bf16" else 4)
     step = _step_estimate(history or [], train)
 
-    def column(trainable: int) -> dict:
-        return {"trainable": trainable, "pct_trainable": 100.0 * trainable / b.total,
+    def column(trainable: int, total: int = b.total) -> dict:
+        return {"trainable": trainable, "pct_trainable": 100.0 * trainable / total,
                 "adapter_bytes": trainable * BYTES_FP32, "optimizer_bytes": slots * trainable * BYTES_FP32}
 
     return {"lora": {**column(b.trainable), "activation_bytes_est": act,
                      "step_s_est": step["step_s"] if step else None},
-            "full": {**column(full_total), "activation_bytes_est": act, "step_s_est": None},
+            "full": {**column(full_total, full_total), "activation_bytes_est": act, "step_s_est": None},
             "lora_plus_shared_embedding": column(b.trainable + shared),
             "total_params": b.total, "optimizer": train.optimizer, "optimizer_slots": slots,
             "step_basis": step["basis"] if step else "no finished run of this model on this machine yet: "

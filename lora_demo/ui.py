@@ -721,8 +721,6 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 with gr.Row(equal_height=True):
                     ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks", scale=2)
                     sweep_btn = gr.Button("Sweep ranks", scale=1)
-                with gr.Accordion("Predicted budget: this config vs full fine-tuning", open=False):
-                    budget_md = gr.Markdown(elem_id="budget")
             with gr.Column(scale=3, min_width=420):
                 status = gr.Markdown("Ready. Press **Train** to start a run.", elem_classes=["status"], elem_id="status")
                 loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False, elem_id="loss-plot")
@@ -731,6 +729,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
                 params_plot = gr.Plot(show_label=False)
                 table = gr.Dataframe(headers=["component", "params", "trainable", "% of total"],
                                      interactive=False, wrap=True, column_widths=["34%", "24%", "22%", "20%"])
+                gr.Markdown("### Predicted budget: this config vs full fine-tuning")
+                budget_md = gr.Markdown(elem_id="budget")
 
         gr.Markdown("### 3 · Runs: compare ranks")
         with gr.Row():

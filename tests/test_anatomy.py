@@ -156,6 +156,7 @@ def test_the_teaching_point_flan_t5_base():
     assert pred["lora_plus_shared_embedding"]["trainable"] == 884_736 + 32128 * 768
     assert pred["lora_plus_shared_embedding"]["pct_trainable"] > 10
     assert pred["total_params"] == 248_462_592 and pred["full"]["trainable"] == 248_462_592 - 884_736
+    assert pred["full"]["pct_trainable"] == 100.0
 
 
 def test_cli_inspect_prints_the_figures_as_json(tmp_path):
