@@ -40,14 +40,14 @@ def test_five_clients_at_once_each_get_their_own_runs_and_translations(app, bund
 
     def user(i):
         try:
-            c = client(app)
+            c, side = client(app), client(app)   # side: requests while c's own job streams (no overlap on c)
             # one shape for all (seeds differ): after the first run, the others reuse its compiled step
             job = c.submit(rank=4, targets=["q", "v"], seed=i, lr=0.01, api_name="/train", **SHORT)
             translated_meanwhile = None
             for update in job:
                 positions.append(update["queue_position"])
                 if translated_meanwhile is None:   # while this run waits or trains, others are training
-                    translated_meanwhile = c.predict(text=text, api_name="/translate")
+                    translated_meanwhile = side.predict(text=text, api_name="/translate")
             final = job.result()
             results[i] = {"final": final, "runs": c.predict(api_name="/runs"),
                           "meanwhile": translated_meanwhile,
