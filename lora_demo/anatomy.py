@@ -114,9 +114,9 @@ def similarity(cfg1: LoraConfig, state1: dict, cfg2: LoraConfig, state2: dict) -
     k = min(cfg1.rank, cfg2.rank)
     layers = []
     for path in sorted(set(f1) & set(f2)):
-        (a1, b1), (a2, b2) = f1[path], f2[path]
-        zero = not singular_values(cfg1, a1, b1).any() or not singular_values(cfg2, a2, b2).any()
-        u1, u2 = input_directions(cfg1, a1, b1), input_directions(cfg2, a2, b2)
+        (qa1, c1, s1), (qa2, c2, s2) = _core(cfg1, *f1[path]), _core(cfg2, *f2[path])
+        zero = not s1.any() or not s2.any()
+        u1, u2 = qa1 @ c1, qa2 @ c2                    # input_directions() of each, from one SVD
         layers.append({"layer": path, "row": row(path), "column": column(path),
                        "phi_1": None if zero else phi(u1, u2, 1, 1),
                        "phi_k": None if zero else phi(u1, u2, k, k)})
@@ -130,15 +130,11 @@ def similarity(cfg1: LoraConfig, state1: dict, cfg2: LoraConfig, state2: dict) -
 
 def base_norms(model) -> dict[str, float]:
     """‖W‖_F of every LoRA-able kernel of a TF T5 (its frozen base kernel if it carries an adapter)."""
+    from .adapters import _dense
     from .inject import dense_sites
-    from .lora import LoraDense
 
-    out = {}
-    for site in dense_sites(model):
-        layer = getattr(site.owner, site.attr)
-        layer = layer.base if isinstance(layer, LoraDense) else layer
-        out[site.path] = float(np.linalg.norm(layer.kernel.numpy().astype(np.float64)))
-    return out
+    return {site.path: float(np.linalg.norm(_dense(getattr(site.owner, site.attr)).kernel.numpy().astype(np.float64)))
+            for site in dense_sites(model)}
 
 
 def switch_off(state: dict[str, np.ndarray], sides=("encoder", "decoder"), blocks: tuple[int, int] | None = None,

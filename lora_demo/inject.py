@@ -114,6 +114,11 @@ def freeze_base(model) -> None:
             layer._trainable_weights = []
 
 
+def _layer_seed(seed: int, i: int) -> int:
+    """The seed of the i-th adapted layer's A in a run seeded ``seed``."""
+    return seed * 100_003 + i
+
+
 def apply_lora(model, cfg: LoraConfig, seed: int = 0, clock: DropoutClock | None = None) -> list[LoraDense]:
     """Wrap the targeted Dense layers (replacing any earlier adapter) and freeze the base.
     With a ``clock`` (training), LoRA dropout masks are keyed on it (see lora.StepDropout)."""
@@ -126,7 +131,7 @@ def apply_lora(model, cfg: LoraConfig, seed: int = 0, clock: DropoutClock | None
     for i, path in enumerate(chosen):
         site = sites[path]
         layer = LoraDense(getattr(site.owner, site.attr), cfg.rank, cfg.alpha, cfg.dropout, path=path,
-                          seed=seed * 100_003 + i, clock=clock)
+                          seed=_layer_seed(seed, i), clock=clock)
         setattr(site.owner, site.attr, layer)
         wrapped.append(layer)
     freeze_base(model)
@@ -144,7 +149,7 @@ def reattach(model, layers: list[LoraDense], alpha: float, seed: int) -> list[Lo
         site = sites[layer.path]
         if getattr(site.owner, site.attr) is not layer.base:
             raise ValueError(f"{layer.path}: the cached adapter layer wraps a different Dense")
-        layer.reset(alpha, seed * 100_003 + i)
+        layer.reset(alpha, _layer_seed(seed, i))
         setattr(site.owner, site.attr, layer)
     freeze_base(model)
     _bump(model)

@@ -75,7 +75,6 @@ class LoraDense(tf.keras.layers.Layer):
         # alpha/r as a variable too, so a compiled step reused with another alpha needs no retrace
         object.__setattr__(self, "_scaling", tf.Variable(self.alpha / self.rank, trainable=False, dtype=tf.float32,
                                                          name="lora_scaling"))
-        self.init_seed = seed
         if dropout <= 0:
             self.dropout = None
         elif clock is not None:   # training: masks keyed on (seed, step, this layer's path)
@@ -97,7 +96,7 @@ class LoraDense(tf.keras.layers.Layer):
         """Start again as a fresh adapter would: A drawn as at construction from ``seed``, B = 0."""
         self.lora_A.assign(_init_a(seed)(self.lora_A.shape, tf.float32))
         self.lora_B.assign(tf.zeros_like(self.lora_B))
-        self.alpha, self.init_seed = float(alpha), seed
+        self.alpha = float(alpha)
         self._scaling.assign(self.alpha / self.rank)
         self.scale.assign(1.0)
 

@@ -404,11 +404,7 @@ class Lab:
         """Remove a finished run of ``session`` and its directory (an explicit user action)."""
         import shutil
 
-        job = self.jobs.get(run_id or "")
-        if job is None:
-            raise ConfigError(f"no run {run_id!r} on this server" if run_id else "choose a run first")
-        if session is not None and job.session != session:
-            raise ConfigError(f"run {run_id!r} belongs to another session")
+        job = self._session_job(run_id, session)
         if not job.done.is_set() and job.status in ("queued", "running"):
             raise ConfigError(f"run {run_id!r} is still {job.status}; stop it first")
         with self.lock:
@@ -444,13 +440,18 @@ class Lab:
             job.adapter = adapters.load_state(job.dir)  # a run recorded before this server started
         return job.adapter
 
-    def owned(self, run_id: str, session: str | None) -> Job:
-        """A run of ``session`` (any session with None) that has an adapter this server can use."""
+    def _session_job(self, run_id: str, session: str | None) -> Job:
+        """Run ``run_id`` if it exists and belongs to ``session`` (any session with None)."""
         job = self.jobs.get(run_id or "")
         if job is None:
             raise ConfigError(f"no run {run_id!r} on this server" if run_id else "choose a run first")
         if session is not None and job.session != session:
             raise ConfigError(f"run {run_id!r} belongs to another session")
+        return job
+
+    def owned(self, run_id: str, session: str | None) -> Job:
+        """A run of ``session`` (any session with None) that has an adapter this server can use."""
+        job = self._session_job(run_id, session)
         if job.config.model != self.loaded.name:
             raise ConfigError(f"run {run_id!r} was trained on {job.config.model}; this server runs "
                               f"{self.loaded.name}")

@@ -381,16 +381,18 @@ def ui_runs(session, show_all, selected, curves, log_y, x_axis, metric, seen, fo
     records = [j.record() for j in jobs]
     shown = [r for r in records if r["run_id"] in chosen]
     mine = [j for j in _lab().runs(session or "") if _usable(j)]
+    choices = [(_run_label(j), j.id) for j in mine]
+
+    def newest():   # one update per dropdown: Gradio may consume an update dict as it applies it
+        return gr.update(choices=choices, value=mine[-1].id if mine else None)
+
     return (compare.table(records),
             gr.update(choices=[(_run_label(j), j.id) for j in jobs], value=chosen),
             plots.loss_overlay(shown, "train" in (curves or []), "validation" in (curves or []), bool(log_y),
                                "tokens" if x_axis == "training tokens" else "step", title="Loss by run (colour = rank)"),
             plots.quality_figure(shown, "chrf" if metric == "chrF" else "bleu"),
-            gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-1].id if mine else None),
-            gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-1].id if mine else None),
-            gr.skip(),
-            gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-1].id if mine else None),
-            gr.update(choices=[(_run_label(j), j.id) for j in mine], value=mine[-2].id if len(mine) > 1 else None),
+            newest(), newest(), gr.skip(), newest(),
+            gr.update(choices=choices, value=mine[-2].id if len(mine) > 1 else None),
             key)
 
 
