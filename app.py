@@ -5,9 +5,10 @@ import logging
 import os
 
 import lora_demo  # noqa: F401  (pins Keras before TensorFlow loads)
+from lora_demo.config import ConfigError
+from lora_demo.distribute import cluster_workers, make_strategy
 from lora_demo.models import DEFAULT_MODEL, configure_devices, describe, load_model
 from lora_demo.runs import Lab
-from lora_demo.train import make_strategy
 from lora_demo.ui import build_demo, launch
 
 
@@ -33,9 +34,19 @@ def main() -> None:
     log = logging.getLogger("lora_lab")
     if devices["gpus"]:
         log.info("GPUs: %d, memory growth on %s", devices["gpus"], ", ".join(devices["memory_growth"]) or "none")
+    # The strategy comes before the model: a multi-worker strategy must set up collective ops before
+    # TensorFlow's runtime starts, and loading a model starts it.
+    if args.strategy == "multiworker" and cluster_workers() > 1:
+        raise SystemExit("error: the app trains on this machine only; TF_CONFIG names several workers. Train "
+                         "across workers with `python -m lora_demo train --strategy multiworker` on each of them "
+                         "(README: Scale-out), or unset TF_CONFIG.")
+    try:
+        strategy = make_strategy(args.strategy)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     loaded = load_model(args.model, precision=args.precision)
     log.info(describe(loaded))
-    lab = Lab(loaded, runs_dir=args.runs_dir, data_source=args.data, strategy=make_strategy(args.strategy))
+    lab = Lab(loaded, runs_dir=args.runs_dir, data_source=args.data, strategy=strategy)
     log.info("training precision: %s (asked for %s)", lab.precision, args.precision)
     demo = build_demo(lab)
     launch(demo, server_name=args.host, server_port=args.port)

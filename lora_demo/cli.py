@@ -6,8 +6,10 @@ The CLI calls the same functions as the app, so its numbers are the app's number
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -154,7 +156,7 @@ def _run_config(a, rank=None) -> RunConfig:
                                        eval_size=a.eval_size, bleu_size=a.bleu_size))
 
 
-def _execute(a, loaded, job, base_cache: dict, history: list[dict] | None = None) -> None:
+def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict] | None = None) -> None:
     """Train, score and record one run, with a progress bar (or JSON lines)."""
     from .budget import predict
     from .events import StepLogged, to_dict
@@ -182,11 +184,9 @@ def _execute(a, loaded, job, base_cache: dict, history: list[dict] | None = None
             bar.update(1)
             bar.set_postfix(loss=f"{event.loss:.3f}", tok_s=f"{event.tokens_per_s:,.0f}")
 
-    from .train import make_strategy
-
     try:
         execute(job, loaded.model, loaded.tokenizer, lambda split, n: _pairs(a.data, split, n),
-                base_cache, on_change, strategy=make_strategy(a.strategy))
+                base_cache, on_change, strategy=strategy)
     finally:
         if bar:
             bar.close()
@@ -222,16 +222,48 @@ def _report(job) -> str:
     return text
 
 
+@contextlib.contextmanager
+def _output_dir(out: str, chief: bool):
+    """The directory this process writes to: ``out`` on the chief (or alone); on any other worker of
+    a cluster a private temporary directory, removed afterwards, so one run directory is written."""
+    if chief:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="lora-lab-worker-") as tmp:
+        yield Path(tmp) / Path(out).name
+
+
+def _strategy_first(a):
+    """The strategy, created before the model is loaded (TensorFlow's runtime must not have started)."""
+    from .distribute import is_chief, make_strategy
+
+    strategy = make_strategy(a.strategy)
+    chief = is_chief(strategy)
+    if not chief:   # the chief scores and records; this worker only trains
+        a.bleu_size = 0
+    return strategy, chief
+
+
+def _worker_note(job, chief: bool) -> None:
+    if not chief:
+        s = job.summary
+        print(f"worker (not chief): {job.status}, {s.get('steps_done', 0)} steps with {s.get('workers')} workers / "
+              f"{s.get('replicas')} replicas; the chief writes the record", file=sys.stderr)
+
+
 def cmd_train(a) -> int:
     from .runs import Job
 
+    strategy, chief = _strategy_first(a)
     run = _run_config(a)
     loaded = _load(a.model, a.precision)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    job = Job(out.resolve().name, run, "cli", out)
-    _execute(a, loaded, job, {})
-    if not a.json:
+    with _output_dir(a.out, chief) as out:
+        job = Job(Path(a.out).resolve().name, run, "cli", out)
+        _execute(a, loaded, job, {}, strategy)
+    _worker_note(job, chief)
+    if chief and not a.json:
         print(_report(job) + f"\nwrote {out}")
     elif job.status == "failed":
         print(f"error: {job.error}", file=sys.stderr)
@@ -243,16 +275,20 @@ def cmd_sweep(a) -> int:
     from .runs import Job
 
     configs = [_run_config(a, rank=r) for r in parse_ranks(a.ranks)]  # validate every rank before training any
+    strategy, chief = _strategy_first(a)
+    configs = [_run_config(a, rank=r) for r in parse_ranks(a.ranks)]   # again: a worker skips scoring
     loaded = _load(a.model, a.precision)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sweep, base_cache, jobs = f"sweep-{out.resolve().name}", {}, []
-    for cfg in configs:
-        job = Job.new(cfg, "cli", out, sweep=sweep)
-        jobs.append(job)
-        _execute(a, loaded, job, base_cache, history=[j.record() for j in jobs])
-        if not a.json:
-            print(f"r={cfg.lora.rank}: " + _report(job).replace("\n", "\n  "), file=sys.stderr)
+    with _output_dir(a.out, chief) as out:
+        sweep, base_cache, jobs = f"sweep-{Path(a.out).resolve().name}", {}, []
+        for cfg in configs:
+            job = Job.new(cfg, "cli", out, sweep=sweep)
+            jobs.append(job)
+            _execute(a, loaded, job, base_cache, strategy, history=[j.record() for j in jobs])
+            if not a.json and chief:
+                print(f"r={cfg.lora.rank}: " + _report(job).replace("\n", "\n  "), file=sys.stderr)
+    if not chief:
+        _worker_note(jobs[-1], chief)
+        return 1 if any(j.status == "failed" for j in jobs) else 0
     records = [j.record() for j in jobs]
     (out / "summary.csv").write_text(compare.to_csv(records), encoding="utf-8")
     (out / "summary.md").write_text(compare.to_markdown(records), encoding="utf-8")

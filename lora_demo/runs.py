@@ -31,10 +31,11 @@ import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import adapters, anatomy, budget, data
+from . import adapters, anatomy, budget, data, owners
 from .config import ConfigError, RunConfig, limits
 from .evaluate import scores, translate
 from .events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged, to_dict
@@ -48,6 +49,7 @@ FINAL = ("completed", "stopped", "failed", "interrupted", "imported")
 RECORD = "metrics.json"
 EVAL_BATCH = 16          # sentences per generate() call when scoring BLEU/chrF
 EVAL_MAX_NEW_TOKENS = 128
+CONNECTIONS_KEPT = 100_000   # API connections whose implicit owner key is remembered (oldest forgotten first)
 
 
 # ---------------------------------------------------------------------------
@@ -58,7 +60,7 @@ EVAL_MAX_NEW_TOKENS = 128
 class Job:
     id: str
     config: RunConfig
-    session: str
+    owner: str                               # SHA-256 digest of the owner key (owners.py); never the key
     dir: Path
     sweep: str = ""                          # sweep id when the run is part of a rank sweep
     created: float = field(default_factory=time.time)
@@ -85,8 +87,12 @@ class Job:
 
     @classmethod
     def new(cls, config: RunConfig, session: str, parent: Path, sweep: str = "") -> "Job":
+        """A new run owned by the holder of the key ``session``."""
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        return cls(run_id, config, session, Path(parent) / run_id, sweep=sweep)
+        return cls(run_id, config, owners.digest(session), Path(parent) / run_id, sweep=sweep)
+
+    def owned_by(self, session: str | None) -> bool:
+        return owners.holds(session, self.owner)
 
     # -- updates -------------------------------------------------------------
     def apply(self, event) -> None:
@@ -117,7 +123,7 @@ class Job:
         return (t1 - t0) / (s1 - s0) * (self.config.train.steps - s1)
 
     def record(self) -> dict:
-        return {"run_id": self.id, "session": self.session, "sweep": self.sweep, "created": self.created,
+        return {"run_id": self.id, "owner": self.owner, "sweep": self.sweep, "created": self.created,
                 "status": self.status, "error": self.error, "config": self.config.to_dict(),
                 "model": self.config.model, "params": self.params, "data": self.data, "device": self.device,
                 "losses": self.losses, "val_losses": self.val_losses, "summary": self.summary,
@@ -138,12 +144,16 @@ class Job:
     def load(cls, run_dir: Path) -> "Job":
         """A record from disk; an unfinished one (the server died) comes back as interrupted."""
         rec = json.loads((run_dir / RECORD).read_text())
-        job = cls(rec["run_id"], RunConfig.from_dict(rec["config"]), rec["session"], run_dir, sweep=rec["sweep"],
+        # records written before owner keys kept the browser's session id itself: store its digest now
+        owner = rec.get("owner") or owners.digest(rec.get("session", ""))
+        job = cls(rec["run_id"], RunConfig.from_dict(rec["config"]), owner, run_dir, sweep=rec["sweep"],
                   created=rec["created"], status=rec["status"], error=rec["error"], params=rec["params"],
                   data=rec["data"], device=rec["device"], losses=rec["losses"], val_losses=rec["val_losses"],
                   summary=rec["summary"], quality=rec["quality"], memory=rec["memory"],
                   adapter_files=rec["adapter"], origin=rec.get("origin") or {},
                   prediction=rec.get("prediction") or {})
+        if "session" in rec:
+            job.save()
         if job.status not in FINAL:
             job._replay()
             job.status = "interrupted"
@@ -170,12 +180,12 @@ class Job:
 
 
 def summary_row(job: Job, session: str | None = None) -> dict:
-    """A compact, JSON-friendly view of a run for lists and the API. Session ids are never shown
-    (they are what keeps one user's adapters from another's); ``mine`` says whose it is."""
+    """A compact, JSON-friendly view of a run for lists and the API. Owner keys (and their digests)
+    are never shown; ``mine`` says whether ``session`` (an owner key) holds the run."""
     rec = job.record()
-    for key in ("losses", "val_losses", "config", "session"):
+    for key in ("losses", "val_losses", "config", "owner"):
         rec.pop(key)
-    rec["mine"] = session is not None and job.session == session
+    rec["mine"] = job.owned_by(session)
     rec.update(rank=job.config.lora.rank, alpha=job.config.lora.alpha, targets=list(job.config.lora.targets),
                steps=job.config.train.steps, steps_done=len(job.losses))
     return rec
@@ -322,6 +332,7 @@ class Lab:
         self._pairs: dict[tuple, data.Pairs] = {}
         self._base_scores: dict[int, dict] = {}
         self._base_norms: dict[str, float] | None = None   # ‖W‖_F per kernel, for anatomy
+        self._connection_keys: OrderedDict[str, str] = OrderedDict()   # API connection -> its owner key
         self._load_records()
         self.workers = [threading.Thread(target=self._work, args=(model,), daemon=True, name=f"lora-train-{i}")
                         for i, model in enumerate(self.trainers)]
@@ -337,6 +348,15 @@ class Lab:
                 continue
             self.jobs[job.id] = job  # listed even if trained on another base model; see translate()
         log.info("loaded %d run records from %s", len(self.jobs), self.runs_dir)
+
+    def connection_key(self, connection: str) -> str:
+        """The owner key of an API connection that did not present one (kept in memory only)."""
+        with self.lock:
+            key = self._connection_keys.pop(connection, None) or owners.new_key()
+            self._connection_keys[connection] = key
+            while len(self._connection_keys) > CONNECTIONS_KEPT:
+                self._connection_keys.popitem(last=False)
+            return key
 
     # -- data ----------------------------------------------------------------
     def pairs(self, split: str, n: int) -> data.Pairs:
@@ -397,7 +417,7 @@ class Lab:
 
     def runs(self, session: str | None = None) -> list[Job]:
         """Runs of one session (or all, with None), oldest first."""
-        jobs = [j for j in self.jobs.values() if session is None or j.session == session]
+        jobs = [j for j in self.jobs.values() if session is None or j.owned_by(session)]
         return sorted(jobs, key=lambda j: j.created)
 
     def delete(self, run_id: str, session: str | None) -> Job:
@@ -445,7 +465,7 @@ class Lab:
         job = self.jobs.get(run_id or "")
         if job is None:
             raise ConfigError(f"no run {run_id!r} on this server" if run_id else "choose a run first")
-        if session is not None and job.session != session:
+        if session is not None and not job.owned_by(session):
             raise ConfigError(f"run {run_id!r} belongs to another session")
         return job
 

@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from . import data
 from .config import ConfigError, RunConfig, TrainConfig
+from .distribute import make_strategy, topology  # noqa: F401  (make_strategy: re-exported)
 from .events import EvalLogged, Event, RunFailed, RunFinished, RunStarted, StepLogged
 from .inject import apply_lora, dense_sites, reattach, select_paths, set_scale
 from .lora import DropoutClock, LoraDense, step_dropout
@@ -152,30 +153,6 @@ def make_eval(model):
 # ---------------------------------------------------------------------------
 # Scale-out: the same step under a tf.distribute strategy
 # ---------------------------------------------------------------------------
-
-STRATEGIES = ("default", "mirrored", "multiworker")
-
-
-def make_strategy(name: str = "default"):
-    """None for one device (the default), else a tf.distribute strategy.
-
-    - ``mirrored``: one replica per local GPU, or per logical CPU device when there is no GPU
-      (``tf.config.set_logical_device_configuration`` splits a CPU, as the tests do);
-    - ``multiworker``: one replica set per worker, workers described by the ``TF_CONFIG``
-      environment variable (without it, this machine alone).
-    """
-    if name not in STRATEGIES:
-        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
-    if name == "default":
-        return None
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    if gpus:
-        return tf.distribute.MirroredStrategy(gpus)
-    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-    return tf.distribute.MirroredStrategy(cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
-
 
 def make_distributed_step(strategy, model, opt, variables, clip_norm: float, clock: DropoutClock | None = None):
     """One step of the global batch, split across replicas. Each replica's loss is its token
@@ -336,6 +313,10 @@ def _failure(step: int, exc: BaseException) -> RunFailed:
                          "lower the batch size or the rank, shorten max lengths, or use a smaller model")
     if isinstance(exc, ConfigError):
         return RunFailed(step, str(exc), "fix the setting named above and train again")
+    if isinstance(exc, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
+        return RunFailed(step, f"another worker of the cluster stopped answering at step {step} (it ended, or the "
+                               f"network between the workers failed)",
+                         "start the same command again on every worker; the steps logged so far are kept")
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
     return RunFailed(step, f"training stopped by an error at step {step}: {type(exc).__name__}: {first}",
                      "this is a bug or an unsupported setting; try the defaults, and report it if it persists")
@@ -525,6 +506,7 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: thread
             "tokens_per_s": tokens / elapsed if elapsed else 0.0, "data_origin": data_origin,
             "pairs_seen": len(losses) * cfg.batch_size,
             "optimizer_state_bytes": optimizer_state_bytes(opt),
+            **topology(strategy),   # strategy, workers and replicas that took part
         }
         yield RunFinished("stopped" if stopped else "completed", summary)
     except Exception as exc:

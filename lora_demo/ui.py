@@ -9,15 +9,16 @@ can do everything the UI does.
 
 from __future__ import annotations
 
+import functools
 import html
+import inspect
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
 
-from . import anatomy, compare, plots
+from . import anatomy, compare, owners, plots
 from .config import (MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, clean_sentences, defaults_for,
                      limits, parse_layers, parse_ranks)
 from .evaluate import sentence_chrf, word_diff
@@ -141,8 +142,31 @@ def _stream(job: Job) -> Iterator[dict]:
         job.done.wait(POLL_S)
 
 
-def _session_of(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "anonymous"
+def _session_of(request: gr.Request | None, owner_key: str = "") -> str:
+    """The owner key an API call acts with: the one it presents, else its connection's own."""
+    if owner_key:
+        return owners.check(owner_key)
+    return _lab().connection_key(getattr(request, "session_hash", None) or "anonymous")
+
+
+def _gr_errors(fn):
+    """ConfigError (bad input, not yours, not found) -> gr.Error, whose message the client sees."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except ConfigError as exc:
+                raise gr.Error(str(exc)) from None
+        return gen
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            raise gr.Error(str(exc)) from None
+    return call
 
 
 def _usable(job: Job) -> bool:
@@ -214,82 +238,80 @@ def api_params(rank: int = 8, alpha: float = 16.0, targets: list[str] | None = N
                                                        "layers": cfg.layers}}
 
 
+@_gr_errors
 def api_train(rank: int = 8, alpha: float = 16.0, targets: list[str] | None = None, side: str = "both",
               first_layer: int = 0, last_layer: int = -1, steps: int = _T.steps, batch_size: int = _T.batch_size,
               lr: float = _T.lr, train_size: int = _T.train_size, seed: int = _T.seed, optimizer: str = _T.optimizer,
-              bleu_size: int = _T.bleu_size, request: gr.Request = None) -> Iterator[dict]:
-    """Queue a training run and stream its progress; the last message carries the summary and BLEU/chrF."""
-    try:
-        cfg = run_config(lora_config(rank, alpha, ["q", "v"] if targets is None else targets, side, first_layer,
-                                     last_layer), steps, batch_size, lr, train_size, seed, optimizer, bleu_size)
-        job = _lab().submit(cfg, _session_of(request))
-    except ConfigError as exc:
-        raise gr.Error(str(exc)) from None
-    yield from _stream(job)
+              bleu_size: int = _T.bleu_size, owner_key: str = "", request: gr.Request = None) -> Iterator[dict]:
+    """Queue a training run and stream its progress; the last message carries the summary and BLEU/chrF.
+    Every message carries ``owner_key``: with it, any client may stop, use or delete the run."""
+    key = _session_of(request, owner_key)
+    cfg = run_config(lora_config(rank, alpha, ["q", "v"] if targets is None else targets, side, first_layer,
+                                 last_layer), steps, batch_size, lr, train_size, seed, optimizer, bleu_size)
+    job = _lab().submit(cfg, key)
+    for status in _stream(job):
+        yield {**status, "owner_key": key}
 
 
+@_gr_errors
 def api_sweep(ranks: str = DEFAULT_RANKS, alpha: float = 16.0, targets: list[str] | None = None,
               side: str = "both", first_layer: int = 0, last_layer: int = -1, steps: int = _T.steps,
               batch_size: int = _T.batch_size, lr: float = _T.lr, train_size: int = _T.train_size,
               seed: int = _T.seed, optimizer: str = _T.optimizer, bleu_size: int = _T.bleu_size,
-              request: gr.Request = None) -> Iterator[dict]:
+              owner_key: str = "", request: gr.Request = None) -> Iterator[dict]:
     """Train the same config at each rank (same seed and data order); stream every run's status."""
-    try:
-        ranks_list = parse_ranks(ranks)
-        cfg = run_config(lora_config(ranks_list[0], alpha, ["q", "v"] if targets is None else targets, side,
-                                     first_layer, last_layer), steps, batch_size, lr, train_size, seed, optimizer,
-                         bleu_size)
-        jobs = _lab().submit_sweep(cfg, ranks_list, _session_of(request))
-    except ConfigError as exc:
-        raise gr.Error(str(exc)) from None
+    key = _session_of(request, owner_key)
+    ranks_list = parse_ranks(ranks)
+    cfg = run_config(lora_config(ranks_list[0], alpha, ["q", "v"] if targets is None else targets, side,
+                                 first_layer, last_layer), steps, batch_size, lr, train_size, seed, optimizer,
+                     bleu_size)
+    jobs = _lab().submit_sweep(cfg, ranks_list, key)
     for job in jobs:
         for _ in _stream(job):
-            yield {"sweep": job.sweep, "runs": [_status(j, _lab()) for j in jobs]}
+            yield {"sweep": job.sweep, "runs": [_status(j, _lab()) for j in jobs], "owner_key": key}
 
 
-def api_stop(run_id: str = "", request: gr.Request = None) -> dict:
+@_gr_errors
+def api_stop(run_id: str = "", owner_key: str = "", request: gr.Request = None) -> dict:
     """Stop a run or a whole sweep (default: this session's newest unfinished run). Within one step."""
-    session = _session_of(request)
+    session = _session_of(request, owner_key)
     mine = [j for j in _lab().runs(session) if not j.done.is_set()]
     if run_id:
         owned = [j for j in _lab().runs(session) if run_id in (j.id, j.sweep)]
         if not owned:
-            raise gr.Error(f"no run or sweep {run_id!r} in this session")
+            raise ConfigError(f"no run or sweep {run_id!r} in this session")
         target = run_id
     elif mine:
         target = mine[-1].sweep or mine[-1].id
     else:
-        raise gr.Error("no run to stop in this session")
+        raise ConfigError("no run to stop in this session")
     job = _lab().stop(target)
     # the step the run had logged when the request arrived: it ends after at most one more
     return {"stopped": target, "stop_requested": True, "step_at_request": job.losses[-1][0] if job.losses else 0}
 
 
-def api_delete_run(run_id: str, request: gr.Request = None) -> dict:
+@_gr_errors
+def api_delete_run(run_id: str, owner_key: str = "", request: gr.Request = None) -> dict:
     """Delete one of this session's finished runs and its files (to make room under the run limit)."""
-    try:
-        job = _lab().delete(run_id, _session_of(request))
-    except ConfigError as exc:
-        raise gr.Error(str(exc)) from None
-    return {"deleted": job.id}
+    return {"deleted": _lab().delete(run_id, _session_of(request, owner_key)).id}
 
 
-def api_runs(all_runs: bool = False, request: gr.Request = None) -> list[dict]:
+@_gr_errors
+def api_runs(all_runs: bool = False, owner_key: str = "", request: gr.Request = None) -> list[dict]:
     """Recorded runs of this session (or of the whole server with all_runs), oldest first."""
-    session = _session_of(request)
+    session = _session_of(request, owner_key)
     return [summary_row(j, session) for j in _lab().runs(None if all_runs else session)]
 
 
+@_gr_errors
 def api_translate(text: str, run_id: str = "", scale: float = 1.0, reference: str = "",
                   sides: list[str] | None = None, blocks: str = "all", modules: list[str] | None = None,
-                  request: gr.Request = None) -> dict:
+                  owner_key: str = "", request: gr.Request = None) -> dict:
     """English lines -> base and LoRA German side by side (default run: this session's newest).
     With reference German (one line per sentence), per-sentence chrF for both. ``sides``, ``blocks``
     and ``modules`` keep only part of the adapter on (e.g. sides=["decoder"], modules=["self q"])."""
-    try:
-        return _translate(text, run_id, scale, _session_of(request), reference, _keep(sides, blocks, modules))
-    except ConfigError as exc:
-        raise gr.Error(str(exc)) from None
+    return _translate(text, run_id, scale, _session_of(request, owner_key), reference,
+                      _keep(sides, blocks, modules))
 
 
 # ---------------------------------------------------------------------------
@@ -320,7 +342,7 @@ def _live(job: Job, s: dict):
 
 def ui_train(rank, alpha, targets, side, first_layer, last_layer, steps, batch_size, lr, train_size, seed,
              optimizer, bleu_size, session):
-    session = session or str(uuid.uuid4())
+    session = session or owners.new_key()
     try:
         cfg = run_config(lora_config(rank, alpha, targets, side, first_layer, last_layer), steps, batch_size, lr,
                          train_size, seed, optimizer, bleu_size)
@@ -333,7 +355,7 @@ def ui_train(rank, alpha, targets, side, first_layer, last_layer, steps, batch_s
 
 def ui_sweep(ranks, alpha, targets, side, first_layer, last_layer, steps, batch_size, lr, train_size, seed,
              optimizer, bleu_size, session):
-    session = session or str(uuid.uuid4())
+    session = session or owners.new_key()
     try:
         ranks_list = parse_ranks(ranks)
         cfg = run_config(lora_config(ranks_list[0], alpha, targets, side, first_layer, last_layer), steps,
@@ -440,7 +462,7 @@ def ui_translate(text, scale, run_id, reference, session, sides, blocks, modules
 
 def ui_restore(session):
     """On page load: a stable session id, and this session's newest run (a reload loses nothing)."""
-    session = session or str(uuid.uuid4())
+    session = session or owners.new_key()
     jobs = _lab().runs(session)
     if not jobs:
         return session, "", "Ready. Press **Train** to start a run.", plots.loss_figure(None)
@@ -524,7 +546,7 @@ def ui_download_merged(run_id, session, progress=gr.Progress()):
 
 def ui_import(files, session):
     """Upload -> validated run of this session; errors stay on screen and change nothing."""
-    session = session or str(uuid.uuid4())
+    session = session or owners.new_key()
     try:
         job = _import(files, session)
     except ConfigError as exc:
@@ -535,27 +557,28 @@ def ui_import(files, session):
             gr.update(value=None), session)
 
 
-def api_import_adapter(files, request: gr.Request):
+@_gr_errors
+def api_import_adapter(files, owner_key: str | None = None, request: gr.Request = None):
     """Import an adapter (a zip, or adapter_config.json + adapter_model.safetensors) into this session."""
-    try:
-        job = _import(files, _session_of(request))
-    except ConfigError as exc:
-        raise gr.Error(str(exc)) from None
-    return {"run_id": job.id, "status": job.status, "rank": job.config.lora.rank, "alpha": job.config.lora.alpha,
+    key = _session_of(request, owner_key or "")
+    job = _import(files, key)
+    return {"run_id": job.id, "owner_key": key, "status": job.status, "rank": job.config.lora.rank, "alpha": job.config.lora.alpha,
             "targets": list(job.config.lora.targets), "side": job.config.lora.side,
             "layers": list(job.config.lora.layers) if job.config.lora.layers else None,
             "adapter_bytes": job.adapter_files["bytes"], "trainable": job.params.get("trainable"),
             "notices": job.origin.get("notices", [])}
 
 
-def api_download_adapter(run_id, request: gr.Request):
+@_gr_errors
+def api_download_adapter(run_id, owner_key: str | None = None, request: gr.Request = None):
     """This session's run ``run_id`` as a zip of its PEFT adapter directory."""
-    return _zip_of(_lab().adapter_zip, run_id, _session_of(request))
+    return str(_lab().adapter_zip(run_id, _session_of(request, owner_key or "")))
 
 
-def api_download_merged(run_id, request: gr.Request):
+@_gr_errors
+def api_download_merged(run_id, owner_key: str | None = None, request: gr.Request = None):
     """This session's run ``run_id`` merged into the base model: a zip of a TF save_pretrained checkpoint."""
-    return _zip_of(_lab().export_merged, run_id, _session_of(request))
+    return str(_lab().export_merged(run_id, _session_of(request, owner_key or "")))
 
 
 # ---------------------------------------------------------------------------
@@ -650,26 +673,22 @@ def ui_inspect(run_a, run_b, session):
     return (plots.delta_heatmap(info), plots.spectra_figure(info), _layer_rows(info), text, sim_fig, sim_text)
 
 
-def _api(fn, *args):
-    try:
-        return fn(*args)
-    except ConfigError as exc:
-        raise gr.Error(str(exc)) from None
-
-
-def api_inspect(run_id: str, request: gr.Request = None) -> dict:
+@_gr_errors
+def api_inspect(run_id: str, owner_key: str = "", request: gr.Request = None) -> dict:
     """ΔW of each adapted layer: ‖ΔW‖_F, ‖ΔW‖/‖W‖, singular values, effective rank; the heatmap grid."""
-    return _api(_lab().inspect, run_id, _session_of(request))
+    return _lab().inspect(run_id, _session_of(request, owner_key))
 
 
-def api_similarity(run_a: str, run_b: str, request: gr.Request = None) -> dict:
+@_gr_errors
+def api_similarity(run_a: str, run_b: str, owner_key: str = "", request: gr.Request = None) -> dict:
     """Subspace similarity φ (Hu et al. 2021, sec. 7) per shared layer between two of this session's runs."""
-    return _api(_lab().similarity, run_a, run_b, _session_of(request))
+    return _lab().similarity(run_a, run_b, _session_of(request, owner_key))
 
 
-def api_budget(run_id: str, request: gr.Request = None) -> dict:
+@_gr_errors
+def api_budget(run_id: str, owner_key: str = "", request: gr.Request = None) -> dict:
     """A run's budget predicted when it was queued, beside what it measured."""
-    return _api(_lab().budget, run_id, _session_of(request))
+    return _lab().budget(run_id, _session_of(request, owner_key))
 
 
 # ---------------------------------------------------------------------------
@@ -816,6 +835,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
         # Public, session-bound endpoints for API clients (their session is the connection's).
         api_btn = gr.Button(visible=False)
         api_run, api_file, api_json = gr.Textbox(visible=False), gr.File(visible=False), gr.JSON(visible=False)
+        api_key = gr.Textbox(visible=False)
 
         # -- events ------------------------------------------------------------
         private = dict(api_visibility="private")
@@ -861,9 +881,9 @@ def build_demo(lab: Lab) -> gr.Blocks:
             ui_runs, runs_inputs, runs_outputs, **private)
         import_btn.click(ui_import, [upload, session], [import_note, upload, session], **private).then(
             ui_runs, runs_inputs, runs_outputs, **private)
-        api_btn.click(api_import_adapter, [upload], [api_json], api_name="import_adapter")
-        api_btn.click(api_download_adapter, [api_run], [api_file], api_name="download_adapter")
-        api_btn.click(api_download_merged, [api_run], [api_file], api_name="download_merged")
+        api_btn.click(api_import_adapter, [upload, api_key], [api_json], api_name="import_adapter")
+        api_btn.click(api_download_adapter, [api_run, api_key], [api_file], api_name="download_adapter")
+        api_btn.click(api_download_merged, [api_run, api_key], [api_file], api_name="download_merged")
 
         gr.api(api_params, api_name="params", concurrency_limit=None)
         gr.api(api_train, api_name="train", concurrency_limit=None)

@@ -78,10 +78,8 @@ def launch(tmp_path, *args, env: dict | None = None):
 
 
 def final_row(url: str, run_id: str, timeout: float = 300) -> dict:
-    """The run's /runs row once it has ended, read by a fresh client (any session: all_runs).
-
-    Used after calling /stop on a client whose own streamed job is still open: gradio_client can drop
-    such a stream (a race in its message loop), so the outcome is read from the server instead."""
+    """The run's /runs row once it has ended, read by a fresh client (any session: all_runs): what the
+    server recorded, beside what a client's stream said."""
     import time
 
     from gradio_client import Client

@@ -55,17 +55,50 @@ def test_train_streams_updates_then_translate_gives_two_columns(client, app):
 
 
 def test_stop_ends_the_run_as_stopped(client, app):
+    """A second client stops the run with the owner key while the first client's stream is open; that stream
+    ends by itself with the run stopped. No client ever has two requests open at once."""
+    second = Client(app[0], verbose=False)
     job = client.submit(steps=400, train_size=32, bleu_size=0, api_name="/train")
+    updates = []
     for update in job:
-        if update["step"] >= 2:
-            stopped = client.predict(run_id=update["run_id"], api_name="/stop")
-            assert stopped["stop_requested"]
-            break
-    final = final_row(app[0], update["run_id"])
-    assert final["status"] == "stopped" and final["steps_done"] < 400
+        updates.append(update)
+        if update["step"] >= 2 and len([u for u in updates if u["step"] >= 2]) == 1:
+            with pytest.raises(Exception, match="no run or sweep"):      # without the key: refused as before
+                second.predict(run_id=update["run_id"], api_name="/stop")
+            stopped = second.predict(run_id=update["run_id"], owner_key=update["owner_key"], api_name="/stop")
+            assert stopped["stop_requested"] and stopped["stopped"] == update["run_id"]
+    assert updates[-1]["status"] == "stopped" and updates[-1]["step"] < 400, updates[-1]
+    assert final_row(app[0], update["run_id"])["status"] == "stopped"
     # the next run starts cleanly
     nxt = Client(app[0], verbose=False).submit(steps=2, train_size=16, bleu_size=0, api_name="/train")
     assert nxt.result()["status"] == "completed"
+
+
+def test_the_owner_key_works_from_any_client_and_is_never_listed_logged_or_written(app):
+    """Run ownership survives the connection: a key from /train lets a new client list, translate with,
+    inspect, download and delete the run; without it the run stays private. The key appears in no listing,
+    no file in the runs directory and no line of the server log."""
+    first = Client(app[0], verbose=False)
+    final = first.submit(rank=2, steps=3, train_size=16, bleu_size=0, api_name="/train").result()
+    key, run_id = final["owner_key"], final["run_id"]
+    assert len(key) >= 32 and key != run_id
+    later = Client(app[0], verbose=False)   # e.g. the same script after a crash
+    assert later.predict(api_name="/runs") == []
+    with pytest.raises(Exception, match="another session"):
+        later.predict(text="Hello.", run_id=run_id, api_name="/translate")
+    assert [r["run_id"] for r in later.predict(owner_key=key, api_name="/runs")] == [run_id]
+    assert later.predict(text="Hello.", run_id=run_id, owner_key=key, api_name="/translate")["run_id"] == run_id
+    assert later.predict(run_id=run_id, owner_key=key, api_name="/inspect")["rank"] == 2
+    assert later.predict(run_id=run_id, owner_key=key, api_name="/download_adapter").endswith(".zip")
+    with pytest.raises(Exception, match="owner_key must be"):
+        later.predict(owner_key="guess", api_name="/runs")
+    listing = repr(later.predict(all_runs=True, api_name="/runs")) + repr(later.predict(owner_key=key,
+                                                                                         api_name="/runs"))
+    assert key not in listing
+    written = [p for p in (app[1] / "runs").rglob("*") if p.is_file()] + list(app[1].glob("app-*.log"))
+    assert written and not [p for p in written if key.encode() in p.read_bytes()]
+    assert later.predict(run_id=run_id, owner_key=key, api_name="/delete_run") == {"deleted": run_id}
+    assert first.predict(api_name="/runs") == []
 
 
 def test_bad_input_gets_a_clear_message_and_the_app_keeps_working(client):
@@ -120,11 +153,14 @@ def test_rank_sweep_through_the_api(client):
 
 
 def test_stop_cancels_the_rest_of_a_sweep(client, app):
+    second = Client(app[0], verbose=False)
     job = client.submit(ranks="1,2,4", steps=400, train_size=16, bleu_size=0, api_name="/sweep")
+    asked = None
     for update in job:
-        if update["runs"][0]["step"] >= 1:
-            assert client.predict(run_id=update["sweep"], api_name="/stop")["stopped"] == update["sweep"]
-            break
+        if asked is None and update["runs"][0]["step"] >= 1:
+            asked = second.predict(run_id=update["sweep"], owner_key=update["owner_key"], api_name="/stop")
+            assert asked["stopped"] == update["sweep"]
+    assert [r["status"] for r in update["runs"]] == ["stopped"] * 3     # the stream ended by itself
     final = [final_row(app[0], r["run_id"]) for r in update["runs"]]
     assert [r["status"] for r in final] == ["stopped"] * 3
     assert final[0]["steps_done"] < 400 and final[1]["steps_done"] == final[2]["steps_done"] == 0

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lora_demo import data
+from lora_demo import data, owners
 from lora_demo.config import LoraConfig, RunConfig, TrainConfig
 from lora_demo.inject import remove_lora
 from lora_demo.runs import RECORD, Job, Lab, execute
@@ -31,7 +31,7 @@ def recorded(bundled_tiny, tmp_path_factory):
 
 def test_a_run_records_everything(recorded):
     rec = recorded.record()
-    assert rec["status"] == "completed" and rec["session"] == "s1"
+    assert rec["status"] == "completed" and rec["owner"] == owners.digest("s1") and "s1" not in json.dumps(rec)
     assert [s for s, _, _ in rec["losses"]] == list(range(1, 7))
     assert all(t2 > t1 for (_, _, t1), (_, _, t2) in zip(rec["losses"], rec["losses"][1:]))  # tokens grow
     assert [s for s, _ in rec["val_losses"]] == [0, 3, 6]
@@ -72,9 +72,17 @@ def test_the_lab_lists_recorded_runs_after_a_restart(recorded, bundled_tiny, tmp
     import shutil
 
     shutil.copytree(recorded.dir, tmp_path / recorded.id)
+    # a record from before owner keys kept the browser's session id itself; it is kept as a digest now
+    old = shutil.copytree(recorded.dir, tmp_path / "0-old-format")
+    rec = json.loads((old / RECORD).read_text())
+    rec.update(run_id="0-old-format", session="browser-session-id")
+    del rec["owner"]
+    (old / RECORD).write_text(json.dumps(rec))
     lab = Lab(bundled_tiny, runs_dir=tmp_path, data_source="bundled")
     assert [j.id for j in lab.runs("s1")] == [recorded.id] and lab.runs("other") == []
-    assert [j.id for j in lab.runs(None)] == [recorded.id]
+    assert [j.id for j in lab.runs("browser-session-id")] == ["0-old-format"]
+    assert "browser-session-id" not in (old / RECORD).read_text()
+    assert [j.id for j in lab.runs(None)] == ["0-old-format", recorded.id]
     base, lora = lab.translate(["The session is resumed."], recorded.id, scale=0.0, session="s1")
     assert base == lora  # adapter loaded from disk; scale 0 is the base exactly
     with pytest.raises(ValueError, match="another session"):

@@ -97,12 +97,13 @@ def test_faults_inside_training_end_the_run_as_failed_and_the_app_keeps_serving(
 
 
 def test_stop_takes_effect_within_one_step_and_the_run_is_kept(app):
-    c = client(app)
+    c, stopper = client(app), client(app)   # the stop goes through a second connection, with the owner key
     job = c.submit(steps=2000, train_size=32, bleu_size=0, api_name="/train")
+    answer = None
     for update in job:
-        if update["step"] >= 2:
-            answer = c.predict(run_id=update["run_id"], api_name="/stop")
-            break
+        if answer is None and update["step"] >= 2:
+            answer = stopper.predict(run_id=update["run_id"], owner_key=update["owner_key"], api_name="/stop")
+    assert update["status"] == "stopped"
     final = final_row(app[0], update["run_id"])
     assert final["status"] == "stopped" and final["steps_done"] <= answer["step_at_request"] + 1, (final, answer)
     assert (app[1] / "runs" / final["run_id"] / "adapter_model.safetensors").is_file()
