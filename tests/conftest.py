@@ -91,3 +91,32 @@ def final_row(url: str, run_id: str, timeout: float = 300) -> dict:
             return row
         time.sleep(0.5)
     raise TimeoutError(f"run {run_id} did not end within {timeout} s")
+
+
+# One launched app serves the API tests of test_app.py and test_trust.py (each test uses its own clients,
+# so its own owner keys and runs). It starts with the default model, which cannot be loaded offline, so
+# it also shows the fallback to tiny. Faults are injected only into runs with seeds 101-103.
+FAULTS = "oom@2/101,nan@2/102,error@2/103"
+
+
+@pytest.fixture(scope="session")
+def shared_app(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("app")
+    proc, url = launch(tmp, env={"LORA_LAB_FAULT": FAULTS, "LORA_LAB_MAX_RUNS_PER_SESSION": "3"})
+    yield url, tmp
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def cli_sweep(tmp_path_factory):
+    """``python -m lora_demo sweep`` over ranks 8 and 2 on tiny, run once: (its stdout, the output directory)."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("cli-sweep")
+    proc = subprocess.run([sys.executable, "-m", "lora_demo", "sweep", "--model", "tiny", "--ranks", "8,2",
+                           "--targets", "q,v", "--steps", "4", "--train-size", "16", "--eval-size", "8",
+                           "--bleu-size", "8", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, out

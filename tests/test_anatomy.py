@@ -159,12 +159,10 @@ def test_the_teaching_point_flan_t5_base():
     assert pred["full"]["pct_trainable"] == 100.0
 
 
-def test_cli_inspect_prints_the_figures_as_json(tmp_path):
+def test_cli_inspect_prints_the_figures_as_json(cli_sweep):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = [sys.executable, "-m", "lora_demo"]
-    subprocess.run(run + ["sweep", "--model", "tiny", "--ranks", "8,2", "--targets", "q,v", "--steps", "3",
-                          "--train-size", "16", "--bleu-size", "0", "--json", "--out", str(tmp_path)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=600, env=env)
+    tmp_path = cli_sweep[1]     # conftest: `sweep --ranks 8,2 --targets q,v` on tiny
     r8, r2 = sorted((p for p in tmp_path.iterdir() if (p / "metrics.json").is_file()),
                     key=lambda p: json.loads((p / "metrics.json").read_text())["created"])
     proc = subprocess.run(run + ["inspect", str(r8), "--compare", str(r2)], cwd=ROOT,

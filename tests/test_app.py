@@ -1,4 +1,4 @@
-"""The app launched for real on a local port (`python app.py --model tiny`), driven by gradio_client."""
+"""The app launched for real on a local port (conftest.shared_app: `python app.py`, on tiny), driven by gradio_client."""
 
 import urllib.request
 
@@ -11,12 +11,8 @@ from lora_demo.params import preview
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("app")
-    proc, url = launch(tmp, "--model", "tiny")
-    yield url, tmp
-    proc.terminate()
-    proc.wait(30)
+def app(shared_app):
+    return shared_app   # conftest: the default model, fallen back to tiny
 
 
 @pytest.fixture
@@ -111,16 +107,12 @@ def test_bad_input_gets_a_clear_message_and_the_app_keeps_working(client):
     assert client.predict(rank=8, api_name="/params")["trainable"] > 0
 
 
-def test_unloadable_default_model_falls_back_to_tiny_with_a_notice(tmp_path):
-    proc, url = launch(tmp_path)  # default google/flan-t5-small: not reachable offline, not cached
-    try:
-        page = urllib.request.urlopen(url + "config", timeout=10).read().decode()
-        assert "Could not load" in page and "--model" in page and "tiny" in page
-        c = Client(url, verbose=False)
-        assert c.predict(text="Hello.", api_name="/translate")["base"]
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def test_unloadable_default_model_falls_back_to_tiny_with_a_notice(app):
+    # the shared app was started without --model: google/flan-t5-small is neither reachable nor cached here
+    page = urllib.request.urlopen(app[0] + "config", timeout=10).read().decode()
+    assert "Could not load" in page and "--model" in page and "tiny" in page
+    c = Client(app[0], verbose=False)
+    assert c.predict(text="Hello.", api_name="/translate")["base"]
 
 
 def test_runs_are_listed_per_session_and_translate_uses_the_chosen_run(app):

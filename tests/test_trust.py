@@ -1,4 +1,4 @@
-"""Many users, faults and bad input against the launched app (``python app.py --model tiny``).
+"""Many users, faults and bad input against the launched app (conftest.shared_app: ``python app.py``, on tiny).
 
 Faults are real events inside the server: training raises out-of-memory or an exception, or its loss
 turns NaN, at a chosen step (``LORA_LAB_FAULT``, read from the server's environment), a client
@@ -16,18 +16,13 @@ from lora_demo import adapters
 from lora_demo.evaluate import translate_both
 from lora_demo.inject import apply_lora, remove_lora
 
-FAULTS = "oom@2/101,nan@2/102,error@2/103"
 GENERIC = "has not enabled verbose error reporting"   # what a client sees for an unhandled exception
 SHORT = dict(steps=4, train_size=16, bleu_size=0)
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("trust")
-    proc, url = launch(tmp, "--model", "tiny", env={"LORA_LAB_FAULT": FAULTS, "LORA_LAB_MAX_RUNS_PER_SESSION": "3"})
-    yield url, tmp
-    proc.terminate()
-    proc.wait(30)
+def app(shared_app):
+    return shared_app   # conftest: LORA_LAB_FAULT=FAULTS and LORA_LAB_MAX_RUNS_PER_SESSION=3
 
 
 def client(app) -> Client:
