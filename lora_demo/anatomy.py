@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .adapters import KEY, PREFIX
-from .config import LoraConfig
+from .config import ConfigError, LoraConfig, parse_layers
 from .inject import MODULE_PATH
 
 ENERGY = 0.90
@@ -135,6 +135,29 @@ def base_norms(model) -> dict[str, float]:
 
     return {site.path: float(np.linalg.norm(_dense(getattr(site.owner, site.attr)).kernel.numpy().astype(np.float64)))
             for site in dense_sites(model)}
+
+
+def keep_spec(sides, blocks, modules) -> dict | None:
+    """The part of an adapter left on at translate time, checked; None when all of it is (the default).
+    ``sides``: encoder and/or decoder; ``blocks``: a range such as "0-3" or "all"; ``modules``: COLUMNS."""
+    sides = list(sides) if sides is not None else ["encoder", "decoder"]
+    bad = sorted(set(sides) - {"encoder", "decoder"})
+    if bad:
+        raise ConfigError(f"stacks to keep must be encoder and/or decoder, got {', '.join(map(str, bad))}")
+    layers = parse_layers(blocks)
+    if modules is not None:
+        unknown = sorted(set(modules) - set(COLUMNS))
+        if unknown:
+            raise ConfigError(f"unknown module type(s) {', '.join(map(str, unknown))}; they are {', '.join(COLUMNS)}")
+    if len(sides) == 2 and layers is None and (modules is None or set(COLUMNS) <= set(modules)):
+        return None
+    return {"sides": tuple(sides), "blocks": layers, "modules": None if modules is None else tuple(modules)}
+
+
+def describe_keep(keep: dict) -> str:
+    return (f"partly switched off: LoRA kept on {'+'.join(keep['sides']) or 'no stack'}"
+            + (f", blocks {keep['blocks'][0]}-{keep['blocks'][1]}" if keep["blocks"] else "")
+            + (f", modules {', '.join(keep['modules']) or 'none'}" if keep["modules"] is not None else ""))
 
 
 def switch_off(state: dict[str, np.ndarray], sides=("encoder", "decoder"), blocks: tuple[int, int] | None = None,

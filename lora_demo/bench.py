@@ -92,16 +92,17 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5) -> di
     """First-loss time (from adding the adapter) and median step time of one step flavour."""
     import tensorflow as tf
 
+    from .compiled import spec
     from .config import LoraConfig, TrainConfig
     from .inject import apply_lora
-    from .train import _spec, build_optimizer_state, make_optimizer, make_step
+    from .train import build_optimizer_state, make_optimizer, make_step
 
     model = _model(name, precision)
     batch = _batch()
     t0 = time.perf_counter()
     layers = apply_lora(model, LoraConfig(rank=RANK, targets=("q", "v")))
     variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
-    opt = make_optimizer(TrainConfig())
+    opt, _ = make_optimizer(TrainConfig())
     build_optimizer_state(opt, variables)
     step = make_step(model, opt, variables, 1.0)
     if autograph:   # the plain baseline: trace first, then run
@@ -111,7 +112,7 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5) -> di
     else:           # ours, as train() does it: step 1 eagerly (reported at once), then the trace
         first_loss = float(step(batch))
         first_s = time.perf_counter() - t0
-        fn = tf.function(step, autograph=False).get_concrete_function(_spec(batch))
+        fn = tf.function(step, autograph=False).get_concrete_function(spec(batch))
     fn(batch)
     return {"first_loss_s": first_s, "step_s": _median(lambda: float(fn(batch)), steps), "loss": first_loss}
 
@@ -149,7 +150,7 @@ def full_step(name: str, precision: str, steps: int = 3) -> float:
 
     model = _model(name, precision)
     variables = model.trainable_variables
-    opt = make_optimizer(TrainConfig())
+    opt, _ = make_optimizer(TrainConfig())
     build_optimizer_state(opt, variables)
     fn = tf.function(make_step(model, opt, variables, 1.0), autograph=False)
     batch = _batch()

@@ -142,15 +142,15 @@ def parse_ranks(text) -> list[int]:
     ranks = []
     for p in parts:
         try:
-            ranks.append(LoraConfig(rank=int(p) if str(p).strip().lstrip("-").isdigit() else p).rank)
-        except (ConfigError, TypeError) as exc:
+            ranks.append(_whole("rank", int(p) if str(p).strip().lstrip("-").isdigit() else p, 1, limits().max_rank))
+        except ConfigError as exc:
             raise ConfigError(f"sweep rank {p!r}: {exc}") from None
     return ranks
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 30                 # a CPU run on flan-t5-small takes about a minute (~1.5 s/step)
+    steps: int = 30                 # about a minute on a 2-core CPU with flan-t5-small (BENCHMARKS.md)
     batch_size: int = 8
     lr: float = 3e-3                # LoRA wants larger rates than full fine-tuning (B starts at 0)
     train_size: int = 256           # pairs from the start of the train split; ~1 epoch in a default run

@@ -61,9 +61,9 @@ def _runtime_started() -> bool:
 def _bounded_coordination(timeout_s: int) -> None:
     """Configure TensorFlow's coordination service as MultiWorkerMirroredStrategy would, but with
     bounded waits: registration of every worker, heartbeats and the shutdown barrier."""
-    from tensorflow.tsl.protobuf import coordination_config_pb2
     from tensorflow.python.distribute import multi_worker_util
     from tensorflow.python.eager import context
+    from tensorflow.tsl.protobuf import coordination_config_pb2
 
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     spec = multi_worker_util.normalize_cluster_spec(resolver.cluster_spec())

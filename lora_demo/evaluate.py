@@ -15,11 +15,13 @@ import tensorflow as tf
 
 from .data import PROMPT
 from .inject import generation, lora_layers, set_scale
+from .state import state_of
 
 log = logging.getLogger(__name__)
 
 # Generation is compiled with XLA once per padded shape: eager TF generate runs a Python loop per
-# token and is ~40x slower on a CPU. Shapes are bucketed so a handful of compiles serve every request.
+# token, which is far slower on a CPU (BENCHMARKS.md). Shapes are bucketed so a handful of compiles
+# serve every request.
 BATCH_BUCKETS = (1, 4, 16)
 LENGTH_BUCKETS = (32, 64, 128, 256)
 MAX_SOURCE_TOKENS = LENGTH_BUCKETS[-1]
@@ -34,7 +36,7 @@ def _compiled_generate(model, batch: int, length: int, max_new_tokens: int):
     """The XLA generate function for this model's current adapter layout and this shape."""
     key = (generation(model), batch, length, max_new_tokens)
     with _compile_lock:
-        cache = model.__dict__.setdefault("_lora_lab_generate", {})
+        cache = state_of(model).generate
         for stale in [k for k in cache if k[0] != key[0]]:  # traced against layers that are gone
             del cache[stale]
         if key not in cache:

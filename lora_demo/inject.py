@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from .config import ConfigError, LoraConfig
+from .config import MODULES, ConfigError, LoraConfig
 from .lora import DropoutClock, LoraDense
+from .state import state_of
 
 MODULE_PATH = re.compile(
     r"^(?P<side>encoder|decoder)\.block\.(?P<block>\d+)\.layer\.\d+\."
@@ -53,7 +54,7 @@ def select_paths(paths: list[str], cfg: LoraConfig) -> list[str]:
     """
     parsed = [(p, MODULE_PATH.match(p)) for p in paths]
     parsed = [(p, m) for p, m in parsed if m]
-    present = sorted({m["module"] for _, m in parsed}, key=lambda s: ("qkvo".find(s[0]) % 9, s))
+    present = [t for t in MODULES if any(m["module"] == t for _, m in parsed)]   # canonical order
     missing = [t for t in cfg.targets if t not in present]
     if missing:
         raise ConfigError(f"target module(s) {', '.join(missing)} not found in this model; "
@@ -79,11 +80,11 @@ def lora_layers(model) -> list[LoraDense]:
 def generation(model) -> int:
     """A counter bumped whenever adapters are added or removed: compiled functions key on it,
     because a tf.function traced before the change would still run the old layers."""
-    return getattr(model, "_lora_lab_generation", 0)
+    return state_of(model).generation
 
 
 def _bump(model) -> None:
-    object.__setattr__(model, "_lora_lab_generation", generation(model) + 1)
+    state_of(model).generation += 1
 
 
 def remove_lora(model) -> None:

@@ -11,6 +11,8 @@ import zlib
 
 import tensorflow as tf
 
+from .state import state_of
+
 
 def _init_a(seed: int | None):
     # PEFT's kaiming_uniform_(a=sqrt(5)) on (r, in) is U(±1/sqrt(in)); this is the same.
@@ -46,7 +48,7 @@ class StepDropout(tf.keras.layers.Layer):
         kwargs.setdefault("autocast", False)   # keep the input's dtype (bf16 stays bf16)
         super().__init__(**kwargs)
         self.rate, self.salt = float(rate), int(salt)
-        object.__setattr__(self, "clock", clock)
+        self.clock = clock   # a plain object: Keras does not track it
 
     def call(self, x, training=None):
         if not training or self.rate == 0:
@@ -54,7 +56,35 @@ class StepDropout(tf.keras.layers.Layer):
         return tf.nn.experimental.stateless_dropout(x, self.rate, seed=self.clock.key(self.salt))
 
 
+class _Knobs:
+    """Scalars that ``call()`` reads as variables, so changing them never retraces a compiled step.
+    A plain object: Keras does not track it, so they never count as weights or reach a checkpoint."""
+
+    def __init__(self, scaling: float):
+        self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lora_scale")
+        self.scaling = tf.Variable(scaling, trainable=False, dtype=tf.float32, name="lora_scaling")
+
+
 class LoraDense(tf.keras.layers.Layer):
+    """A frozen Keras ``Dense`` plus a trainable low-rank update (Hu et al. 2021, arXiv:2106.09685):
+
+        y = x·W + (alpha / r) · s · dropout(x)·A·B
+
+    with W (in, out) the wrapped kernel, A (in, r) drawn kaiming-uniform as PEFT draws it, B (r, out)
+    zeros, so the layer equals the base exactly until the first step. ``s`` is the inference-time
+    scale (1 as trained, 0 = the base). The factors, their gradients and the optimiser state are
+    float32 even when the base computes in bf16.
+
+    Args:
+        base: the built, bias-free Dense to wrap (never edited, except by ``merge()``).
+        rank: r, the width of the A·B bottleneck.
+        alpha: the update is scaled by alpha / r.
+        dropout: dropout rate on the LoRA path only (the input to A).
+        path: the PEFT module path (``encoder.block.0.layer.0.SelfAttention.q``): names, salts.
+        seed: seed of A's initialiser.
+        clock: with one (training), dropout masks are keyed on (seed, step, path); see StepDropout.
+    """
+
     def __init__(self, base: tf.keras.layers.Dense, rank: int, alpha: float, dropout: float = 0.0,
                  path: str = "", seed: int | None = None, clock: DropoutClock | None = None, **kwargs):
         if isinstance(base, LoraDense):
@@ -68,13 +98,7 @@ class LoraDense(tf.keras.layers.Layer):
         d_in, d_out = base.kernel.shape
         self.lora_A = self.add_weight(name="lora_A", shape=(d_in, rank), initializer=_init_a(seed), dtype=tf.float32)
         self.lora_B = self.add_weight(name="lora_B", shape=(rank, d_out), initializer="zeros", dtype=tf.float32)
-        # s: a variable (not a Python float) so changing it at inference does not retrace. Set
-        # without Keras attribute tracking: it is a knob, not a weight, and must not show up in
-        # model.weights, parameter counts or checkpoints.
-        object.__setattr__(self, "scale", tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lora_scale"))
-        # alpha/r as a variable too, so a compiled step reused with another alpha needs no retrace
-        object.__setattr__(self, "_scaling", tf.Variable(self.alpha / self.rank, trainable=False, dtype=tf.float32,
-                                                         name="lora_scaling"))
+        self.knobs = _Knobs(self.alpha / self.rank)   # s and alpha/r
         if dropout <= 0:
             self.dropout = None
         elif clock is not None:   # training: masks keyed on (seed, step, this layer's path)
@@ -85,8 +109,14 @@ class LoraDense(tf.keras.layers.Layer):
         self.built = True
 
     @property
+    def scale(self) -> tf.Variable:
+        """s: 1 as trained, 0 = the base layer exactly."""
+        return self.knobs.scale
+
+    @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        """alpha / r, as the variable that ``call()`` multiplies by."""
+        return float(self.knobs.scaling.numpy())
 
     @property
     def merged(self) -> bool:
@@ -97,12 +127,12 @@ class LoraDense(tf.keras.layers.Layer):
         self.lora_A.assign(_init_a(seed)(self.lora_A.shape, tf.float32))
         self.lora_B.assign(tf.zeros_like(self.lora_B))
         self.alpha = float(alpha)
-        self._scaling.assign(self.alpha / self.rank)
+        self.knobs.scaling.assign(self.alpha / self.rank)
         self.scale.assign(1.0)
 
     def delta(self) -> tf.Tensor:
         """The full update ΔW = (alpha/r)·s·A·B, shape (in, out) like the Keras kernel."""
-        return tf.matmul(self.lora_A, self.lora_B) * (self.scaling * self.scale)  # (in, r) @ (r, out)
+        return tf.matmul(self.lora_A, self.lora_B) * (self.knobs.scaling * self.knobs.scale)  # (in, r) @ (r, out)
 
     def call(self, x, training=None):
         y = self.base(x)                                                  # (B, T, out)
@@ -110,7 +140,7 @@ class LoraDense(tf.keras.layers.Layer):
             return y
         h = self.dropout(x, training=training) if self.dropout is not None else x
         h = tf.einsum("...i,ir->...r", tf.cast(h, self.lora_A.dtype), self.lora_A)   # (B, T, in) @ (in, r)
-        h = tf.einsum("...r,ro->...o", h, self.lora_B) * (self._scaling * self.scale)  # (B, T, r) @ (r, out)
+        h = tf.einsum("...r,ro->...o", h, self.lora_B) * (self.knobs.scaling * self.knobs.scale)  # (B, T, r) @ (r, out)
         return y + tf.cast(h, y.dtype)
 
     def merge(self) -> None:
@@ -128,12 +158,11 @@ class LoraDense(tf.keras.layers.Layer):
 
 def clock_of(model) -> DropoutClock:
     """The model's dropout clock, created on first use (on the host: it only feeds RNG seeds)."""
-    clock = getattr(model, "_lora_lab_clock", None)
-    if clock is None:
+    state = state_of(model)
+    if state.clock is None:
         with tf.device("/CPU:0"):
-            clock = DropoutClock()
-        object.__setattr__(model, "_lora_lab_clock", clock)
-    return clock
+            state.clock = DropoutClock()
+    return state.clock
 
 
 def step_dropout(model) -> DropoutClock:

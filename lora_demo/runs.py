@@ -32,14 +32,14 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from . import adapters, anatomy, budget, data, owners
-from .config import ConfigError, RunConfig, limits
-from .evaluate import scores, translate
+from .config import MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, clean_sentences, limits
+from .evaluate import scores, sentence_chrf, translate
 from .events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged, to_dict
-from .inject import lora_layers, remove_lora, set_scale
+from .inject import MODULE_PATH, dense_sites, lora_layers, remove_lora, select_paths, set_scale
 from .models import LoadedModel, model_precision, peak_gpu_mb, precision_policy, reset_gpu_peak
 from .params import keras_name_to_path, preview
 from .train import train
@@ -56,16 +56,21 @@ CONNECTIONS_KEPT = 100_000   # API connections whose implicit owner key is remem
 # A run and its record
 # ---------------------------------------------------------------------------
 
+LIVE: dict = {"record": None}   # field metadata: not part of the record on disk
+
 @dataclass
 class Job:
-    id: str
-    config: RunConfig
+    """A run: its config, its live state and its record. A field's ``record`` metadata is its key in
+    metrics.json (its own name by default); fields marked ``LIVE`` exist only while the server runs."""
+
+    id: str = field(metadata={"record": "run_id"})
+    config: RunConfig = field(metadata={"record": "config"})
     owner: str                               # SHA-256 digest of the owner key (owners.py); never the key
-    dir: Path
+    dir: Path = field(metadata=LIVE)
     sweep: str = ""                          # sweep id when the run is part of a rank sweep
     created: float = field(default_factory=time.time)
     status: str = "queued"                   # queued -> running -> completed | stopped | failed | interrupted
-    phase: str = ""                          # "training" or "evaluating" while running
+    phase: str = field(default="", metadata=LIVE)   # "training" or "evaluating" while running
     error: str = ""
     params: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
@@ -75,15 +80,15 @@ class Job:
     summary: dict = field(default_factory=dict)
     quality: dict | None = None              # sacreBLEU / chrF of base and LoRA on the test slice
     memory: dict = field(default_factory=dict)
-    adapter_files: dict | None = None        # {"bytes": n} once written
+    adapter_files: dict | None = field(default=None, metadata={"record": "adapter"})   # {"bytes": n} once written
     origin: dict = field(default_factory=dict)   # for an imported adapter: file name, base model, notices
     prediction: dict = field(default_factory=dict)   # budget.predict() at submit time, shown beside the measured
-    outcome: str = ""                        # how training ended; becomes the status once the record is complete
-    version: int = 0                         # bumped on every change, for streaming handlers
-    recent: list = field(default_factory=list, repr=False)   # last (step, elapsed_s) pairs, for the ETA
-    adapter: dict | None = field(default=None, repr=False)   # PEFT arrays, loaded lazily
-    stop: threading.Event = field(default_factory=threading.Event, repr=False)
-    done: threading.Event = field(default_factory=threading.Event, repr=False)
+    outcome: str = field(default="", metadata=LIVE)   # how training ended; the status once the record is complete
+    version: int = field(default=0, metadata=LIVE)     # bumped on every change, for streaming handlers
+    recent: list = field(default_factory=list, repr=False, metadata=LIVE)   # last (step, elapsed_s), for the ETA
+    adapter: dict | None = field(default=None, repr=False, metadata=LIVE)   # PEFT arrays, loaded lazily
+    stop: threading.Event = field(default_factory=threading.Event, repr=False, metadata=LIVE)
+    done: threading.Event = field(default_factory=threading.Event, repr=False, metadata=LIVE)
 
     @classmethod
     def new(cls, config: RunConfig, session: str, parent: Path, sweep: str = "") -> "Job":
@@ -122,13 +127,14 @@ class Job:
         (s0, t0), (s1, t1) = self.recent[0], self.recent[-1]
         return (t1 - t0) / (s1 - s0) * (self.config.train.steps - s1)
 
+    @staticmethod
+    def _recorded() -> list[tuple[str, str]]:
+        """(field, key in metrics.json) of every recorded field."""
+        return [(f.name, key) for f in fields(Job) if (key := f.metadata.get("record", f.name)) is not None]
+
     def record(self) -> dict:
-        return {"run_id": self.id, "owner": self.owner, "sweep": self.sweep, "created": self.created,
-                "status": self.status, "error": self.error, "config": self.config.to_dict(),
-                "model": self.config.model, "params": self.params, "data": self.data, "device": self.device,
-                "losses": self.losses, "val_losses": self.val_losses, "summary": self.summary,
-                "quality": self.quality, "memory": self.memory, "adapter": self.adapter_files,
-                "origin": self.origin, "prediction": self.prediction}
+        rec = {key: getattr(self, name) for name, key in self._recorded()}
+        return {**rec, "config": self.config.to_dict(), "model": self.config.model}
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -145,13 +151,9 @@ class Job:
         """A record from disk; an unfinished one (the server died) comes back as interrupted."""
         rec = json.loads((run_dir / RECORD).read_text())
         # records written before owner keys kept the browser's session id itself: store its digest now
-        owner = rec.get("owner") or owners.digest(rec.get("session", ""))
-        job = cls(rec["run_id"], RunConfig.from_dict(rec["config"]), owner, run_dir, sweep=rec["sweep"],
-                  created=rec["created"], status=rec["status"], error=rec["error"], params=rec["params"],
-                  data=rec["data"], device=rec["device"], losses=rec["losses"], val_losses=rec["val_losses"],
-                  summary=rec["summary"], quality=rec["quality"], memory=rec["memory"],
-                  adapter_files=rec["adapter"], origin=rec.get("origin") or {},
-                  prediction=rec.get("prediction") or {})
+        rec = {**rec, "owner": rec.get("owner") or owners.digest(rec.get("session", "")),
+               "config": RunConfig.from_dict(rec["config"])}
+        job = cls(dir=run_dir, **{name: rec[key] for name, key in cls._recorded() if rec.get(key) is not None})
         if "session" in rec:
             job.save()
         if job.status not in FINAL:
@@ -568,3 +570,90 @@ class Lab:
         meas = budget.measured(job.record(), adapters.tensor_bytes(job.dir))
         return {"run_id": job.id, "predicted": job.prediction, "measured": meas,
                 "rows": budget.side_by_side(job.prediction, meas)}
+
+    # -- what the app and the API ask of the lab -------------------------------
+    @property
+    def depth(self) -> int:
+        """Blocks in the shallower stack: the block range a config may name."""
+        cfg = self.loaded.model.config
+        return min(cfg.num_layers, cfg.num_decoder_layers or cfg.num_layers)
+
+    def modules(self) -> list[str]:
+        """The target modules this model has, in canonical order."""
+        found = {MODULE_PATH.match(s.path)["module"] for s in dense_sites(self.loaded.model)}
+        return [m for m in MODULES if m in found]
+
+    def adapted_layers(self, lora: LoraConfig) -> int:
+        return len(select_paths([site.path for site in dense_sites(self.loaded.model)], lora))
+
+    def lora_config(self, rank, alpha, targets, side, first_layer, last_layer) -> LoraConfig:
+        """A config from form values; a block range covering every block means all of them (None)."""
+        last = self.depth - 1 if last_layer is None or last_layer == -1 else last_layer
+        first = 0 if first_layer is None else first_layer
+        layers = None if (first, last) == (0, self.depth - 1) else (first, last)
+        return LoraConfig(rank=rank, alpha=alpha, targets=targets if targets is not None else (), side=side,
+                          layers=layers)
+
+    def run_config(self, lora: LoraConfig, steps, batch_size, lr, train_size, seed, optimizer, bleu_size) -> RunConfig:
+        return RunConfig(model=self.loaded.name, lora=lora,
+                         train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_size=train_size,
+                                           seed=seed, optimizer=optimizer, bleu_size=bleu_size))
+
+    def usable(self, job: Job) -> bool:
+        """Whether translate, download and inspect can use this run's adapter."""
+        return bool(job.adapter_files) and job.status != "failed" and job.config.model == self.loaded.name
+
+    def status(self, job: Job) -> dict:
+        """Everything a client needs about a job, as plain values."""
+        last = job.losses[-1] if job.losses else None
+        return {"run_id": job.id, "sweep": job.sweep, "rank": job.config.lora.rank, "status": job.status,
+                "phase": job.phase, "queue_position": self.position(job), "total_steps": job.config.train.steps,
+                "step": last[0] if last else 0, "loss": last[1] if last else None,
+                "tokens_per_s": job.summary.get("last_tokens_per_s"), "elapsed_s": job.summary.get("elapsed_s", 0.0),
+                "eta_s": job.eta_s(), "losses": [[s, v] for s, v, _ in job.losses], "val_losses": job.val_losses,
+                "summary": {k: v for k, v in job.summary.items() if k != "last_tokens_per_s"},
+                "quality": job.quality, "memory": job.memory, "error": job.error}
+
+    def watch(self, job: Job, poll_s: float = 0.4):
+        """Poll a job until it ends, yielding its status whenever something changed."""
+        seen = None
+        while True:
+            done = job.done.is_set()
+            key = (job.version, job.status, self.position(job))
+            if key != seen:
+                seen = key
+                yield self.status(job)
+            if done:
+                return
+            job.done.wait(poll_s)
+
+    def translate_request(self, text, run_id: str, scale, session: str, reference: str = "",
+                          keep: dict | None = None) -> dict:
+        """A translate request as the app and the API make it: cleaned lines, base and LoRA German (by
+        default with this session's newest usable run), notices, and per-sentence chrF when reference
+        German is given one line per sentence."""
+        sentences, notices = clean_sentences(text)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= float(scale) <= 2.0:
+            raise ConfigError(f"LoRA scale must be between 0 and 2, got {scale!r}")
+        if run_id:
+            job = self.jobs.get(run_id)
+            if job is None:
+                raise ConfigError(f"no run {run_id!r}")
+        else:
+            usable = [j for j in self.runs(session) if self.usable(j)]
+            job = usable[-1] if usable else None
+            if job is None:
+                notices.append("no trained adapter in this session yet: an untrained LoRA equals the base model "
+                               "exactly")
+        base, lora = self.translate(sentences, job.id if job else None, float(scale), session=session, keep=keep)
+        if keep and job is not None:
+            notices.append(anatomy.describe_keep(keep))
+        out = {"english": sentences, "base": base, "lora": lora, "run_id": job.id if job else "",
+               "notices": notices, "chrf_base": None, "chrf_lora": None}
+        refs = [" ".join(r.split()) for r in (reference or "").splitlines() if r.strip()]
+        if refs and len(refs) != len(sentences):
+            notices.append(f"{len(refs)} reference lines for {len(sentences)} sentences: chrF needs one per line")
+        elif refs:
+            out["chrf_base"] = [round(sentence_chrf(h, r), 2) for h, r in zip(base, refs)]
+            out["chrf_lora"] = [round(sentence_chrf(h, r), 2) for h, r in zip(lora, refs)]
+        return out

@@ -1,23 +1,9 @@
 """train(): LoRA fine-tuning of a TF T5 as an iterator of typed events. No gradio here.
 
-Reads top to bottom: optimiser, loss, compiled step, then the loop.
-
-Time to the first loss point. Tracing the step as a graph takes ~10 s on this
-2-core CPU for flan-t5-small with autograph off (about a minute with it on:
-the step has no data-dependent Python control flow, so autograph buys
-nothing). The first step therefore runs eagerly and its loss is reported at
-once; the trace starts right after it, in a thread. The loop waits for that
-trace rather than running more eager steps beside it, because both are bound
-by the GIL and an eager step slows to ~4x its time while a trace runs. The
-forward-only eval function is traced next in the same thread, while compiled
-steps run (they release the GIL). Eager and compiled steps run the same ops
-on the same variables, so the loss curve is one curve.
-
-A second run on the same model with the same shapes (same adapted layers, rank, optimiser and
-batch shapes; seed, alpha, learning rate and steps may differ) traces nothing: the traced step
-captured the adapter's variables and the optimiser's, so the run resets those (A from its seed,
-B = 0, AdamW state zeroed) and calls the same concrete functions from step 1. Dropout masks are
-keyed on (seed, step, layer) (lora.StepDropout), so such a run equals one that traced its own.
+It reads like the run it performs: prepare the data, attach the adapter and its compiled steps,
+loop over steps (stop, faults, evaluation), then summarise. The compiled steps, their background
+tracing and their reuse by later runs with the same shapes are in compiled.py; the strategies for
+more than one device in distribute.py.
 """
 
 from __future__ import annotations
@@ -27,19 +13,18 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from . import data
+from . import compiled, data
 from .config import ConfigError, RunConfig, TrainConfig
 from .distribute import make_strategy, topology  # noqa: F401  (make_strategy: re-exported)
 from .events import EvalLogged, Event, RunFailed, RunFinished, RunStarted, StepLogged
-from .inject import apply_lora, dense_sites, reattach, select_paths, set_scale
-from .lora import DropoutClock, LoraDense, step_dropout
+from .inject import apply_lora, reattach, set_scale
+from .lora import DropoutClock, step_dropout
 from .models import device_info, model_precision, variable_device
 from .params import breakdown, specs_from_model
 
@@ -86,6 +71,7 @@ class WarmupConstant(tf.keras.optimizers.schedules.LearningRateSchedule):
 
 
 def make_optimizer(cfg: TrainConfig):
+    """(optimiser, its learning-rate schedule)."""
     if cfg.optimizer not in available_optimizers():
         raise ConfigError(f"optimizer {cfg.optimizer!r} needs tensorflow-addons, which is not installed here; "
                           f"available: {', '.join(available_optimizers())}")
@@ -98,8 +84,7 @@ def make_optimizer(cfg: TrainConfig):
         opt = tfa.optimizers.LAMB(lr, weight_decay=cfg.weight_decay)
     else:
         opt = tfa.optimizers.Lookahead(tfa.optimizers.AdamW(weight_decay=cfg.weight_decay, learning_rate=lr))
-    object.__setattr__(opt, "lora_lab_schedule", lr)   # the rate of step i is schedule(i - 1), exactly
-    return opt
+    return opt, lr   # the rate of step i is lr(i - 1), exactly
 
 
 def build_optimizer_state(opt, variables) -> None:
@@ -191,97 +176,11 @@ def make_distributed_step(strategy, model, opt, variables, clip_norm: float, clo
     return run
 
 
-class BackgroundTrace:
-    """Trace ``fns`` (a list of (tf.function, input spec)) in a thread; ``get(i)`` once ready."""
-
-    def __init__(self, fns):
-        self.concrete: list = [None] * len(fns)
-        self.error: BaseException | None = None
-        self.seconds: list[float] = []
-        self.thread = threading.Thread(target=self._run, args=(fns,), daemon=True, name="lora-trace")
-        self.thread.start()
-
-    def _run(self, fns):
-        try:
-            for i, (fn, spec) in enumerate(fns):
-                if fn is None:   # a slot the caller fills itself (the distributed step)
-                    continue
-                t = time.perf_counter()
-                self.concrete[i] = fn.get_concrete_function(spec)
-                self.seconds.append(time.perf_counter() - t)
-        except BaseException as exc:  # surfaced by the loop, never swallowed
-            self.error = exc
-
-    @classmethod
-    def ready(cls, concrete: list) -> "BackgroundTrace":
-        """Functions traced by an earlier run: nothing to wait for."""
-        self = cls.__new__(cls)
-        self.concrete, self.error, self.seconds, self.thread = list(concrete), None, [], None
-        return self
-
-    def join(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-
-    def get(self, i: int):
-        """The concrete function if it is ready, else None."""
-        if self.error is not None:
-            raise self.error
-        return self.concrete[i]
-
-    def wait(self, i: int, stop: threading.Event | None = None):
-        """Block until function ``i`` is traced (or the run is stopped, then None)."""
-        while self.get(i) is None and self.thread is not None and self.thread.is_alive() and not (stop is not None and stop.is_set()):
-            self.thread.join(0.1)
-        return self.get(i)
-
-
-# ---------------------------------------------------------------------------
-# Compiled steps kept across runs
-# ---------------------------------------------------------------------------
-
-@dataclass
-class Compiled:
-    """What a traced step captured: the adapter layers, their variables and the optimiser, and the
-    concrete step and eval functions. A later run with the same key resets these and reuses them."""
-
-    layers: list[LoraDense]
-    variables: list
-    opt: object
-    concrete: list
-
-
-COMPILED_KEPT = 4   # per model; each keeps an adapter's variables, AdamW state and two graphs
-
-
-def _compiled(model) -> OrderedDict:
-    cache = getattr(model, "_lora_lab_compiled", None)
-    if cache is None:
-        cache = OrderedDict()
-        object.__setattr__(model, "_lora_lab_compiled", cache)
-    return cache
-
-
-def _compiled_key(model, run: RunConfig, train_spec: dict, eval_spec: dict) -> tuple | None:
-    """What a traced step bakes in: adapted layers, rank, dropout, optimiser, weight decay,
-    clipping, batch shapes and precision. Seed, alpha, learning rate, warm-up and steps are
-    variables or data, so they may differ. None when the step is not reusable (the
-    tensorflow-addons optimisers keep state that a reset could not restore, e.g. Lookahead's slow
-    weights)."""
-    lora, cfg = run.lora, run.train
-    if cfg.optimizer != "adamw":
-        return None
-    shapes = tuple((k, tuple(v.shape), v.dtype.name) for spec in (train_spec, eval_spec) for k, v in spec.items())
-    paths = tuple(select_paths([s.path for s in dense_sites(model)], lora))
-    return (paths, lora.rank, lora.dropout, cfg.optimizer, cfg.weight_decay, cfg.clip_norm, shapes,
-            model_precision(model))
-
-
-def reset_optimizer(opt, cfg: TrainConfig) -> None:
+def reset_optimizer(opt, schedule: WarmupConstant, cfg: TrainConfig) -> None:
     """Back to a freshly built AdamW: iteration 0, zero moments, this run's rate and warm-up."""
     for v in opt.variables:
         v.assign(tf.zeros(v.shape, v.dtype))
-    opt.lora_lab_schedule.set(cfg.lr, cfg.warmup_steps)
+    schedule.set(cfg.lr, cfg.warmup_steps)
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -290,21 +189,12 @@ def optimizer_state_bytes(opt) -> int:
     return int(sum(v.shape.num_elements() * v.dtype.size for v in variables if v.shape.rank))
 
 
-def _spec(batch: dict) -> dict:
-    return {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype), name=k) for k, v in batch.items()}
-
-
 def _tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
 
 
 # ---------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------
-
-PROBE_PAIRS = 32  # training pairs whose loss is measured before and after, on the same tokens
-
-# ---------------------------------------------------------------------------
+# Faults and evaluation
 # ---------------------------------------------------------------------------
 
 def _failure(step: int, exc: BaseException) -> RunFailed:
@@ -369,153 +259,245 @@ def _base_and_lora(model, fn, batches) -> tuple[float, float]:
     return base, _eval_loss(fn, batches)
 
 
+# ---------------------------------------------------------------------------
+# The run: prepare, attach, loop, summarise
+# ---------------------------------------------------------------------------
+
+PROBE_PAIRS = 32  # training pairs whose loss is measured before and after, on the same tokens
+
+
+@dataclass
+class Prepared:
+    """The run's data, encoded and padded to one shape (so each function is traced once)."""
+
+    batches: Iterator[dict]        # training batches, in the seed's order
+    first: dict                    # the first of them (it fixes the traced shapes)
+    val: list[dict]                # the validation slice (newstest2015)
+    probe: list[dict]              # fixed training pairs, scored before and after
+    probe_pairs: int
+    train_pairs: int | None        # None for a stream
+    shapes: dict
+
+
+def prepare(cfg: TrainConfig, tokenizer, train_pairs, val_pairs) -> Prepared:
+    """Encode the pairs. A stream is read as needed: the probe is its head, batches are encoded on
+    the fly and padded to the maximum lengths, since its longest pair is unknown."""
+    streamed = isinstance(train_pairs, data.Stream)
+    if streamed:
+        pairs_iter = iter(train_pairs)
+        head = list(itertools.islice(pairs_iter, PROBE_PAIRS))
+        if len(head) < cfg.batch_size:
+            raise ConfigError(f"the training stream ({train_pairs.origin}) ended after {len(head)} pairs; "
+                              f"a batch needs {cfg.batch_size}")
+        arrays = data.encode(tokenizer, head, cfg.max_source_len, cfg.max_target_len)
+    else:
+        arrays = data.encode(tokenizer, train_pairs, cfg.max_source_len, cfg.max_target_len)
+    val = data.encode(tokenizer, val_pairs, cfg.max_source_len, cfg.max_target_len)
+    # One shape for train, validation and probe batches: the eval function is traced once.
+    lengths = ((cfg.max_source_len, cfg.max_target_len) if streamed else
+               (max(arrays["input_ids"].shape[1], val["input_ids"].shape[1]),
+                max(arrays["labels"].shape[1], val["labels"].shape[1])))
+    arrays, val = (data.pad_to(a, *lengths, tokenizer.pad_token_id) for a in (arrays, val))
+    probe = {k: v[:PROBE_PAIRS] for k, v in arrays.items()}
+    batches = (data.stream_batches(tokenizer, itertools.chain(head, pairs_iter), cfg.batch_size, *lengths, cfg.seed)
+               if streamed else data.batches(arrays, cfg.batch_size, cfg.seed))
+    return Prepared(batches=batches, first=next(batches),
+                    val=data.fixed_batches(val, cfg.batch_size, tokenizer.pad_token_id),
+                    probe=data.fixed_batches(probe, cfg.batch_size, tokenizer.pad_token_id),
+                    probe_pairs=len(probe["input_ids"]), train_pairs=None if streamed else len(arrays["input_ids"]),
+                    shapes={"source_len": arrays["input_ids"].shape[1], "target_len": arrays["labels"].shape[1]})
+
+
+@dataclass
+class Attached:
+    """The adapter on the model and everything that steps it: optimiser, eager and traced functions."""
+
+    layers: list
+    variables: list
+    opt: object
+    schedule: WarmupConstant
+    step: object                   # the eager (or, under a strategy, distributed) step
+    eval: object                   # the eager eval function
+    to_trace: dict                 # name -> (tf.function, spec), traced after the first step
+    key: tuple | None              # compile-cache key; None when not reusable
+    reused: bool                   # the compiled functions came from an earlier run
+    tracer: compiled.BackgroundTrace | None = None
+
+    def compiled_step(self, strategy, stop):
+        """The traced step once ready (waits for the trace), or None for the eager one."""
+        return self.tracer.wait("step", stop) if self.tracer is not None and strategy is None else None
+
+    def eval_fn(self):
+        return (self.tracer.get("eval") if self.tracer is not None else None) or self.eval
+
+    def start_trace(self, strategy) -> None:
+        # only after the first step: tracing beside the first eager step slows it badly
+        if self.tracer is None:
+            self.tracer = compiled.BackgroundTrace(self.to_trace if strategy is None else
+                                                   {"eval": self.to_trace["eval"]})
+
+    def finish(self, model) -> None:
+        """Never leave a trace running against layers the next run replaces; keep a complete trace."""
+        if self.tracer is None:
+            return
+        self.tracer.join()
+        if self.key is not None and not self.reused and self.tracer.complete:
+            compiled.store(model, self.key, compiled.Compiled(self.layers, self.variables, self.opt, self.schedule,
+                                                              self.tracer.concrete))
+
+
+def attach(model, run: RunConfig, clock: DropoutClock, prepared: Prepared, strategy) -> Attached:
+    """A fresh adapter (or a reset one from an earlier run with the same shapes) and its steps.
+
+    Everything random follows the seed explicitly (A's initialiser, the data order, the dropout
+    clock). tf.random.set_seed is not called: it clears TensorFlow's function caches, and the first
+    call of a reused step would pay to instantiate it again."""
+    cfg = run.train
+    specs = {"step": compiled.spec(prepared.first), "eval": compiled.spec(prepared.val[0])}
+    key = compiled.cache_key(model, run, specs["step"], specs["eval"]) if strategy is None else None
+    cached = compiled.lookup(model, key)
+    # adapter and optimiser state beside the base weights, or mirrored under a strategy
+    with strategy.scope() if strategy is not None else tf.device(variable_device(model)):
+        if cached is not None:
+            layers, variables = reattach(model, cached.layers, run.lora.alpha, cfg.seed), cached.variables
+            opt, schedule = cached.opt, cached.schedule
+            reset_optimizer(opt, schedule, cfg)
+        else:
+            layers = apply_lora(model, run.lora, seed=cfg.seed, clock=clock)
+            variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
+            opt, schedule = make_optimizer(cfg)
+            build_optimizer_state(opt, variables)
+    step = (make_step(model, opt, variables, cfg.clip_norm, clock) if strategy is None else   # traced on first call
+            make_distributed_step(strategy, model, opt, variables, cfg.clip_norm, clock))
+    evaluate = make_eval(model)
+    attached = Attached(layers, variables, opt, schedule, step, evaluate,
+                        {"step": (tf.function(step, autograph=False), specs["step"]),
+                         "eval": (tf.function(evaluate, autograph=False), specs["eval"])},
+                        key, cached is not None)
+    if cached is not None:
+        attached.tracer = compiled.BackgroundTrace.ready(cached.concrete)
+    return attached
+
+
+@dataclass
+class Progress:
+    """What the loop has measured so far."""
+
+    step: int = 0
+    losses: list = field(default_factory=list)
+    val_losses: list = field(default_factory=list)     # (step, loss); step 0 is the base model
+    step_times: list = field(default_factory=list)     # compiled steps only
+    tokens: int = 0
+    eager_steps: int = 0
+    first_loss_s: float | None = None
+    stopped: bool = False
+
+
+def loop(run: RunConfig, model, prepared: Prepared, att: Attached, progress: Progress, t0: float,
+         stop: threading.Event | None, strategy, fault: tuple[str, int] | None) -> Iterator[Event]:
+    """The steps: stop checks, the step, faults, the loss event and evaluation every eval_every."""
+    cfg, batch = run.train, prepared.first
+    for step in range(1, cfg.steps + 1):
+        progress.step = step
+        fn = None if _stopping(stop) else att.compiled_step(strategy, stop)
+        if _stopping(stop):
+            progress.stopped = True
+            return
+        ts = time.perf_counter()
+        loss = _inject(fault, step, float((fn or att.step)(batch)))
+        dt = time.perf_counter() - ts
+        if not math.isfinite(loss):
+            yield RunFailed(step, f"the loss became {'NaN' if math.isnan(loss) else 'infinite'} at step {step}",
+                            f"lower the learning rate (it is {cfg.lr:g}; try {cfg.lr / 10:g}) "
+                            "and keep gradient clipping on")
+            return
+        is_compiled = fn is not None or (strategy is not None and step > 1)   # step 1 includes the trace
+        progress.eager_steps += fn is None and strategy is None
+        if is_compiled:
+            progress.step_times.append(dt)
+        n_tok = _tokens(batch)
+        progress.tokens += n_tok
+        progress.losses.append(loss)
+        elapsed = time.perf_counter() - t0
+        if progress.first_loss_s is None:
+            progress.first_loss_s = elapsed
+            if step < cfg.steps:
+                att.start_trace(strategy)
+        yield StepLogged(step, loss, float(att.schedule(step - 1)), n_tok, n_tok / dt, elapsed, is_compiled)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            yield from _evaluate(model, att, prepared, progress, step, t0)
+        if step < cfg.steps:
+            batch = next(prepared.batches, None)
+            if batch is None:   # a finite stream ran out: the run ends here, complete
+                return
+
+
+def _stopping(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
+def _evaluate(model, att: Attached, prepared: Prepared, progress: Progress, step: int, t0: float):
+    """Validation loss now; the first time also the base model's (step 0)."""
+    if not progress.val_losses:   # the base model's point: the adapter at scale 0 is the base exactly
+        base, now = _base_and_lora(model, att.eval_fn(), prepared.val)
+        progress.val_losses.append((0, base))
+        yield EvalLogged(0, base, time.perf_counter() - t0)
+    else:
+        now = _eval_loss(att.eval_fn(), prepared.val)
+    progress.val_losses.append((step, now))
+    yield EvalLogged(step, now, time.perf_counter() - t0)
+
+
+def summarise(model, prepared: Prepared, att: Attached, p: Progress, t0: float, cfg: TrainConfig,
+              data_origin: str, strategy) -> dict:
+    probe_base, probe_final = _base_and_lora(model, att.eval_fn(), prepared.probe) if p.losses else (None, None)
+    elapsed = time.perf_counter() - t0
+    return {
+        "steps_done": len(p.losses),
+        "first_loss": float(np.mean(p.losses[:5])) if p.losses else None,   # mean of the first 5 steps
+        "final_loss": float(np.mean(p.losses[-5:])) if p.losses else None,  # mean of the last 5 steps
+        # the honest "did it learn": one fixed set of training pairs, base vs LoRA, token-weighted
+        "probe_pairs": prepared.probe_pairs, "probe_loss_base": probe_base, "probe_loss_final": probe_final,
+        "base_val_loss": p.val_losses[0][1] if p.val_losses else None,
+        "final_val_loss": p.val_losses[-1][1] if len(p.val_losses) > 1 else None,
+        "elapsed_s": elapsed, "first_loss_s": p.first_loss_s, "eager_steps": p.eager_steps,
+        "trace_s": sum(att.tracer.seconds) if att.tracer is not None and att.tracer.seconds else None,
+        "reused_trace": att.reused,
+        "mean_step_s": float(np.mean(p.step_times)) if p.step_times else None,
+        "tokens_per_s": p.tokens / elapsed if elapsed else 0.0, "data_origin": data_origin,
+        "pairs_seen": len(p.losses) * cfg.batch_size,
+        "optimizer_state_bytes": optimizer_state_bytes(att.opt),
+        **topology(strategy),   # strategy, workers and replicas that took part
+    }
+
+
 def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: threading.Event | None = None,
           data_origin: str = "bundled", strategy=None) -> Iterator[Event]:
     """Add a fresh adapter to ``model`` as ``run.lora`` says and train it; yield events as it goes.
 
-    Ends with exactly one RunFinished (completed or stopped) or RunFailed. The
-    base weights are never changed; the trained adapter stays in ``model``. With a
-    ``strategy`` (see make_strategy) the adapter and optimiser state are mirrored and each
-    step splits the global batch across the replicas.
+    Ends with exactly one RunFinished (completed or stopped) or RunFailed. The base weights are
+    never changed; the trained adapter stays in ``model``. With a ``strategy`` (distribute.py) the
+    adapter and optimiser state are mirrored and each step splits the global batch across replicas.
     """
-    t0 = time.perf_counter()
-    cfg = run.train
-    step = 0
-    tracer = None
-    key, cached = None, None
+    t0, progress, att = time.perf_counter(), Progress(), None
     try:
-        fault = injected_fault(cfg.seed)
-        # Everything random follows cfg.seed explicitly (A's initialiser, the data order, the dropout
-        # clock). tf.random.set_seed is not called: it clears TensorFlow's function caches, and the
-        # first call of a reused step would pay ~4 s (flan-t5-small) to instantiate it again.
-        clock = step_dropout(model)
-        clock.seed.assign(cfg.seed)
+        fault = injected_fault(run.train.seed)
+        clock = step_dropout(model)   # dropout masks keyed on (seed, step): a fresh clock per run
+        clock.seed.assign(run.train.seed)
         clock.step.assign(0)
-        streamed = isinstance(train_pairs, data.Stream)
-        if streamed:   # read as needed: the probe is the stream's head, batches are encoded on the fly
-            pairs_iter = iter(train_pairs)
-            head = list(itertools.islice(pairs_iter, PROBE_PAIRS))
-            if len(head) < cfg.batch_size:
-                raise ConfigError(f"the training stream ({data_origin}) ended after {len(head)} pairs; "
-                                  f"a batch needs {cfg.batch_size}")
-            arrays = data.encode(tokenizer, head, cfg.max_source_len, cfg.max_target_len)
-        else:
-            arrays = data.encode(tokenizer, train_pairs, cfg.max_source_len, cfg.max_target_len)
-        val = data.encode(tokenizer, val_pairs, cfg.max_source_len, cfg.max_target_len)
-        # One shape for train, validation and probe batches: the eval function is traced once. A
-        # stream's longest pair is unknown, so its batches are padded to the maximum lengths.
-        lengths = ((cfg.max_source_len, cfg.max_target_len) if streamed else
-                   (max(arrays["input_ids"].shape[1], val["input_ids"].shape[1]),
-                    max(arrays["labels"].shape[1], val["labels"].shape[1])))
-        arrays, val = (data.pad_to(a, *lengths, tokenizer.pad_token_id) for a in (arrays, val))
-        val_batches = data.fixed_batches(val, cfg.batch_size, tokenizer.pad_token_id)
-        probe = {k: v[:PROBE_PAIRS] for k, v in arrays.items()}
-        probe_batches = data.fixed_batches(probe, cfg.batch_size, tokenizer.pad_token_id)
-        stream = (data.stream_batches(tokenizer, itertools.chain(head, pairs_iter), cfg.batch_size, *lengths,
-                                      cfg.seed) if streamed else data.batches(arrays, cfg.batch_size, cfg.seed))
-        first = next(stream)
-        specs = (_spec(first), _spec(val_batches[0]))
-        if strategy is None:
-            key = _compiled_key(model, run, *specs)
-            cached = _compiled(model).get(key) if key is not None else None
-        # adapter and optimiser state beside the base weights, or mirrored under a strategy
-        with strategy.scope() if strategy is not None else tf.device(variable_device(model)):
-            if cached is not None:   # the same shapes as an earlier run: reset its layers, reuse its trace
-                _compiled(model).move_to_end(key)
-                layers, variables, opt = reattach(model, cached.layers, run.lora.alpha, cfg.seed), \
-                    cached.variables, cached.opt
-                reset_optimizer(opt, cfg)
-                tracer = BackgroundTrace.ready(cached.concrete)
-            else:
-                layers = apply_lora(model, run.lora, seed=cfg.seed, clock=clock)
-                variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
-                opt = make_optimizer(cfg)
-                build_optimizer_state(opt, variables)
-        eager_step, eager_eval = make_step(model, opt, variables, cfg.clip_norm, clock), make_eval(model)
-        if strategy is not None:   # traced on its first call; no eager first step across replicas
-            eager_step = make_distributed_step(strategy, model, opt, variables, cfg.clip_norm, clock)
-        to_trace = [(tf.function(eager_step, autograph=False), specs[0]),
-                    (tf.function(eager_eval, autograph=False), specs[1])]
+        prepared = prepare(run.train, tokenizer, train_pairs, val_pairs)
+        att = attach(model, run, clock, prepared, strategy)
         yield RunStarted(config=run.to_dict(), params=breakdown(specs_from_model(model)).to_dict(),
                          device=f"{device_info()['name']}, {model_precision(model)}", data_origin=data_origin,
-                         train_pairs=None if streamed else len(arrays["input_ids"]),
-                         shapes={"source_len": arrays["input_ids"].shape[1], "target_len": arrays["labels"].shape[1]})
-
-        losses, val_losses, step_times, tokens, eager_steps, first_loss_s = [], [], [], 0, 0, None
-        batch, stopped = first, False
-        for step in range(1, cfg.steps + 1):
-            if stop is not None and stop.is_set():
-                stopped = True
-                break
-            fn = tracer.wait(0, stop) if tracer is not None and strategy is None else None
-            if stop is not None and stop.is_set():
-                stopped = True
-                break
-            ts = time.perf_counter()
-            loss = _inject(fault, step, float((fn or eager_step)(batch)))
-            dt = time.perf_counter() - ts
-            if not math.isfinite(loss):
-                yield RunFailed(step, f"the loss became {'NaN' if math.isnan(loss) else 'infinite'} at step {step}",
-                                f"lower the learning rate (it is {cfg.lr:g}; try {cfg.lr / 10:g}) "
-                                "and keep gradient clipping on")
+                         train_pairs=prepared.train_pairs, shapes=prepared.shapes)
+        for event in loop(run, model, prepared, att, progress, t0, stop, strategy, fault):
+            yield event
+            if isinstance(event, RunFailed):
                 return
-            compiled = fn is not None or (strategy is not None and step > 1)   # step 1 includes the trace
-            eager_steps += fn is None and strategy is None
-            if compiled:
-                step_times.append(dt)
-            n_tok = _tokens(batch)
-            tokens += n_tok
-            losses.append(loss)
-            elapsed = time.perf_counter() - t0
-            if first_loss_s is None:
-                first_loss_s = elapsed
-                if step < cfg.steps and tracer is None:  # only now: tracing beside the first eager step slows it ~2.5x
-                    tracer = BackgroundTrace(to_trace if strategy is None else [(None, None), to_trace[1]])
-            lr_now = float(opt.lora_lab_schedule(step - 1))
-            yield StepLogged(step, loss, lr_now, n_tok, n_tok / dt, elapsed, compiled)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                eval_fn = (tracer.get(1) if tracer is not None else None) or eager_eval
-                if not val_losses:  # the base model's point: the adapter at scale 0 is the base exactly
-                    base, now = _base_and_lora(model, eval_fn, val_batches)
-                    val_losses.append((0, base))
-                    yield EvalLogged(0, base, time.perf_counter() - t0)
-                else:
-                    now = _eval_loss(eval_fn, val_batches)
-                val_losses.append((step, now))
-                yield EvalLogged(step, now, time.perf_counter() - t0)
-            if step < cfg.steps:
-                batch = next(stream, None)
-                if batch is None:   # a finite stream ran out: the run ends here, complete
-                    break
-        probe_base, probe_final = (_base_and_lora(model, (tracer.get(1) if tracer else None) or eager_eval,
-                                                  probe_batches) if losses else (None, None))
-        elapsed = time.perf_counter() - t0
-        summary = {
-            "steps_done": len(losses),
-            "first_loss": float(np.mean(losses[:5])) if losses else None,   # mean of the first 5 steps
-            "final_loss": float(np.mean(losses[-5:])) if losses else None,  # mean of the last 5 steps
-            # the honest "did it learn": one fixed set of training pairs, base vs LoRA, token-weighted
-            "probe_pairs": min(PROBE_PAIRS, len(arrays["input_ids"])),
-            "probe_loss_base": probe_base, "probe_loss_final": probe_final,
-            "base_val_loss": val_losses[0][1] if val_losses else None,
-            "final_val_loss": val_losses[-1][1] if len(val_losses) > 1 else None,
-            "elapsed_s": elapsed, "first_loss_s": first_loss_s, "eager_steps": eager_steps,
-            "trace_s": sum(tracer.seconds) if tracer is not None and tracer.seconds else None,
-            "reused_trace": cached is not None,
-            "mean_step_s": float(np.mean(step_times)) if step_times else None,
-            "tokens_per_s": tokens / elapsed if elapsed else 0.0, "data_origin": data_origin,
-            "pairs_seen": len(losses) * cfg.batch_size,
-            "optimizer_state_bytes": optimizer_state_bytes(opt),
-            **topology(strategy),   # strategy, workers and replicas that took part
-        }
-        yield RunFinished("stopped" if stopped else "completed", summary)
+        yield RunFinished("stopped" if progress.stopped else "completed",
+                          summarise(model, prepared, att, progress, t0, run.train, data_origin, strategy))
     except Exception as exc:
-        yield _failure(step, exc)
+        yield _failure(progress.step, exc)
     finally:
-        if tracer is not None:
-            tracer.join()  # never leave a trace running against layers the next run replaces
-            if key is not None and cached is None and tracer.error is None and all(tracer.concrete):
-                cache = _compiled(model)
-                cache[key] = Compiled(layers, variables, opt, tracer.concrete)
-                while len(cache) > COMPILED_KEPT:
-                    cache.popitem(last=False)
+        if att is not None:
+            att.finish(model)

@@ -1,0 +1,164 @@
+"""The named endpoints for API clients: plain values in and out, so a ``gradio_client`` script can do
+everything the page does.
+
+A run belongs to whoever holds its owner key. ``/train``, ``/sweep`` and ``/import_adapter`` return
+the key they used; any client that passes it as ``owner_key`` may stop, list, translate with,
+download, inspect and delete those runs. A call without a key acts with its connection's own key
+(so one connection sees its own runs, as before), and a client without the right key is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import gradio as gr
+
+from .. import anatomy
+from ..config import ConfigError, TrainConfig, parse_ranks
+from ..params import preview
+from ..runs import Lab, summary_row
+from .common import DEFAULT_RANKS, errors, owner_key
+from .sections.adapters import import_files
+
+_T = TrainConfig()   # API defaults are the config's defaults
+
+
+class Api:
+    def __init__(self, lab: Lab):
+        self.lab = lab
+
+    def register(self) -> None:
+        """Declare every endpoint inside the current gr.Blocks."""
+        for name in ("params", "train", "sweep", "stop", "runs", "translate", "delete_run", "inspect", "similarity",
+                     "budget"):
+            gr.api(getattr(self, name), api_name=name, concurrency_limit=None)
+        # endpoints with file inputs or outputs go through hidden components
+        hidden = gr.Button(visible=False)
+        run, key = gr.Textbox(visible=False), gr.Textbox(visible=False)
+        files, file_out, answer = gr.File(file_count="multiple", visible=False), gr.File(visible=False), \
+            gr.JSON(visible=False)
+        hidden.click(self.import_adapter, [files, key], [answer], api_name="import_adapter")
+        hidden.click(self.download_adapter, [run, key], [file_out], api_name="download_adapter")
+        hidden.click(self.download_merged, [run, key], [file_out], api_name="download_merged")
+
+    def _key(self, request, presented) -> str:
+        return owner_key(self.lab, request, presented)
+
+    def _lora(self, rank, alpha, targets, side, first_layer, last_layer):
+        return self.lab.lora_config(rank, alpha, ["q", "v"] if targets is None else targets, side, first_layer,
+                                    last_layer)
+
+    @errors
+    def params(self, rank: int = 8, alpha: float = 16.0, targets: list[str] | None = None, side: str = "both",
+               first_layer: int = 0, last_layer: int = -1) -> dict:
+        """Exact parameter breakdown for a LoRA config on the loaded model (no training needed)."""
+        cfg = self._lora(rank, alpha, targets, side, first_layer, last_layer)
+        b = preview(self.lab.loaded.model.config, cfg)
+        return {**b.to_dict(), "rows": b.rows(), "config": {"rank": cfg.rank, "alpha": cfg.alpha,
+                                                           "targets": list(cfg.targets), "side": cfg.side,
+                                                           "layers": cfg.layers}}
+
+    @errors
+    def train(self, rank: int = 8, alpha: float = 16.0, targets: list[str] | None = None, side: str = "both",
+              first_layer: int = 0, last_layer: int = -1, steps: int = _T.steps, batch_size: int = _T.batch_size,
+              lr: float = _T.lr, train_size: int = _T.train_size, seed: int = _T.seed, optimizer: str = _T.optimizer,
+              bleu_size: int = _T.bleu_size, owner_key: str = "", request: gr.Request = None) -> Iterator[dict]:
+        """Queue a training run and stream its progress; the last message carries the summary and BLEU/chrF.
+        Every message carries ``owner_key``: with it, any client may stop, use or delete the run."""
+        key = self._key(request, owner_key)
+        cfg = self.lab.run_config(self._lora(rank, alpha, targets, side, first_layer, last_layer), steps,
+                                  batch_size, lr, train_size, seed, optimizer, bleu_size)
+        job = self.lab.submit(cfg, key)
+        for status in self.lab.watch(job):
+            yield {**status, "owner_key": key}
+
+    @errors
+    def sweep(self, ranks: str = DEFAULT_RANKS, alpha: float = 16.0, targets: list[str] | None = None,
+              side: str = "both", first_layer: int = 0, last_layer: int = -1, steps: int = _T.steps,
+              batch_size: int = _T.batch_size, lr: float = _T.lr, train_size: int = _T.train_size,
+              seed: int = _T.seed, optimizer: str = _T.optimizer, bleu_size: int = _T.bleu_size,
+              owner_key: str = "", request: gr.Request = None) -> Iterator[dict]:
+        """Train the same config at each rank (same seed and data order); stream every run's status."""
+        key = self._key(request, owner_key)
+        ranks_list = parse_ranks(ranks)
+        cfg = self.lab.run_config(self._lora(ranks_list[0], alpha, targets, side, first_layer, last_layer), steps,
+                                  batch_size, lr, train_size, seed, optimizer, bleu_size)
+        jobs = self.lab.submit_sweep(cfg, ranks_list, key)
+        for job in jobs:
+            for _ in self.lab.watch(job):
+                yield {"sweep": job.sweep, "runs": [self.lab.status(j) for j in jobs], "owner_key": key}
+
+    @errors
+    def stop(self, run_id: str = "", owner_key: str = "", request: gr.Request = None) -> dict:
+        """Stop a run or a whole sweep (default: this session's newest unfinished run). Within one step."""
+        mine = self.lab.runs(self._key(request, owner_key))
+        if run_id:
+            if not any(run_id in (j.id, j.sweep) for j in mine):
+                raise ConfigError(f"no run or sweep {run_id!r} in this session")
+            target = run_id
+        else:
+            going = [j for j in mine if not j.done.is_set()]
+            if not going:
+                raise ConfigError("no run to stop in this session")
+            target = going[-1].sweep or going[-1].id
+        job = self.lab.stop(target)
+        # the step the run had logged when the request arrived: it ends after at most one more
+        return {"stopped": target, "stop_requested": True, "step_at_request": job.losses[-1][0] if job.losses else 0}
+
+    @errors
+    def delete_run(self, run_id: str, owner_key: str = "", request: gr.Request = None) -> dict:
+        """Delete one of this session's finished runs and its files (to make room under the run limit)."""
+        return {"deleted": self.lab.delete(run_id, self._key(request, owner_key)).id}
+
+    @errors
+    def runs(self, all_runs: bool = False, owner_key: str = "", request: gr.Request = None) -> list[dict]:
+        """Recorded runs of this session (or of the whole server with all_runs), oldest first."""
+        key = self._key(request, owner_key)
+        return [summary_row(j, key) for j in self.lab.runs(None if all_runs else key)]
+
+    @errors
+    def translate(self, text: str, run_id: str = "", scale: float = 1.0, reference: str = "",
+                  sides: list[str] | None = None, blocks: str = "all", modules: list[str] | None = None,
+                  owner_key: str = "", request: gr.Request = None) -> dict:
+        """English lines -> base and LoRA German side by side (default run: this session's newest).
+        With reference German (one line per sentence), per-sentence chrF for both. ``sides``, ``blocks``
+        and ``modules`` keep only part of the adapter on (e.g. sides=["decoder"], modules=["self q"])."""
+        return self.lab.translate_request(text, run_id, scale, self._key(request, owner_key), reference,
+                                          anatomy.keep_spec(sides, blocks, modules))
+
+    @errors
+    def inspect(self, run_id: str, owner_key: str = "", request: gr.Request = None) -> dict:
+        """ΔW of each adapted layer: ‖ΔW‖_F, ‖ΔW‖/‖W‖, singular values, effective rank; the heatmap grid."""
+        return self.lab.inspect(run_id, self._key(request, owner_key))
+
+    @errors
+    def similarity(self, run_a: str, run_b: str, owner_key: str = "", request: gr.Request = None) -> dict:
+        """Subspace similarity φ (Hu et al. 2021, sec. 7) per shared layer between two of this session's runs."""
+        return self.lab.similarity(run_a, run_b, self._key(request, owner_key))
+
+    @errors
+    def budget(self, run_id: str, owner_key: str = "", request: gr.Request = None) -> dict:
+        """A run's budget predicted when it was queued, beside what it measured."""
+        return self.lab.budget(run_id, self._key(request, owner_key))
+
+    # owner_key defaults to None here: a hidden component with no value is otherwise a required argument
+    @errors
+    def import_adapter(self, files, owner_key: str | None = None, request: gr.Request = None) -> dict:
+        """Import an adapter (a zip, or adapter_config.json + adapter_model.safetensors) into this session."""
+        key = self._key(request, owner_key)
+        job = import_files(self.lab, files, key)
+        lora = job.config.lora
+        return {"run_id": job.id, "owner_key": key, "status": job.status, "rank": lora.rank, "alpha": lora.alpha,
+                "targets": list(lora.targets), "side": lora.side, "layers": list(lora.layers) if lora.layers else None,
+                "adapter_bytes": job.adapter_files["bytes"], "trainable": job.params.get("trainable"),
+                "notices": job.origin.get("notices", [])}
+
+    @errors
+    def download_adapter(self, run_id, owner_key: str | None = None, request: gr.Request = None) -> str:
+        """This session's run ``run_id`` as a zip of its PEFT adapter directory."""
+        return str(self.lab.adapter_zip(run_id, self._key(request, owner_key)))
+
+    @errors
+    def download_merged(self, run_id, owner_key: str | None = None, request: gr.Request = None) -> str:
+        """This session's run ``run_id`` merged into the base model: a zip of a TF save_pretrained checkpoint."""
+        return str(self.lab.export_merged(run_id, self._key(request, owner_key)))

@@ -1,0 +1,157 @@
+"""What the sections share: the per-browser states, the LoRA/training form, owner keys, one error
+decorator, and the live status of a run (its status line and loss figure)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, fields
+
+import gradio as gr
+
+from .. import owners, plots
+from ..config import ConfigError, RunConfig
+from ..events import summary_text
+from ..runs import Job, Lab
+
+DEFAULT_RANKS = "1,2,4,8,16"
+READY = "Ready. Press **Train** to start a run."
+
+
+def errors(fn):
+    """ConfigError (bad input, not yours, not found) becomes gr.Error, whose message the user sees."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except ConfigError as exc:
+                raise gr.Error(str(exc)) from None
+        return gen
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            raise gr.Error(str(exc)) from None
+    return call
+
+
+def owner_key(lab: Lab, request: gr.Request | None, presented: str | None = "") -> str:
+    """The key an API call acts with: the one it presents, else its connection's own."""
+    if presented:
+        return owners.check(presented)
+    return lab.connection_key(getattr(request, "session_hash", None) or "anonymous")
+
+
+def browser_key(key: str | None) -> str:
+    """The browser's owner key (kept in its local storage); a new one on its first visit."""
+    return key or owners.new_key()
+
+
+@dataclass
+class Shared:
+    """Per-browser states that several sections read or write."""
+
+    session: gr.BrowserState     # the browser's owner key
+    run_id: gr.State             # the run (or sweep id) that Stop stops and the live plot follows
+    seen: gr.State               # what the run list last showed, to skip unchanged refreshes
+
+    @classmethod
+    def create(cls) -> "Shared":
+        return cls(gr.BrowserState("", storage_key="lora_lab_session"), gr.State(""), gr.State(""))
+
+
+@dataclass
+class Form:
+    """The LoRA and training controls. Handlers take them as one ``{component: value}`` dict."""
+
+    rank: gr.Slider
+    alpha: gr.Slider
+    targets: gr.CheckboxGroup
+    side: gr.Radio
+    first: gr.Slider
+    last: gr.Slider
+    steps: gr.Slider
+    batch: gr.Slider
+    lr: gr.Number
+    train_size: gr.Slider
+    optimizer: gr.Dropdown
+    seed: gr.Number
+    bleu_size: gr.Slider
+
+    LORA = ("rank", "alpha", "targets", "side", "first", "last")
+
+    @property
+    def components(self) -> set:
+        return {getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def lora_components(self) -> set:
+        return {getattr(self, name) for name in self.LORA}
+
+    def lora(self, lab: Lab, v: dict, rank=None):
+        return lab.lora_config(v[self.rank] if rank is None else rank, v[self.alpha], v[self.targets], v[self.side],
+                               v[self.first], v[self.last])
+
+    def run(self, lab: Lab, v: dict, rank=None) -> RunConfig:
+        return lab.run_config(self.lora(lab, v, rank), v[self.steps], v[self.batch], v[self.lr], v[self.train_size],
+                              v[self.seed], v[self.optimizer], v[self.bleu_size])
+
+
+# ---------------------------------------------------------------------------
+# A run's live view: status line and loss figure
+# ---------------------------------------------------------------------------
+
+ICONS = {"running": "🏃", "completed": "✅", "stopped": "⏹️", "failed": "❌", "interrupted": "⚠️"}
+
+
+def status_line(lab: Lab, s: dict) -> str:
+    if s["status"] == "queued":
+        at_once = "one training job runs at a time" if lab.slots == 1 else f"{lab.slots} training jobs run at a time"
+        return f"⏳ queued: position {s['queue_position']} in line ({at_once})"
+    if s["status"] == "running" and s["step"] == 0:
+        return "⚙️ preparing: adding the adapter, tokenising the data, first step…"
+    parts = [f"step {s['step']}/{s['total_steps']}"]
+    if s["loss"] is not None:
+        parts.append(f"loss {s['loss']:.3f}")
+    if s["val_losses"]:
+        parts.append(f"val {s['val_losses'][-1][1]:.3f}")
+    if s["tokens_per_s"]:
+        parts.append(f"{s['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"elapsed {s['elapsed_s']:.0f} s")
+    if s["eta_s"] is not None:
+        parts.append(f"ETA {s['eta_s']:.0f} s")
+    line = f"{ICONS.get(s['status'], '')} {s['status']} · r={s['rank']} · " + " · ".join(parts)
+    if s["phase"] == "evaluating":
+        line += "  \n📏 scoring BLEU/chrF on the newstest2016 slice…"
+    if s["status"] in ("completed", "stopped") and s["summary"].get("first_loss_s") is not None:
+        line += "  \n" + summary_text(s["status"], s["summary"]).replace("\n", "  \n").replace("->", "→")
+    q = s.get("quality")
+    if q:
+        line += (f"  \nBLEU base {q['base']['bleu']:.2f} → LoRA {q['lora']['bleu']:.2f} · chrF base "
+                 f"{q['base']['chrf']:.2f} → LoRA {q['lora']['chrf']:.2f} ({q['n']} newstest2016 sentences)")
+    if s["error"]:
+        line += f"  \n**{s['error']}**"
+    return line
+
+
+def live(lab: Lab, job: Job, s: dict) -> tuple[str, object]:
+    """(status line, loss figure) of a run as it stands."""
+    lora = job.config.lora
+    # x-axis: while running, up to twice the current step (capped at the run's length), so early
+    # points of a long run are not squeezed against the y-axis; once it has ended, the steps it did.
+    span = min(s["total_steps"], max(2 * s["step"], 20)) if s["status"] in ("queued", "running") \
+        else max(s["step"], 1)
+    fig = plots.loss_figure(job.record(), span, title=f"Loss · r={lora.rank}, {'+'.join(lora.targets)} · run {job.id}")
+    return status_line(lab, s), fig
+
+
+def run_label(job: Job) -> str:
+    lora = job.config.lora
+    q = f", BLEU {job.quality['lora']['bleu']:.1f}" if job.quality else ""
+    return f"r={lora.rank} {'+'.join(lora.targets)} · {job.status}{q} · {job.id}"
+
+
+PRIVATE = dict(api_visibility="private")   # UI events: not part of the public API

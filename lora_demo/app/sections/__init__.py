@@ -1,0 +1,1 @@
+"""One module per page section; each builds and wires its own controls."""

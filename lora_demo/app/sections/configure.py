@@ -1,0 +1,176 @@
+"""Sections 1 and 2: the LoRA config and training controls, Train / Stop / Sweep, the live status and
+loss curve, the exact parameter breakdown and the predicted budget."""
+
+from __future__ import annotations
+
+import html
+from functools import partial
+
+import gradio as gr
+
+from ... import plots
+from ...config import ConfigError, defaults_for, limits, parse_ranks
+from ...models import is_gpu
+from ...params import preview
+from ...runs import Lab
+from ...train import OPTIMIZER_LABELS, available_optimizers
+from ..common import DEFAULT_RANKS, PRIVATE, READY, Form, Shared, browser_key, errors, live
+
+
+def build(lab: Lab, shared: Shared) -> dict:
+    """Build and wire the two columns; returns the components other sections chain on."""
+    depth, modules, lim, dflt = lab.depth, lab.modules(), limits(), defaults_for(is_gpu())
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            gr.Markdown("### 1 · LoRA config")
+            rank = gr.Slider(1, 64, value=8, step=1, label="rank r", elem_id="rank")
+            alpha = gr.Slider(1, 128, value=16, step=1, label="alpha (update scaled by alpha / r)")
+            targets = gr.CheckboxGroup(modules, value=[m for m in ("q", "v") if m in modules],
+                                       label="target modules (attention q/k/v/o, FFN wi*/wo)")
+            side = gr.Radio(["both", "encoder", "decoder"], value="both", label="stacks")
+            with gr.Row():
+                first = gr.Slider(0, depth - 1, value=0, step=1, label="first block")
+                last = gr.Slider(0, depth - 1, value=depth - 1, step=1, label="last block")
+            gr.Markdown("### 2 · Training")
+            with gr.Row():
+                steps = gr.Slider(1, lim.max_steps, value=dflt.steps, step=1, label="steps", elem_id="steps")
+                batch = gr.Slider(1, lim.max_batch_size, value=dflt.batch_size, step=1, label="batch size")
+            with gr.Row():
+                lr = gr.Number(value=dflt.lr, label="learning rate", minimum=1e-6, maximum=1.0)
+                train_size = gr.Slider(8, lim.max_train_size, value=dflt.train_size, step=8,
+                                       label="training pairs (WMT16)")
+            with gr.Row():
+                optimizer = gr.Dropdown([(OPTIMIZER_LABELS[o], o) for o in available_optimizers()],
+                                        value="adamw", label="optimizer")
+                seed = gr.Number(value=0, precision=0, label="seed")
+            bleu_size = gr.Slider(0, 500, value=dflt.bleu_size, step=10,
+                                  label="BLEU/chrF sentences after the run (newstest2016; 0 = skip)")
+            with gr.Row():
+                train_btn = gr.Button("▶ Train", variant="primary", elem_id="train-btn")
+                stop_btn = gr.Button("⏹ Stop", variant="stop", elem_id="stop-btn")
+            with gr.Row(equal_height=True):
+                ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks", scale=2)
+                sweep_btn = gr.Button("Sweep ranks", scale=1)
+        with gr.Column(scale=3, min_width=420):
+            status = gr.Markdown(READY, elem_classes=["status"], elem_id="status")
+            loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False, elem_id="loss-plot")
+            gr.Markdown("### Parameter breakdown")
+            summary = gr.Markdown(elem_id="breakdown")
+            params_plot = gr.Plot(show_label=False)
+            table = gr.Dataframe(headers=["component", "params", "trainable", "% of total"],
+                                 interactive=False, wrap=True, column_widths=["34%", "24%", "22%", "20%"])
+            gr.Markdown("### Predicted budget: this config vs full fine-tuning")
+            budget_md = gr.Markdown(elem_id="budget")
+
+    form = Form(rank, alpha, targets, side, first, last, steps, batch, lr, train_size, optimizer, seed, bleu_size)
+    shows = dict(status=status, loss_plot=loss_plot, summary=summary, table=table, params_plot=params_plot,
+                 budget_md=budget_md)
+    breakdown = dict(fn=partial(ui_params, lab, form, shows), inputs=form.lora_components,
+                     outputs=[summary, table, params_plot], **PRIVATE)
+    for c in form.lora_components:
+        c.change(show_progress="hidden", **breakdown)
+    budgeted = dict(fn=partial(ui_budget, lab, form), inputs=form.components, outputs=[budget_md], **PRIVATE)
+    for c in form.components:
+        c.change(show_progress="hidden", **budgeted)
+    run_outputs = [status, loss_plot, shared.run_id, shared.session]
+    trained = train_btn.click(partial(ui_train, lab, form, shared), form.components | {shared.session},
+                              run_outputs, concurrency_limit=None, **PRIVATE)
+    swept = sweep_btn.click(partial(ui_sweep, lab, form, shared, ranks), form.components | {shared.session, ranks},
+                            run_outputs, concurrency_limit=None, **PRIVATE)
+    stop_btn.click(partial(ui_stop, lab), [shared.run_id], [status], concurrency_limit=None, **PRIVATE)
+    return dict(form=form, status=status, loss_plot=loss_plot, breakdown=breakdown, budget=budgeted,
+                trained=trained, swept=swept)
+
+
+# ---------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------
+
+def ui_params(lab: Lab, form: Form, shows: dict, v: dict) -> dict:
+    try:
+        b = preview(lab.loaded.model.config, form.lora(lab, v))
+    except ConfigError as exc:
+        return {shows["summary"]: f"<div class='notice'>⚠️ {html.escape(str(exc))}</div>"}
+    return {shows["summary"]: f"**{b.trainable:,} trainable** of {b.total:,} parameters (**{b.pct_trainable:.3f}%**)"
+                              f" · frozen {b.frozen:,} · adapter **{b.adapter_mb:.3f} MB** (fp32)",
+            shows["table"]: [[n, f"{p:,}", f"{t:,}", f"{pct:.3f}%"] for n, p, t, pct in b.rows()],
+            shows["params_plot"]: plots.params_figure(b.rows())}
+
+
+def ui_budget(lab: Lab, form: Form, v: dict) -> str:
+    try:
+        return budget_markdown(lab.predict(form.run(lab, v)))
+    except ConfigError as exc:
+        return f"⚠️ {html.escape(str(exc))}"
+
+
+@errors
+def ui_train(lab: Lab, form: Form, shared: Shared, v: dict):
+    session = browser_key(v[shared.session])
+    job = lab.submit(form.run(lab, v), session)
+    for s in lab.watch(job):
+        yield *live(lab, job, s), job.id, session
+
+
+@errors
+def ui_sweep(lab: Lab, form: Form, shared: Shared, ranks, v: dict):
+    session = browser_key(v[shared.session])
+    ranks_list = parse_ranks(v[ranks])
+    jobs = lab.submit_sweep(form.run(lab, v, rank=ranks_list[0]), ranks_list, session)
+    for i, job in enumerate(jobs):
+        for s in lab.watch(job):
+            status, fig = live(lab, job, s)
+            yield (f"**Rank sweep {i + 1}/{len(jobs)}** (ranks {', '.join(map(str, ranks_list))})  \n{status}",
+                   fig, job.sweep, session)
+
+
+def ui_stop(lab: Lab, run_id: str) -> str:
+    if not run_id:
+        return "No run to stop."
+    job = lab.stop(run_id)
+    what = "the sweep's remaining runs are cancelled and the current one ends" if run_id.startswith("sweep-") \
+        else "the run ends"
+    return f"⏹️ stop requested: {what} after the current step" if job else f"no run {run_id}"
+
+
+def ui_restore(lab: Lab, session: str):
+    """On page load: the browser's owner key, and its newest run (a reload loses nothing)."""
+    session = browser_key(session)
+    jobs = lab.runs(session)
+    if not jobs:
+        return session, "", READY, plots.loss_figure(None)
+    job = jobs[-1]
+    return (session, job.sweep or job.id, *live(lab, job, lab.status(job)))
+
+
+def ui_follow(lab: Lab, run_id: str):
+    """After a reload: keep streaming a run (or the current run of a sweep) that is still going."""
+    jobs = [j for j in lab.jobs.values() if run_id and run_id in (j.id, j.sweep) and not j.done.is_set()]
+    for job in sorted(jobs, key=lambda j: j.created):
+        for s in lab.watch(job):
+            yield live(lab, job, s)
+
+
+def _mb(n) -> str:
+    return "–" if n is None else f"{n / 1e6:,.3f} MB"
+
+
+def budget_markdown(pred: dict) -> str:
+    """Predicted budget: this LoRA config, full fine-tuning, and the course demo's setup."""
+    lo, fu, emb = pred["lora"], pred["full"], pred["lora_plus_shared_embedding"]
+    step = f"{lo['step_s_est']:.2f} s (est.)" if lo["step_s_est"] else "–"
+    rows = [
+        ("trainable parameters", f"{lo['trainable']:,}", f"{fu['trainable']:,}", f"{emb['trainable']:,}"),
+        ("% of all weights", f"**{lo['pct_trainable']:.3f}%**", f"{fu['pct_trainable']:.1f}%",
+         f"**{emb['pct_trainable']:.2f}%**"),
+        ("trained weights to save", _mb(lo["adapter_bytes"]), _mb(fu["adapter_bytes"]), _mb(emb["adapter_bytes"])),
+        (f"optimiser state ({pred['optimizer']}, {pred['optimizer_slots']} slots)", _mb(lo["optimizer_bytes"]),
+         _mb(fu["optimizer_bytes"]), _mb(emb["optimizer_bytes"])),
+        ("activations per step (estimate)", _mb(lo["activation_bytes_est"]), _mb(fu["activation_bytes_est"]), "–"),
+        ("step time", step, "–", "–"),
+    ]
+    out = ["| predicted | LoRA (this config) | full fine-tuning | LoRA + shared embedding trainable |",
+           "| --- | --- | --- | --- |"] + [f"| {' | '.join(r)} |" for r in rows]
+    out.append(f"\nThe last column is the course demo this app grew from: it left the shared embedding trainable, "
+               f"which is where its \"9% trainable\" came from. Step time: {pred['step_basis']}.")
+    return "\n".join(out)

@@ -1,0 +1,113 @@
+"""Section 3: every run of this browser (or of the server) in a table, the loss curves overlaid and
+BLEU/chrF against trainable parameters. Its refresh also keeps every run picker of the page current."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+
+from ... import compare, plots
+from ...runs import Job, Lab
+from ..common import PRIVATE, Shared, run_label
+
+AUTO_PLOT = 8   # at most this many newly seen runs are added to the charts by themselves
+
+
+@dataclass
+class Runs:
+    show_all: gr.Checkbox
+    table: gr.Dataframe
+    picked: gr.CheckboxGroup
+    curves: gr.CheckboxGroup
+    log_y: gr.Checkbox
+    x_axis: gr.Radio
+    metric: gr.Radio
+    overlay: gr.Plot
+    quality: gr.Plot
+    refresh_btn: gr.Button
+
+
+def build(lab: Lab, shared: Shared) -> Runs:
+    gr.Markdown("### 3 · Runs: compare ranks")
+    with gr.Row():
+        show_all = gr.Checkbox(False, label="show all runs on this server (not only this browser's)")
+        refresh_btn = gr.Button("↻ Refresh", size="sm")
+        export_btn = gr.Button("Export CSV", size="sm")
+    export_file = gr.File(label="comparison CSV", visible=False)
+    table = gr.Dataframe(headers=compare.COLUMNS, interactive=False, wrap=True, max_height=320,
+                         column_widths=compare.WIDTHS)
+    picked = gr.CheckboxGroup([], label="runs in the charts")
+    with gr.Row():
+        curves = gr.CheckboxGroup(["train", "validation"], value=["train", "validation"], label="curves")
+        log_y = gr.Checkbox(False, label="log-scale loss")
+        x_axis = gr.Radio(["step", "training tokens"], value="step", label="x-axis")
+        metric = gr.Radio(["BLEU", "chrF"], value="BLEU", label="quality metric")
+    with gr.Row(equal_height=False):
+        overlay = gr.Plot(show_label=False)
+        quality = gr.Plot(show_label=False)
+    export_btn.click(partial(ui_export, lab), [shared.session, show_all], [export_file], **PRIVATE)
+    return Runs(show_all, table, picked, curves, log_y, x_axis, metric, overlay, quality, refresh_btn)
+
+
+def connect(lab: Lab, shared: Shared, runs: Runs, pickers: dict, after: list) -> dict:
+    """Wire the refresh of the run list, the charts and every run picker: on its own controls, on a
+    timer, and after each event in ``after`` (train, sweep, import, delete, page load).
+    ``pickers`` maps a dropdown to "newest" or "second" (the run it preselects)."""
+    inputs = {shared.session, shared.seen, runs.show_all, runs.picked, runs.curves, runs.log_y, runs.x_axis,
+              runs.metric}
+    outputs = [runs.table, runs.picked, runs.overlay, runs.quality, shared.seen, *pickers]
+    refresh = dict(fn=partial(ui_runs, lab, shared, runs, pickers), inputs=inputs, outputs=outputs, **PRIVATE)
+    for c in (runs.show_all, runs.curves, runs.log_y, runs.x_axis, runs.metric):
+        c.change(show_progress="hidden", **refresh)
+    runs.picked.input(show_progress="hidden", **refresh)
+    runs.refresh_btn.click(**refresh)
+    gr.Timer(3).tick(show_progress="hidden", **{**refresh, "fn": partial(ui_runs, lab, shared, runs, pickers,
+                                                                         force=False)})
+    for event in after:
+        event.then(**refresh)
+    return refresh
+
+
+def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, v: dict, force: bool = True) -> dict:
+    """Refresh the run list, comparison table and charts (skipped when nothing changed)."""
+    session, seen, show_all = v[shared.session], v[shared.seen], v[runs.show_all]
+    jobs = _visible(lab, session, show_all)
+    key = ",".join(f"{j.id}:{j.version}" for j in jobs) + f"|{show_all}"
+    if not force and key == seen:
+        return {}
+    ids = [j.id for j in jobs]
+    known = {part.split(":")[0] for part in (seen or "").split("|")[0].split(",") if part}
+    kept = [i for i in (v[runs.picked] or []) if i in ids]
+    chosen = kept + [i for i in ids if i not in known and i not in kept][-AUTO_PLOT:]   # new runs join the charts
+    records = [j.record() for j in jobs]
+    shown = [r for r in records if r["run_id"] in chosen]
+    mine = [j for j in lab.runs(session or "") if lab.usable(j)]
+    choices = [(run_label(j), j.id) for j in mine]
+    preselect = {"newest": mine[-1].id if mine else None, "second": mine[-2].id if len(mine) > 1 else None}
+    curves = v[runs.curves] or []
+    return {runs.table: compare.table(records),
+            runs.picked: gr.update(choices=[(run_label(j), j.id) for j in jobs], value=chosen),
+            runs.overlay: plots.loss_overlay(shown, "train" in curves, "validation" in curves, bool(v[runs.log_y]),
+                                             "tokens" if v[runs.x_axis] == "training tokens" else "step",
+                                             title="Loss by run (colour = rank)"),
+            runs.quality: plots.quality_figure(shown, "chrf" if v[runs.metric] == "chrF" else "bleu"),
+            shared.seen: key,
+            # one update per dropdown: Gradio may consume an update dict as it applies it
+            **{picker: gr.update(choices=choices, value=preselect[which]) for picker, which in pickers.items()}}
+
+
+def _visible(lab: Lab, session, show_all) -> list[Job]:
+    return lab.runs(None if show_all else (session or ""))
+
+
+def ui_export(lab: Lab, session, show_all):
+    records = [j.record() for j in _visible(lab, session, show_all)]
+    if not records:
+        raise gr.Error("no runs to export yet")
+    path = Path(tempfile.mkdtemp(prefix="lora-lab-")) / "lora_lab_runs.csv"
+    path.write_text(compare.to_csv(records), encoding="utf-8")
+    return gr.update(value=str(path), visible=True)

@@ -1,0 +1,81 @@
+"""Section 4: English in, base and LoRA German side by side, with the words that differ highlighted,
+per-sentence chrF against reference German, the LoRA scale, and parts of the adapter switched off."""
+
+from __future__ import annotations
+
+import html
+from functools import partial
+
+import gradio as gr
+
+from ... import anatomy
+from ...evaluate import word_diff
+from ...runs import Lab
+from ..common import PRIVATE, Shared, errors
+
+FLAN_NOTE = ("FLAN-T5 was instruction-tuned on a mixture that includes WMT16 translation, so the base model's "
+             "German (and its BLEU) is **not** a zero-shot result.")
+EXAMPLES = ["The weather is nice today.", "I would like to thank the Commissioner for her answer.",
+            "Obama receives Netanyahu.", "The European Parliament adopted the resolution."]
+
+
+def build(lab: Lab, shared: Shared) -> dict:
+    gr.Markdown("### 4 · Translate: base vs LoRA\n" + FLAN_NOTE)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            run_pick = gr.Dropdown([], label="LoRA run (this browser's runs)", allow_custom_value=False)
+            text = gr.Textbox(lines=4, label="English, one sentence per line", value=EXAMPLES[0], elem_id="en-text")
+            reference = gr.Textbox(lines=2, label="reference German, one line per sentence (optional: "
+                                                  "per-sentence chrF)")
+            scale = gr.Slider(0, 2, value=1, step=0.05, label="LoRA scale (0 = base model, 1 = as trained)")
+            with gr.Accordion("Switch parts of the adapter off (no retraining)", open=False):
+                sides = gr.CheckboxGroup(["encoder", "decoder"], value=["encoder", "decoder"],
+                                         label="keep LoRA on in these stacks", elem_id="keep-sides")
+                blocks = gr.Textbox("all", label="…in these blocks (e.g. 0-3, or all)")
+                modules = gr.CheckboxGroup(anatomy.COLUMNS, value=anatomy.COLUMNS,
+                                           label="…for these module types (self-/cross-attention, FFN)")
+            translate_btn = gr.Button("Translate", variant="primary", elem_id="translate-btn")
+            gr.Examples([[e] for e in EXAMPLES], inputs=[text], label="examples")
+        with gr.Column(scale=3):
+            out_table = gr.Dataframe(headers=["English", "Base", "LoRA"], interactive=False, wrap=True,
+                                     column_widths=["30%", "35%", "35%"], elem_id="translations")
+            diff = gr.HTML()
+            note = gr.Markdown()
+    c = dict(text=text, scale=scale, run=run_pick, reference=reference, session=shared.session, sides=sides,
+             blocks=blocks, modules=modules)
+    for trigger in (translate_btn.click, text.submit):
+        trigger(partial(ui_translate, lab, c), set(c.values()), [out_table, diff, note], concurrency_limit=None,
+                **PRIVATE)
+    return dict(run_pick=run_pick)
+
+
+@errors
+def ui_translate(lab: Lab, c: dict, v: dict):
+    """``c`` names the controls; ``v`` holds their values."""
+    def value(name):
+        return v[c[name]]
+    scale = value("scale")
+    out = lab.translate_request(value("text"), value("run") or "", scale, value("session") or "", value("reference"),
+                                anatomy.keep_spec(value("sides"), value("blocks"), value("modules")))
+    scored = out["chrf_base"] is not None
+    none = [None] * len(out["english"])
+    rows = [[en, b, l] + ([cb, cl] if scored else []) for en, b, l, cb, cl in
+            zip(out["english"], out["base"], out["lora"], out["chrf_base"] or none, out["chrf_lora"] or none)]
+    headers = ["English", "Base", "LoRA"] + (["chrF base", "chrF LoRA"] if scored else [])
+    widths = ["24%", "28%", "28%", "10%", "10%"] if scored else ["30%", "35%", "35%"]
+    label = f"LoRA = adapter of run {out['run_id']} at scale {float(scale):g}" if out["run_id"] else "no adapter yet"
+    return (gr.update(value=rows, headers=headers, column_widths=widths),
+            diff_html(out["english"], out["base"], out["lora"]),
+            label + "".join(f"  \n⚠️ {n}" for n in out["notices"]))
+
+
+def diff_html(english, base, lora) -> str:
+    def words(pairs):
+        return " ".join(f"<mark class='changed'>{html.escape(w)}</mark>" if changed else html.escape(w)
+                        for w, changed in pairs)
+    rows = []
+    for en, b, l in zip(english, base, lora):
+        bw, lw = word_diff(b, l)
+        rows.append(f"<tr><td>{html.escape(en)}</td><td>{words(bw)}</td><td>{words(lw)}</td></tr>")
+    return ("<div class='diff'><b>Where base and LoRA differ</b> (highlighted words)<table><tr><th>English</th>"
+            "<th>Base</th><th>LoRA</th></tr>" + "".join(rows) + "</table></div>")
