@@ -115,18 +115,14 @@ def test_a_worker_that_never_joins_or_dies_gives_a_clear_error_in_bounded_time(t
 
     from conftest import free_port
 
-    # worker 1 never starts: worker 0 gives up after LORA_LAB_WORKER_TIMEOUT seconds and says who is missing
-    ports = [free_port(), free_port()]
+    # worker 1 never starts: worker 0 gives up after LORA_LAB_WORKER_TIMEOUT seconds and says who is missing.
+    # Beside it (other ports), a pair whose worker 1 dies mid-run.
+    lonely_ports, ports = [free_port(), free_port()], [free_port(), free_port()]
     t0 = time.monotonic()
-    lonely = _worker(0, ports, tmp_path / "lonely", timeout_s=5)
-    _, err = lonely.communicate(timeout=120)
-    assert lonely.returncode != 0 and time.monotonic() - t0 < 60
-    assert "did not come up within 5 s" in err and f"127.0.0.1:{ports[1]}" in err, err[-2000:]
-    assert not (tmp_path / "lonely").exists()
+    lonely = _worker(0, lonely_ports, tmp_path / "lonely", timeout_s=5)
+    workers = [_worker(i, ports, tmp_path / f"w{i}", timeout_s=30, steps="2000") for i in range(2)]
 
     # worker 1 dies mid-run: worker 0's run fails with what happened, keeping the steps it logged
-    ports = [free_port(), free_port()]
-    workers = [_worker(i, ports, tmp_path / f"w{i}", timeout_s=30, steps="2000") for i in range(2)]
     for line in workers[1].stdout:
         if '"step": 3,' in line:
             workers[1].kill()
@@ -138,3 +134,8 @@ def test_a_worker_that_never_joins_or_dies_gives_a_clear_error_in_bounded_time(t
     assert record["status"] == "failed" and "another worker of the cluster stopped answering" in record["error"]
     assert len(record["losses"]) >= 3
     workers[1].wait(30)
+
+    _, err = lonely.communicate(timeout=120)
+    assert lonely.returncode != 0 and time.monotonic() - t0 < 90
+    assert "did not come up within 5 s" in err and f"127.0.0.1:{lonely_ports[1]}" in err, err[-2000:]
+    assert not (tmp_path / "lonely").exists()
