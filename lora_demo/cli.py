@@ -254,13 +254,14 @@ def _worker_note(job, chief: bool) -> None:
 
 
 def cmd_train(a) -> int:
+    from . import owners
     from .runs import Job
 
     strategy, chief = _strategy_first(a)
     run = _run_config(a)
     loaded = _load(a.model, a.precision)
     with _output_dir(a.out, chief) as out:
-        job = Job(Path(a.out).resolve().name, run, "cli", out)
+        job = Job(Path(a.out).resolve().name, run, owners.digest("cli"), out)   # no owner key: a CLI run
         _execute(a, loaded, job, {}, strategy)
     _worker_note(job, chief)
     if chief and not a.json:

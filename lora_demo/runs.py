@@ -64,7 +64,7 @@ class Job:
     metrics.json (its own name by default); fields marked ``LIVE`` exist only while the server runs."""
 
     id: str = field(metadata={"record": "run_id"})
-    config: RunConfig = field(metadata={"record": "config"})
+    config: RunConfig
     owner: str                               # SHA-256 digest of the owner key (owners.py); never the key
     dir: Path = field(metadata=LIVE)
     sweep: str = ""                          # sweep id when the run is part of a rank sweep
