@@ -17,7 +17,7 @@ from .. import anatomy
 from ..config import ConfigError, TrainConfig, parse_ranks
 from ..params import preview
 from ..runs import Lab, summary_row
-from .common import DEFAULT_RANKS, errors, owner_key
+from .common import DEFAULT_RANKS, errors, key_of
 from .sections.adapters import import_files
 
 _T = TrainConfig()   # API defaults are the config's defaults
@@ -42,7 +42,7 @@ class Api:
         hidden.click(self.download_merged, [run, key], [file_out], api_name="download_merged")
 
     def _key(self, request, presented) -> str:
-        return owner_key(self.lab, request, presented)
+        return key_of(self.lab, request, presented)
 
     def _lora(self, rank, alpha, targets, side, first_layer, last_layer):
         return self.lab.lora_config(rank, alpha, ["q", "v"] if targets is None else targets, side, first_layer,

@@ -38,7 +38,7 @@ def errors(fn):
     return call
 
 
-def owner_key(lab: Lab, request: gr.Request | None, presented: str | None = "") -> str:
+def key_of(lab: Lab, request: gr.Request | None, presented: str | None = "") -> str:
     """The key an API call acts with: the one it presents, else its connection's own."""
     if presented:
         return owners.check(presented)
