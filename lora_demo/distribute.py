@@ -40,16 +40,21 @@ def worker_timeout() -> int:
     return value
 
 
-def cluster_workers() -> int:
-    """How many worker processes ``TF_CONFIG`` names (chief included); 1 without it."""
+def cluster_addresses() -> list[str]:
+    """The chief and worker addresses that ``TF_CONFIG`` names; none without it."""
     raw = os.environ.get("TF_CONFIG", "").strip()
     if not raw:
-        return 1
+        return []
     try:
         cluster = json.loads(raw).get("cluster", {})
     except (ValueError, AttributeError):
         raise ConfigError("TF_CONFIG is not valid JSON; see the README's scale-out section") from None
-    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+    return [addr for job in ("chief", "worker") for addr in cluster.get(job, [])]
+
+
+def cluster_workers() -> int:
+    """How many worker processes ``TF_CONFIG`` names (chief included); 1 without it."""
+    return max(1, len(cluster_addresses()))
 
 
 def _runtime_started() -> bool:
@@ -73,11 +78,6 @@ def _bounded_coordination(timeout_s: int) -> None:
         service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
         cluster_register_timeout_in_ms=timeout_s * 1000, heartbeat_timeout_in_ms=timeout_s * 1000,
         shutdown_barrier_timeout_in_ms=timeout_s * 1000, coordinated_jobs=jobs)
-
-
-def _peers() -> list[str]:
-    cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
-    return [addr for job in ("chief", "worker") for addr in cluster.get(job, [])]
 
 
 WATCHDOG = r"""
@@ -114,7 +114,7 @@ def _multi_worker(timeout: int):
     # reaches Python; a watchdog process ends this one with a clear message if the cluster is not up
     # in time.
     watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(timeout),
-                                 json.dumps(_peers())], stdin=subprocess.DEVNULL)
+                                 json.dumps(cluster_addresses())], stdin=subprocess.DEVNULL)
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except (RuntimeError, tf.errors.OpError) as exc:
