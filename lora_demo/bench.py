@@ -132,7 +132,7 @@ def second_run(name: str, precision: str) -> dict:
     for seed in (0, 1):
         run = RunConfig(model=name, lora=LoraConfig(rank=RANK, targets=("q", "v")),
                         train=TrainConfig(steps=3, batch_size=BATCH, train_size=64, eval_every=1000, eval_size=8,
-                                          bleu_size=0, seed=seed))
+                                          bleu_size=0, seed=seed, samples=()))
         try:
             summary = list(train(run, model, tokenizer, pairs, val))[-1].summary
         finally:

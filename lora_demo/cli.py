@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ConfigError, LoraConfig, RunConfig, TrainConfig, parse_ranks, parse_targets
+from .config import ConfigError, LoraConfig, RunConfig, TrainConfig, parse_ranks, parse_seeds, parse_targets
 
 
 def _lora_args(p: argparse.ArgumentParser) -> None:
@@ -40,8 +40,19 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=int, default=t.train_size, help="pairs from the start of the train split")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--optimizer", default=t.optimizer)
-    p.add_argument("--eval-every", type=int, default=t.eval_every)
+    p.add_argument("--dataset", default=t.data, choices=("news", "europarl"),
+                   help="training data: news (newstest2008-2013; held-out curve on newstest2014) or europarl "
+                        "(the WMT16 train split; held-out curve on Europarl rows 19,500+)")
+    p.add_argument("--eval-every", type=int, default=t.eval_every,
+                   help="held-out and validation loss, and the sample translations, every N steps")
     p.add_argument("--eval-size", type=int, default=t.eval_size, help="newstest2015 pairs for validation loss")
+    p.add_argument("--heldout-size", type=int, default=t.heldout_size,
+                   help="held-out pairs of the training distribution for the held-out curve")
+    p.add_argument("--early-stop", type=int, default=t.early_stop, metavar="PATIENCE",
+                   help="stop when the held-out loss has not improved for PATIENCE evaluations (0 = off)")
+    p.add_argument("--samples", default="\n".join(t.samples),
+                   help="sentences translated at every evaluation point, separated by '|' or newlines "
+                        "('' = none)")
     p.add_argument("--bleu-size", type=int, default=t.bleu_size,
                    help="newstest2016 sentences scored with BLEU/chrF after the run (0 = skip)")
     p.add_argument("--data", default="auto", choices=("auto", "hub", "bundled", "hub-stream"),
@@ -73,8 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train the same config at several ranks; one record per run + summary")
     _lora_args(p)
     p.add_argument("--ranks", default="1,2,4,8,16", help="comma-separated ranks")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds: every rank is trained once per seed, and summary.md gives "
+                        "each rank's mean and spread and says which differences are above seed noise "
+                        "(default: --seed alone)")
     _train_args(p)
-    p.add_argument("--out", required=True, help="directory for the runs, summary.csv and summary.md")
+    p.add_argument("--out", required=True, help="directory for the runs, runs.csv (one row per run), summary.csv (per config: "
+                        "mean and spread over seeds) and summary.md (both, and the verdicts)")
 
     p = sub.add_parser("translate", help="translate English with the base model and (optionally) an adapter")
     p.add_argument("--model", default="google/flan-t5-small")
@@ -148,12 +164,16 @@ def _load(name: str, precision: str = "fp32"):
     return load_model(name, fallback=False, precision=precision)
 
 
-def _run_config(a, rank=None) -> RunConfig:
+def _run_config(a, rank=None, seed=None) -> RunConfig:
     lora = _lora_config(a) if rank is None else replace(_lora_config(a), rank=rank)
+    if a.data == "hub-stream" and a.dataset != "europarl":
+        raise ConfigError("--data hub-stream streams the WMT16 train split: use it with --dataset europarl")
     return RunConfig(model=a.model, lora=lora,
                      train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, train_size=a.train_size,
-                                       seed=a.seed, optimizer=a.optimizer, eval_every=a.eval_every,
-                                       eval_size=a.eval_size, bleu_size=a.bleu_size))
+                                       seed=a.seed if seed is None else seed, optimizer=a.optimizer,
+                                       eval_every=a.eval_every, eval_size=a.eval_size, bleu_size=a.bleu_size,
+                                       data=a.dataset, heldout_size=a.heldout_size, early_stop=a.early_stop,
+                                       samples=a.samples.replace("|", "\n")))
 
 
 def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict] | None = None) -> None:
@@ -185,21 +205,21 @@ def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict
             bar.set_postfix(loss=f"{event.loss:.3f}", tok_s=f"{event.tokens_per_s:,.0f}")
 
     try:
-        execute(job, loaded.model, loaded.tokenizer, lambda split, n: _pairs(a.data, split, n),
+        execute(job, loaded.model, loaded.tokenizer, lambda split, n, dataset="europarl": _pairs(a.data, split, n, dataset),
                 base_cache, on_change, strategy=strategy)
     finally:
         if bar:
             bar.close()
 
 
-def _pairs(source: str, split: str, n: int):
+def _pairs(source: str, split: str, n: int, dataset: str = "europarl"):
     """The pairs of a split; with hub-stream, the train split as a stream (validation and test
     slices are small and read from the hub as usual)."""
     from . import data
     from .hub import hub_reachable
 
-    if source != "hub-stream":
-        return data.load_pairs(split, n, source=source)
+    if source != "hub-stream" or split == "heldout" or dataset != "europarl":
+        return data.pairs_for(split, n, dataset, source="auto" if source == "hub-stream" else source)
     if split == "train":
         if not hub_reachable():
             raise SystemExit("--data hub-stream needs the Hugging Face hub, which does not answer from here; "
@@ -275,9 +295,13 @@ def cmd_sweep(a) -> int:
     from . import compare
     from .runs import Job
 
-    configs = [_run_config(a, rank=r) for r in parse_ranks(a.ranks)]  # validate every rank before training any
+    seeds = [a.seed] if a.seeds is None else parse_seeds(a.seeds)
+
+    def configs_():   # every (rank, seed), rank by rank
+        return [_run_config(a, rank=r, seed=sd) for r in parse_ranks(a.ranks) for sd in seeds]
+    configs = configs_()   # validate every rank and seed before training any
     strategy, chief = _strategy_first(a)
-    configs = [_run_config(a, rank=r) for r in parse_ranks(a.ranks)]   # again: a worker skips scoring
+    configs = configs_()   # again: a worker skips scoring
     loaded = _load(a.model, a.precision)
     with _output_dir(a.out, chief) as out:
         sweep, base_cache, jobs = f"sweep-{Path(a.out).resolve().name}", {}, []
@@ -286,15 +310,18 @@ def cmd_sweep(a) -> int:
             jobs.append(job)
             _execute(a, loaded, job, base_cache, strategy, history=[j.record() for j in jobs])
             if not a.json and chief:
-                print(f"r={cfg.lora.rank}: " + _report(job).replace("\n", "\n  "), file=sys.stderr)
+                print(f"r={cfg.lora.rank} seed {cfg.train.seed}: " + _report(job).replace("\n", "\n  "),
+                      file=sys.stderr)
     if not chief:
         _worker_note(jobs[-1], chief)
         return 1 if any(j.status == "failed" for j in jobs) else 0
     records = [j.record() for j in jobs]
-    (out / "summary.csv").write_text(compare.to_csv(records), encoding="utf-8")
+    (out / "runs.csv").write_text(compare.to_csv(records), encoding="utf-8")
+    (out / "summary.csv").write_text(compare.groups_csv(compare.groups(records)), encoding="utf-8")
     (out / "summary.md").write_text(compare.to_markdown(records), encoding="utf-8")
     if not a.json:
-        print(compare.to_markdown(records) + f"\nwrote {len(jobs)} runs, summary.csv and summary.md to {out}")
+        print(compare.to_markdown(records) + f"\nwrote {len(jobs)} runs, runs.csv, summary.csv (per config, over "
+              f"seeds) and summary.md to {out}")
     return 1 if any(j.status == "failed" for j in jobs) else 0
 
 

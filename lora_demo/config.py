@@ -14,6 +14,13 @@ from dataclasses import asdict, dataclass, field, fields
 MODULES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 SIDES = ("both", "encoder", "decoder")
 OPTIMIZERS = ("adamw", "radam", "lamb", "lookahead_adamw")
+# Training data (data.py): pairs available for training in each, after the held-out slices.
+DATASETS = {"news": 16071, "europarl": 19500}
+# Sentences translated at every evaluation point of a run, base model first (news, like the default data).
+DEFAULT_SAMPLES = ("The government has raised taxes on petrol.",
+                   "The police arrested two men on Saturday night.",
+                   "Prices rose by three percent last year.")
+MAX_SAMPLES, MAX_SAMPLE_CHARS = 5, 200
 
 
 class ConfigError(ValueError):
@@ -40,7 +47,7 @@ class Limits:
     max_rank: int = 256          # LORA_LAB_MAX_RANK: r beyond this is not a *low*-rank experiment
     max_steps: int = 2000        # LORA_LAB_MAX_STEPS
     max_batch_size: int = 64     # LORA_LAB_MAX_BATCH_SIZE
-    max_train_size: int = 20000  # LORA_LAB_MAX_TRAIN_SIZE: the bundled train split holds 20,000 pairs
+    max_train_size: int = 19500  # LORA_LAB_MAX_TRAIN_SIZE: the most any dataset offers (config.DATASETS)
     max_text_chars: int = 2000   # LORA_LAB_MAX_TEXT_CHARS: longer translate input is cut, with a notice
     max_lines: int = 32          # LORA_LAB_MAX_LINES: sentences per translate request
     max_upload_mb: int = 64      # LORA_LAB_MAX_UPLOAD_MB: an uploaded adapter (zip or files), unpacked size
@@ -148,36 +155,82 @@ def parse_ranks(text) -> list[int]:
     return ranks
 
 
+def parse_samples(value) -> tuple[str, ...]:
+    """Sample sentences for the live translation table: one per line (or a list), at most 5."""
+    lines = value.splitlines() if isinstance(value, str) else list(value or ())
+    if not all(isinstance(x, str) for x in lines):
+        raise ConfigError("sample sentences must be text, one per line")
+    lines = [" ".join(x.split()) for x in lines]
+    lines = [x for x in lines if x]
+    if len(lines) > MAX_SAMPLES:
+        raise ConfigError(f"give at most {MAX_SAMPLES} sample sentences, got {len(lines)}")
+    long = [x for x in lines if len(x) > MAX_SAMPLE_CHARS]
+    if long:
+        raise ConfigError(f"a sample sentence may have at most {MAX_SAMPLE_CHARS} characters; "
+                          f"{long[0][:40]!r}... has {len(long[0])}")
+    return tuple(lines)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 30                 # about a minute on a 2-core CPU with flan-t5-small (BENCHMARKS.md)
+    # Defaults measured on the bundled offline model (README, "What a default run shows"): about a
+    # minute on 2 cores, and a held-out loss that falls by a margin you see at a glance.
+    steps: int = 120                # ~40 s of training on tiny (2 cores), ~1 min with loading and scoring
     batch_size: int = 8
-    lr: float = 3e-3                # LoRA wants larger rates than full fine-tuning (B starts at 0)
-    train_size: int = 256           # pairs from the start of the train split; ~1 epoch in a default run
+    lr: float = 3e-3                # LoRA wants larger rates than full fine-tuning (B starts at 0); 5e-3
+                                    # and 1e-2 gained less held-out loss in the same steps
+    train_size: int = 1024          # pairs from the start of the training data: ~1 epoch in a default run
     seed: int = 0                   # weights of A, dropout and data order all follow it
     optimizer: str = "adamw"
     weight_decay: float = 0.0       # on LoRA weights only (they are the only trainable ones)
     warmup_steps: int = 5           # linear warm-up, then constant
     clip_norm: float = 1.0          # global gradient-norm clip; 0 turns it off
-    eval_every: int = 15            # validation loss every N steps (and at the end)
-    eval_size: int = 32             # fixed newstest2015 slice for validation loss
+    eval_every: int = 20            # held-out and validation loss (and the sample translations) every N steps
+    eval_size: int = 32             # fixed newstest2015 slice: the out-of-domain validation curve
     max_source_len: int = 64
     max_target_len: int = 64
     bleu_size: int = 100            # newstest2016 sentences scored with BLEU/chrF after the run; 0 = skip
+    data: str = "news"              # training data: "news" (newstest2008-2013) or "europarl" (WMT16 train)
+    heldout_size: int = 64          # fixed held-out pairs of the training distribution, never trained on
+    early_stop: int = 0             # stop when the held-out loss has not improved for N evaluations; 0 = off
+    samples: tuple[str, ...] = DEFAULT_SAMPLES   # translated at every evaluation point
 
     def __post_init__(self):
         lim = limits()
+        if self.data not in DATASETS:
+            raise ConfigError(f"data must be one of {', '.join(DATASETS)}, got {self.data!r}")
         for name, lo, hi in (("steps", 1, lim.max_steps), ("batch_size", 1, lim.max_batch_size),
-                             ("train_size", 1, lim.max_train_size), ("seed", 0, 2**31 - 1),
+                             ("train_size", 1, min(lim.max_train_size, DATASETS[self.data])),
+                             ("seed", 0, 2**31 - 1),
                              ("warmup_steps", 0, lim.max_steps), ("eval_every", 1, 100_000),
                              ("eval_size", 1, 2169), ("max_source_len", 8, 512), ("max_target_len", 8, 512),
-                             ("bleu_size", 0, 2999)):
+                             ("bleu_size", 0, 2999), ("heldout_size", 1, 500), ("early_stop", 0, 1000)):
             object.__setattr__(self, name, _whole(name.replace("_", " "), getattr(self, name), lo, hi))
         object.__setattr__(self, "lr", _real("learning rate", self.lr, 0.0, 1.0, lo_open=True))
         object.__setattr__(self, "weight_decay", _real("weight decay", self.weight_decay, 0.0, 1.0))
         object.__setattr__(self, "clip_norm", _real("clip norm", self.clip_norm, 0.0, 1e6))
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        object.__setattr__(self, "samples", parse_samples(self.samples))
+
+
+def parse_seeds(text, first: int = 0) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; a bare count N (an int) -> N seeds from ``first``. At most 8."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        n = _whole("number of seeds", text, 1, 8)
+        return [first + i for i in range(n)]
+    parts = [p for p in str(text or "").replace(" ", ",").split(",") if p]
+    if not parts:
+        raise ConfigError("give at least one seed, e.g. 0,1,2")
+    if len(parts) > 8:
+        raise ConfigError("repeat with at most 8 seeds")
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"seeds must be whole numbers separated by commas, got {text!r}") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"seeds must be different and not negative, got {text!r}")
+    return seeds
 
 
 @dataclass(frozen=True)
@@ -190,11 +243,14 @@ class RunConfig:
         d = asdict(self)
         d["lora"]["targets"] = list(self.lora.targets)
         d["lora"]["layers"] = list(self.lora.layers) if self.lora.layers else None
+        d["train"]["samples"] = list(self.train.samples)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(model=d["model"], lora=LoraConfig(**d["lora"]), train=TrainConfig(**d["train"]))
+        train = dict(d["train"])
+        train.setdefault("data", "europarl")   # records from before the news data trained on Europarl
+        return cls(model=d["model"], lora=LoraConfig(**d["lora"]), train=TrainConfig(**train))
 
 
 def defaults_for(gpu: bool) -> TrainConfig:

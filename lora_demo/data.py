@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 PROMPT = "translate English to German: "
 HUB_DATASET = ("wmt/wmt16", "de-en")
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "wmt16_de_en"
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "news")
+# The bundled news split (newstest2008-2014, not part of the hub's wmt16) by year: LoRA trains on
+# 2008-2013 and the held-out curve scores the first pairs of 2014.
+NEWS_TRAIN_SETS = tuple(f"newstest{y}" for y in range(2008, 2014))
+NEWS_HELDOUT_SET = "newstest2014"
 
 
 @dataclass(frozen=True)
@@ -48,15 +52,17 @@ class Pairs:
         return len(self.items)
 
 
-def _read_bundled(split: str, limit: int | None) -> list[Pair]:
+def _read_bundled(split: str, limit: int | None, sets: tuple[str, ...] | None = None) -> list[Pair]:
     path = BUNDLED_DIR / f"{split}.jsonl.gz"
     out: list[Pair] = []
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         for line in fh:
             if limit is not None and len(out) >= limit:
                 break
-            tr = json.loads(line)["translation"]
-            out.append(Pair(en=tr["en"], de=tr["de"]))
+            row = json.loads(line)
+            if sets is None or row.get("set") in sets:
+                tr = row["translation"]
+                out.append(Pair(en=tr["en"], de=tr["de"]))
     return out
 
 
@@ -78,6 +84,10 @@ def load_pairs(split: str, limit: int | None = None, source: str = "auto") -> Pa
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if source not in ("auto", "hub", "bundled"):
         raise ValueError(f"source must be auto, hub or bundled, got {source!r}")
+    if split == "news":  # not on the hub as part of wmt16: always the bundled copy
+        if source == "hub":
+            raise ValueError("the news split (newstest2008-2014) is bundled only; use source='bundled' or 'auto'")
+        return Pairs(tuple(_read_bundled(split, limit)), "bundled", split)
     if source == "hub" or (source == "auto" and hub_reachable()):
         try:
             return Pairs(tuple(_read_hub(split, limit)), "hub", split)
@@ -86,6 +96,40 @@ def load_pairs(split: str, limit: int | None = None, source: str = "auto") -> Pa
                 raise
             log.warning("WMT16 from the hub failed (%s); using the bundled copy", exc)
     return Pairs(tuple(_read_bundled(split, limit)), "bundled", split)
+
+
+EUROPARL_HELDOUT_START = 19500   # bundled train rows 19,500-19,999: never trained on (nor by the tiny base)
+
+
+def training_pairs(dataset: str, n: int, source: str = "auto") -> Pairs:
+    """The first ``n`` training pairs of ``dataset``: "news" (newstest2008-2013, bundled) or
+    "europarl" (the WMT16 train split, hub or bundled; its first rows are Europarl)."""
+    if dataset == "news":
+        items = _read_bundled("news", n, sets=NEWS_TRAIN_SETS)
+        return Pairs(tuple(items), "bundled", "news: newstest2008-2013")
+    if n > EUROPARL_HELDOUT_START:
+        raise ValueError(f"at most {EUROPARL_HELDOUT_START} Europarl training pairs; the rest are held out")
+    return load_pairs("train", n, source=source)
+
+
+def heldout_pairs(dataset: str, n: int) -> Pairs:
+    """A fixed held-out slice of the training distribution, never trained on: for "news" the first
+    ``n`` pairs of newstest2014, for "europarl" bundled train rows from 19,500 (the same rows the hub
+    serves there). Neither was seen by the bundled tiny model's pre-training."""
+    if dataset == "news":
+        return Pairs(tuple(_read_bundled("news", n, sets=(NEWS_HELDOUT_SET,))), "bundled", "newstest2014")
+    rows = _read_bundled("train", EUROPARL_HELDOUT_START + n)[EUROPARL_HELDOUT_START:]
+    return Pairs(tuple(rows), "bundled", "europarl rows 19500+")
+
+
+def pairs_for(split: str, n: int, dataset: str = "europarl", source: str = "auto") -> Pairs:
+    """What a run reads: "train" and "heldout" of ``dataset``; "validation" (newstest2015) and
+    "test" (newstest2016) are shared by every dataset."""
+    if split == "train":
+        return training_pairs(dataset, n, source)
+    if split == "heldout":
+        return heldout_pairs(dataset, n)
+    return load_pairs(split, n, source=source)
 
 
 def stream_hub_train():

@@ -47,23 +47,32 @@ def _compiled_generate(model, batch: int, length: int, max_new_tokens: int):
         return cache[key]
 
 
-def _generate_chunk(model, tokenizer, texts: list[str], max_new_tokens: int, compiled: bool) -> list[str]:
+def encode_chunk(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ids, mask, real rows) padded to a bucketed shape: the input of one compiled generate call."""
     enc = tokenizer(texts, truncation=True, max_length=MAX_SOURCE_TOKENS)["input_ids"]
     n, length = len(enc), _bucket(max(map(len, enc)), LENGTH_BUCKETS)
     batch = _bucket(n, BATCH_BUCKETS)
     ids = np.full((batch, length), tokenizer.pad_token_id, np.int32)
     for i, row in enumerate(enc + [enc[-1]] * (batch - n)):  # filler rows repeat the last sentence
         ids[i, : len(row)] = row
-    mask = (ids != tokenizer.pad_token_id).astype(np.int32)
+    return ids, (ids != tokenizer.pad_token_id).astype(np.int32), n
+
+
+def generate_ids(model, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, compiled: bool = True):
+    """Greedy generation on encoded input (no tokenizer: safe beside another thread's tokenising)."""
     if compiled:
         try:
-            gen = _compiled_generate(model, batch, length, max_new_tokens)(tf.constant(ids), tf.constant(mask))
+            batch, length = ids.shape
+            return _compiled_generate(model, batch, length, max_new_tokens)(tf.constant(ids), tf.constant(mask))
         except Exception as exc:  # a backend without XLA: still translate, just slower
             log.warning("compiled generation failed (%s); using eager generation", exc)
-            compiled = False
-    if not compiled:
-        gen = model.generate(input_ids=tf.constant(ids), attention_mask=tf.constant(mask),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    return model.generate(input_ids=tf.constant(ids), attention_mask=tf.constant(mask),
+                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+
+
+def _generate_chunk(model, tokenizer, texts: list[str], max_new_tokens: int, compiled: bool) -> list[str]:
+    ids, mask, n = encode_chunk(tokenizer, texts)
+    gen = generate_ids(model, ids, mask, max_new_tokens, compiled)
     return [t.strip() for t in tokenizer.batch_decode(gen[:n], skip_special_tokens=True)]
 
 

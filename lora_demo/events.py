@@ -24,18 +24,27 @@ class StepLogged:
     tokens_per_s: float    # tokens / this step's wall time
     elapsed_s: float       # since train() was called
     compiled: bool         # False while the compiled step is still being traced
+    grad_norm: float | None = None   # global norm of the LoRA gradients, before clipping
 
 
 @dataclass(frozen=True)
-class EvalLogged:
-    step: int
-    val_loss: float
+class SamplesLogged:
+    step: int              # 0 = the base model
+    translations: list     # one per sample sentence (the run's config lists them)
     elapsed_s: float
 
 
 @dataclass(frozen=True)
+class EvalLogged:
+    step: int              # 0 = the base model (the adapter at scale 0)
+    val_loss: float        # newstest2015 slice: the out-of-domain curve
+    elapsed_s: float
+    heldout_loss: float | None = None   # fixed held-out slice of the training distribution
+
+
+@dataclass(frozen=True)
 class RunFinished:
-    status: str            # "completed" or "stopped"
+    status: str            # "completed" (all steps, or early stopping) or "stopped"
     summary: dict = field(default_factory=dict)
 
 
@@ -46,7 +55,7 @@ class RunFailed:
     hint: str              # what to change
 
 
-Event = RunStarted | StepLogged | EvalLogged | RunFinished | RunFailed
+Event = RunStarted | StepLogged | EvalLogged | SamplesLogged | RunFinished | RunFailed
 
 
 def to_dict(event: Event) -> dict:
@@ -61,7 +70,12 @@ def summary_text(status: str, s: dict) -> str:
     if s.get("probe_loss_base") is not None:
         lines.append(f"train loss on {s['probe_pairs']} fixed training pairs: base {s['probe_loss_base']:.3f} -> "
                      f"LoRA {s['probe_loss_final']:.3f}")
+    if s.get("final_heldout_loss") is not None:
+        lines.append(f"held-out loss ({s['heldout_name']}, never trained on): base {s['base_heldout_loss']:.3f} -> "
+                     f"LoRA {s['final_heldout_loss']:.3f} ({s['final_heldout_loss'] - s['base_heldout_loss']:+.3f})")
     if s.get("final_val_loss") is not None:
         lines.append(f"validation loss (newstest2015 slice): base {s['base_val_loss']:.3f} -> "
                      f"LoRA {s['final_val_loss']:.3f}")
+    if s.get("stop_reason"):
+        lines.append(f"ended: {s['stop_reason']}")
     return "\n".join(lines)

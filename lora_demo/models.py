@@ -1,4 +1,4 @@
-"""Load the base model: a hub id, a local checkpoint directory, or the bundled ``tiny``.
+"""Load the base model: a hub id, a local checkpoint directory, or a bundled model (``tiny``, ``micro``).
 
 If the chosen model cannot be loaded (offline and not cached, a typo, a broken
 directory), ``load_model(..., fallback=True)`` returns ``tiny`` with a notice
@@ -22,9 +22,14 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY_DIR = ASSETS / "tiny"
+# Bundled models (scripts/build_tiny.py): tiny is the offline app's weak but real translator;
+# micro is the test suite's fast 2.5M-parameter model, not a translator.
+BUNDLED = {"tiny": TINY_DIR, "micro": ASSETS / "micro"}
 DEFAULT_MODEL = "google/flan-t5-small"
 SHIPPED_CONFIGS = {"google/flan-t5-small": "flan-t5-small.json", "google/flan-t5-base": "flan-t5-base.json"}
-TINY_LABEL = "tiny (bundled offline test model: a 2.5M-parameter T5, not a real translator)"
+TINY_LABEL = ("tiny (bundled offline model: a 10M-parameter T5 pre-trained on Europarl only, a weak translator; "
+              "see assets/tiny/build_info.json)")
+MICRO_LABEL = "micro (bundled test model: a 2.5M-parameter T5, not a translator)"
 
 
 @dataclass
@@ -32,12 +37,12 @@ class LoadedModel:
     model: TFT5ForConditionalGeneration
     tokenizer: object
     name: str            # what was asked for, or "tiny"
-    kind: str            # "hub", "local" or "tiny"
+    kind: str            # "hub", "local", "tiny" or "micro"
     notice: str = ""     # non-empty when we fell back; shown in the UI and the log
 
     @property
     def label(self) -> str:
-        return TINY_LABEL if self.kind == "tiny" else self.name
+        return {"tiny": TINY_LABEL, "micro": MICRO_LABEL}.get(self.kind, self.name)
 
 
 def shipped_config(name: str) -> T5Config | None:
@@ -48,8 +53,8 @@ def shipped_config(name: str) -> T5Config | None:
 
 def model_config(name: str) -> T5Config:
     """A model's config without loading weights: tiny, shipped, local dir, or (online) the hub."""
-    if name == "tiny":
-        return T5Config.from_json_file(TINY_DIR / "config.json")
+    if name in BUNDLED:
+        return T5Config.from_json_file(BUNDLED[name] / "config.json")
     cfg = shipped_config(name)
     if cfg is not None:
         return cfg
@@ -99,9 +104,9 @@ def load_model(name: str = DEFAULT_MODEL, fallback: bool = True, precision: str 
 
 def _load_any(name: str, fallback: bool) -> LoadedModel:
     try:
-        if name == "tiny":
-            model, tok = _load_dir(TINY_DIR)
-            return LoadedModel(model, tok, "tiny", "tiny")
+        if name in BUNDLED:
+            model, tok = _load_dir(BUNDLED[name])
+            return LoadedModel(model, tok, name, name)
         path = Path(os.path.expanduser(name))
         if path.is_dir():
             model, tok = _load_dir(path)
@@ -111,10 +116,10 @@ def _load_any(name: str, fallback: bool) -> LoadedModel:
         model, tok = _load_hub(name)
         return LoadedModel(model, tok, name, "hub")
     except Exception as exc:
-        if not fallback or name == "tiny":
+        if not fallback or name in BUNDLED:
             raise
         why = _why(name, exc)
-        notice = (f"Could not load {name!r}: {why}. Running on the bundled tiny test model instead. "
+        notice = (f"Could not load {name!r}: {why}. Running on the bundled offline model tiny instead. "
                   f"To use FLAN-T5 offline, download it once (e.g. `huggingface-cli download {DEFAULT_MODEL}`) "
                   f"or point `--model` at a local checkpoint directory: `python app.py --model /path/to/flan-t5-small`.")
         log.warning(notice)
@@ -151,14 +156,28 @@ def gpu_bf16_capable(details: dict) -> bool:
     return bool(cc) and tuple(cc) >= (8, 0)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPU multiplies bf16 matrices natively (Linux /proc/cpuinfo flags)."""
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
+            return fh.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 matrices natively (Linux /proc/cpuinfo flags)."""
+    flags = _cpu_flags()
     return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def cpu_isa() -> str:
+    """The highest matrix instruction-set level the CPU reports, named next to every timing figure."""
+    flags = _cpu_flags()
+    for flag, name in ((" amx_bf16", "AMX"), (" avx512_bf16", "AVX512-BF16"), (" avx512f", "AVX-512"),
+                       (" avx2", "AVX2")):
+        if flag in flags:
+            return name
+    return "unknown"
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

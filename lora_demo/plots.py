@@ -10,7 +10,22 @@ import math
 import plotly.colors as pc
 import plotly.graph_objects as go
 
-TRAIN_COLOR, VAL_COLOR = "#2563eb", "#f97316"
+TRAIN_COLOR, VAL_COLOR, HELDOUT_COLOR = "#2563eb", "#f97316", "#16a34a"
+RAW_COLOR = "rgba(37, 99, 235, 0.28)"
+DEFAULT_SMOOTHING = 0.9
+
+
+def ema(values: list[float], smoothing: float = DEFAULT_SMOOTHING) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the first points are not
+    pulled towards 0. ``smoothing`` 0 returns the values; 0.99 is very smooth."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    out, last, weight = [], 0.0, 0.0
+    for v in values:
+        last = last * smoothing + (1 - smoothing) * v
+        weight = weight * smoothing + (1 - smoothing)
+        out.append(last / weight)
+    return out
 FROZEN_COLOR, TRAINABLE_COLOR = "#cbd5e1", "#16a34a"
 RANK_SCALE = "Plasma"
 
@@ -39,8 +54,10 @@ def _label(rec: dict) -> str:
 
 
 def loss_overlay(records: list[dict], show_train: bool = True, show_val: bool = True, log_y: bool = False,
-                 x: str = "step", total_steps: int | None = None, title: str = "Loss") -> go.Figure:
-    """Train loss per step (lines) and validation loss (dotted, diamonds) of several runs, coloured by rank.
+                 x: str = "step", total_steps: int | None = None, title: str = "Loss", show_heldout: bool = True,
+                 smoothing: float = DEFAULT_SMOOTHING) -> go.Figure:
+    """Smoothed train loss (thin lines), held-out loss (thick, circles) and validation loss (dotted,
+    diamonds) of several runs, coloured by rank.
 
     ``x`` is "step" or "tokens" (real training tokens seen so far). Validation points are placed at
     the token count of their step; the base model's point (step 0) sits at 0.
@@ -52,9 +69,16 @@ def loss_overlay(records: list[dict], show_train: bool = True, show_val: bool = 
         tokens_at = {0: 0, **{s: t for s, _, t in losses}}
         if show_train and losses:
             xs = [s for s, _, _ in losses] if x == "step" else [t for _, _, t in losses]
-            fig.add_trace(go.Scatter(x=xs, y=[v for _, v, _ in losses], mode="lines+markers", name=f"{name} train",
-                                     legendgroup=rec["run_id"], line=dict(color=color, width=2),
-                                     marker=dict(size=3)))
+            ys = [v for _, v, _ in losses]
+            fig.add_trace(go.Scatter(x=xs, y=ema(ys, smoothing) if smoothing > 0 else ys, mode="lines",
+                                     name=f"{name} train" + (f" (EMA {smoothing:g})" if smoothing > 0 else ""),
+                                     legendgroup=rec["run_id"], line=dict(color=color, width=1.5)))
+        held = rec.get("heldout_losses") or []
+        if show_heldout and held:
+            xs = [s for s, _ in held] if x == "step" else [tokens_at.get(s) for s, _ in held]
+            fig.add_trace(go.Scatter(x=xs, y=[v for _, v in held], mode="lines+markers", name=f"{name} held-out",
+                                     legendgroup=rec["run_id"], line=dict(color=color, width=3),
+                                     marker=dict(size=8, symbol="circle")))
         vals = rec.get("val_losses") or []
         if show_val and vals:
             xs = [s for s, _ in vals] if x == "step" else [tokens_at.get(s) for s, _ in vals]
@@ -74,13 +98,98 @@ def loss_overlay(records: list[dict], show_train: bool = True, show_val: bool = 
     return fig
 
 
-def loss_figure(record: dict | None, total_steps: int | None = None, title: str = "Training loss") -> go.Figure:
-    """The live single-run view: the same chart with one run, train in blue and validation in orange."""
-    fig = loss_overlay([record] if record else [], total_steps=total_steps, title=title)
-    for trace in fig.data:
-        trace.line.color = VAL_COLOR if trace.name.endswith(" val") else TRAIN_COLOR
-        trace.name = "validation loss (step 0 = base model)" if trace.name.endswith(" val") else "train loss"
+def loss_figure(record: dict | None, total_steps: int | None = None, title: str = "Training loss",
+                smoothing: float = DEFAULT_SMOOTHING) -> go.Figure:
+    """The live single-run view. Four curves, each named in the legend: the raw per-batch train loss
+    (faint), its EMA, the held-out loss of the training distribution and the newstest2015 loss.
+    Held-out and validation points at step 0 are the base model's."""
+    fig = go.Figure()
+    rec = record or {}
+    losses = rec.get("losses") or []
+    if losses:
+        steps, values = [s for s, _, _ in losses], [v for _, v, _ in losses]
+        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name="train loss, each batch (noisy)",
+                                 line=dict(color=RAW_COLOR, width=1)))
+        if smoothing > 0:
+            fig.add_trace(go.Scatter(x=steps, y=ema(values, smoothing), mode="lines",
+                                     name=f"train loss, smoothed (EMA {smoothing:g})",
+                                     line=dict(color=TRAIN_COLOR, width=3)))
+    held = rec.get("heldout_losses") or []
+    name = ((rec.get("summary") or {}).get("heldout_name") or "training distribution")
+    if held:
+        fig.add_trace(go.Scatter(x=[s for s, _ in held], y=[v for _, v in held], mode="lines+markers",
+                                 name=f"held-out loss, {name} (never trained on)",
+                                 line=dict(color=HELDOUT_COLOR, width=3), marker=dict(size=9, symbol="circle")))
+    vals = rec.get("val_losses") or []
+    if vals:
+        fig.add_trace(go.Scatter(x=[s for s, _ in vals], y=[v for _, v in vals], mode="lines+markers",
+                                 name="validation loss, newstest2015", line=dict(color=VAL_COLOR, width=2, dash="dot"),
+                                 marker=dict(size=8, symbol="diamond")))
+    if held or vals:
+        fig.add_annotation(text="step 0 = base model", x=0, y=1.0, xref="x", yref="paper", showarrow=False,
+                           xanchor="left", font=dict(size=11, color="#64748b"))
+    if total_steps:
+        fig.update_xaxes(range=[0, total_steps + 0.5])
+    if not fig.data:
+        _empty(fig, "Press Train: the curves draw here as steps finish")
+    fig = _layout(fig, title, "step", "cross-entropy loss", height=400)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0.0),
+                      margin=dict(b=110))
     return fig
+
+
+def optim_figure(record: dict | None) -> go.Figure:
+    """Learning rate and gradient norm (before clipping) per step, on two axes."""
+    fig = go.Figure()
+    optim = (record or {}).get("optim") or []
+    if optim:
+        steps = [s for s, _, _ in optim]
+        fig.add_trace(go.Scatter(x=steps, y=[lr for _, lr, _ in optim], mode="lines", name="learning rate",
+                                 line=dict(color=TRAIN_COLOR, width=2)))
+        norms = [(s, g) for s, _, g in optim if g is not None]
+        if norms:
+            fig.add_trace(go.Scatter(x=[s for s, _ in norms], y=[g for _, g in norms], mode="lines+markers",
+                                     name="gradient norm (before clipping)", yaxis="y2",
+                                     line=dict(color=VAL_COLOR, width=1.5), marker=dict(size=3)))
+            clip = ((record or {}).get("config") or {}).get("train", {}).get("clip_norm")
+            if clip:
+                fig.add_trace(go.Scatter(x=[steps[0], steps[-1]], y=[clip, clip], mode="lines", yaxis="y2",
+                                         name=f"clip at {clip:g}", line=dict(color="#64748b", dash="dash")))
+    else:
+        _empty(fig, "Learning rate and gradient norm draw here as steps finish")
+    fig = _layout(fig, "Learning rate and gradient norm", "step", "learning rate", height=300)
+    fig.update_layout(yaxis2=dict(title="gradient norm", overlaying="y", side="right", rangemode="tozero"),
+                      margin=dict(r=70))
+    return fig
+
+
+def seeds_figure(groups: list[dict]) -> go.Figure:
+    """Final held-out loss of every seed (dots) and each config's mean (bar) with its min–max range."""
+    fig = go.Figure()
+    if not groups:
+        _empty(fig, "Finished runs show here, one column per config and one dot per seed")
+        return _layout(fig, "Held-out loss per config, every seed", "config", "held-out loss")
+    labels = [g["label"] for g in groups]
+    means = [sum(g["heldout"]) / len(g["heldout"]) for g in groups]
+    fig.add_trace(go.Bar(x=labels, y=means, name="mean over seeds", marker_color=[rank_color(g["rank"]) for g in groups],
+                         opacity=0.45, error_y=dict(type="data", symmetric=False,
+                                                    array=[max(g["heldout"]) - m for g, m in zip(groups, means)],
+                                                    arrayminus=[m - min(g["heldout"]) for g, m in zip(groups, means)],
+                                                    color="#334155", thickness=1.5, width=8)))
+    xs, ys, text = [], [], []
+    for g in groups:
+        for seed, v in zip(g["seeds"], g["heldout"]):
+            xs.append(g["label"])
+            ys.append(v)
+            text.append(f"seed {seed}")
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="one seed", text=text,
+                             marker=dict(size=10, color="#0f172a", symbol="circle-open", line=dict(width=2)),
+                             hovertemplate="%{x}<br>%{text}: %{y:.4f}<extra></extra>"))
+    lo, hi = min(min(g["heldout"]) for g in groups), max(max(g["heldout"]) for g in groups)
+    pad = max((hi - lo) * 0.3, 1e-3)
+    fig.update_yaxes(range=[lo - pad, hi + pad])
+    return _layout(fig, "Held-out loss at the end, per config: bar = mean, whisker = min–max over seeds, "
+                        "dot = one seed", "config", "held-out loss (lower is better)", height=380)
 
 
 def quality_figure(records: list[dict], metric: str = "bleu") -> go.Figure:

@@ -38,7 +38,7 @@ from pathlib import Path
 from . import adapters, anatomy, budget, data, owners
 from .config import MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, clean_sentences, limits
 from .evaluate import scores, sentence_chrf, translate
-from .events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged, to_dict
+from .events import EvalLogged, RunFailed, RunFinished, RunStarted, SamplesLogged, StepLogged, to_dict
 from .inject import MODULE_PATH, dense_sites, lora_layers, remove_lora, select_paths, set_scale
 from .models import LoadedModel, model_precision, peak_gpu_mb, precision_policy, reset_gpu_peak
 from .params import keras_name_to_path, preview
@@ -77,6 +77,9 @@ class Job:
     device: str = ""
     losses: list = field(default_factory=list)       # [step, loss, training tokens so far]
     val_losses: list = field(default_factory=list)   # [step, validation loss]; step 0 is the base model
+    heldout_losses: list = field(default_factory=list)   # [step, held-out loss]; step 0 is the base model
+    optim: list = field(default_factory=list)        # [step, learning rate, gradient norm before clipping]
+    samples: list = field(default_factory=list)      # [step, [translation per sample sentence]]; 0 = base
     summary: dict = field(default_factory=dict)
     quality: dict | None = None              # sacreBLEU / chrF of base and LoRA on the test slice
     memory: dict = field(default_factory=dict)
@@ -110,9 +113,14 @@ class Job:
             self.losses.append([event.step, event.loss, seen])
             self.summary["elapsed_s"] = event.elapsed_s
             self.summary["last_tokens_per_s"] = event.tokens_per_s
+            self.optim.append([event.step, event.lr, event.grad_norm])
             self.recent = (self.recent + [(event.step, event.elapsed_s)])[-10:]
         elif isinstance(event, EvalLogged):
             self.val_losses.append([event.step, event.val_loss])
+            if event.heldout_loss is not None:
+                self.heldout_losses.append([event.step, event.heldout_loss])
+        elif isinstance(event, SamplesLogged):
+            self.samples.append([event.step, list(event.translations)])
         elif isinstance(event, RunFinished):
             self.outcome, self.summary = event.status, {**self.summary, **event.summary}
         elif isinstance(event, RunFailed):
@@ -169,8 +177,9 @@ class Job:
         path = self.dir / "events.jsonl"
         if not path.exists():
             return
-        self.losses, self.val_losses = [], []
-        kinds = {"RunStarted": RunStarted, "StepLogged": StepLogged, "EvalLogged": EvalLogged}
+        self.losses, self.val_losses, self.heldout_losses, self.optim, self.samples = [], [], [], [], []
+        kinds = {"RunStarted": RunStarted, "StepLogged": StepLogged, "EvalLogged": EvalLogged,
+                 "SamplesLogged": SamplesLogged}
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 d = json.loads(line)
@@ -185,7 +194,7 @@ def summary_row(job: Job, session: str | None = None) -> dict:
     """A compact, JSON-friendly view of a run for lists and the API. Owner keys (and their digests)
     are never shown; ``mine`` says whether ``session`` (an owner key) holds the run."""
     rec = job.record()
-    for key in ("losses", "val_losses", "config", "owner"):
+    for key in ("losses", "val_losses", "heldout_losses", "optim", "samples", "config", "owner"):
         rec.pop(key)
     rec["mine"] = job.owned_by(session)
     rec.update(rank=job.config.lora.rank, alpha=job.config.lora.alpha, targets=list(job.config.lora.targets),
@@ -243,7 +252,7 @@ def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Even
 def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=None, strategy=None) -> None:
     """Run ``job`` to the end on ``model`` and leave a complete record in ``job.dir``.
 
-    ``pairs_of(split, n)`` supplies data; ``base_cache`` maps n to the base model's
+    ``pairs_of(split, n, dataset)`` supplies data (data.pairs_for); ``base_cache`` maps n to the base model's
     BLEU/chrF on the first n test pairs and is filled here on first need (the base
     never changes, so one cache serves every run on the same model). ``on_change(event)`` is called
     with each train() event, and with None when the phase changes. Shared by the
@@ -257,8 +266,9 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
     job.save()
     notify()
     with MemoryMonitor() as mem:
-        train_pairs, val_pairs = pairs_of("train", cfg.train_size), pairs_of("validation", cfg.eval_size)
-        for event in train(job.config, model, tokenizer, train_pairs, val_pairs, stop=job.stop,
+        train_pairs, val_pairs = pairs_of("train", cfg.train_size, cfg.data), pairs_of("validation", cfg.eval_size)
+        heldout = pairs_of("heldout", cfg.heldout_size, cfg.data)
+        for event in train(job.config, model, tokenizer, train_pairs, val_pairs, heldout, stop=job.stop,
                            data_origin=train_pairs.origin, strategy=strategy):
             job.log_event(event)
             job.apply(event)
@@ -361,10 +371,10 @@ class Lab:
             return key
 
     # -- data ----------------------------------------------------------------
-    def pairs(self, split: str, n: int) -> data.Pairs:
-        key = (split, n)
+    def pairs(self, split: str, n: int, dataset: str = "europarl") -> data.Pairs:
+        key = (split, n, dataset)
         if key not in self._pairs:
-            self._pairs[key] = data.load_pairs(split, n, source=self.data_source)
+            self._pairs[key] = data.pairs_for(split, n, dataset, source=self.data_source)
         return self._pairs[key]
 
     # -- jobs ----------------------------------------------------------------
@@ -390,11 +400,15 @@ class Lab:
         self.pending.put(job)
         return job
 
-    def submit_sweep(self, config: RunConfig, ranks: list[int], session: str = "") -> list[Job]:
-        """The same config, seed and data order at each rank; queued back to back."""
-        self._room_for(session, len(ranks))
+    def submit_sweep(self, config: RunConfig, ranks: list[int], session: str = "",
+                     seeds: list[int] | None = None) -> list[Job]:
+        """The same config at each rank, once per seed (default: the config's own seed); queued back to
+        back, rank by rank. Runs with the same seed share the data order and A's initialisation."""
+        seeds = seeds or [config.train.seed]
+        self._room_for(session, len(ranks) * len(seeds))
         sweep = "sweep-" + time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
-        configs = [replace(config, lora=replace(config.lora, rank=r)) for r in ranks]
+        configs = [replace(config, lora=replace(config.lora, rank=r), train=replace(config.train, seed=sd))
+                   for r in ranks for sd in seeds]
         return [self.submit(c, session, sweep=sweep) for c in configs]
 
     def predict(self, config: RunConfig) -> dict:
@@ -594,10 +608,13 @@ class Lab:
         return LoraConfig(rank=rank, alpha=alpha, targets=targets if targets is not None else (), side=side,
                           layers=layers)
 
-    def run_config(self, lora: LoraConfig, steps, batch_size, lr, train_size, seed, optimizer, bleu_size) -> RunConfig:
+    def run_config(self, lora: LoraConfig, steps, batch_size, lr, train_size, seed, optimizer, bleu_size,
+                   **more) -> RunConfig:
+        """``more``: further TrainConfig fields (data, eval_every, early_stop, samples, ...); None = default."""
+        more = {k: v for k, v in more.items() if v is not None}
         return RunConfig(model=self.loaded.name, lora=lora,
                          train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_size=train_size,
-                                           seed=seed, optimizer=optimizer, bleu_size=bleu_size))
+                                           seed=seed, optimizer=optimizer, bleu_size=bleu_size, **more))
 
     def usable(self, job: Job) -> bool:
         """Whether translate, download and inspect can use this run's adapter."""
@@ -611,6 +628,8 @@ class Lab:
                 "step": last[0] if last else 0, "loss": last[1] if last else None,
                 "tokens_per_s": job.summary.get("last_tokens_per_s"), "elapsed_s": job.summary.get("elapsed_s", 0.0),
                 "eta_s": job.eta_s(), "losses": [[s, v] for s, v, _ in job.losses], "val_losses": job.val_losses,
+                "heldout_losses": job.heldout_losses, "seed": job.config.train.seed,
+                "samples": {"english": list(job.config.train.samples), "by_step": job.samples},
                 "summary": {k: v for k, v in job.summary.items() if k != "last_tokens_per_s"},
                 "quality": job.quality, "memory": job.memory, "error": job.error}
 

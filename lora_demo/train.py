@@ -22,7 +22,7 @@ import tensorflow as tf
 from . import compiled, data
 from .config import ConfigError, RunConfig, TrainConfig
 from .distribute import make_strategy, topology  # noqa: F401  (make_strategy: re-exported)
-from .events import EvalLogged, Event, RunFailed, RunFinished, RunStarted, StepLogged
+from .events import EvalLogged, Event, RunFailed, RunFinished, RunStarted, SamplesLogged, StepLogged
 from .inject import apply_lora, reattach, set_scale
 from .lora import DropoutClock, step_dropout
 from .models import device_info, model_precision, variable_device
@@ -123,9 +123,11 @@ def make_step(model, opt, variables, clip_norm: float, clock: DropoutClock | Non
             loss = seq2seq_loss(model, batch, training=True)
         grads = tape.gradient(loss, variables)
         if clip_norm > 0:
-            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+            grads, norm = tf.clip_by_global_norm(grads, clip_norm)   # norm: before clipping
+        else:
+            norm = tf.linalg.global_norm(grads)
         opt.apply_gradients(zip(grads, variables))
-        return loss
+        return tf.stack([loss, tf.cast(norm, loss.dtype)])   # (loss, gradient norm)
     return step
 
 
@@ -150,15 +152,19 @@ def make_distributed_step(strategy, model, opt, variables, clip_norm: float, clo
         grads = tape.gradient(loss, variables)
         grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
         if clip_norm > 0:
-            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+            grads, norm = tf.clip_by_global_norm(grads, clip_norm)
+        else:
+            norm = tf.linalg.global_norm(grads)
         opt.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
-        return loss
+        return loss, norm
 
     def step(per_replica, global_tokens):
         if clock is not None:
             clock.step.assign_add(1)
-        losses = strategy.run(replica_step, args=(per_replica, global_tokens))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+        losses, norms = strategy.run(replica_step, args=(per_replica, global_tokens))
+        # every replica holds the same all-reduced gradients, so the mean of the norms is the norm
+        return tf.stack([strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None),
+                         strategy.reduce(tf.distribute.ReduceOp.MEAN, norms, axis=None)])
 
     fn = tf.function(step, autograph=False)
 
@@ -273,13 +279,16 @@ class Prepared:
     batches: Iterator[dict]        # training batches, in the seed's order
     first: dict                    # the first of them (it fixes the traced shapes)
     val: list[dict]                # the validation slice (newstest2015)
+    heldout: list[dict]            # the held-out slice of the training distribution
+    heldout_name: str
+    heldout_pairs: int
     probe: list[dict]              # fixed training pairs, scored before and after
     probe_pairs: int
     train_pairs: int | None        # None for a stream
     shapes: dict
 
 
-def prepare(cfg: TrainConfig, tokenizer, train_pairs, val_pairs) -> Prepared:
+def prepare(cfg: TrainConfig, tokenizer, train_pairs, val_pairs, heldout_pairs) -> Prepared:
     """Encode the pairs. A stream is read as needed: the probe is its head, batches are encoded on
     the fly and padded to the maximum lengths, since its longest pair is unknown."""
     streamed = isinstance(train_pairs, data.Stream)
@@ -293,16 +302,21 @@ def prepare(cfg: TrainConfig, tokenizer, train_pairs, val_pairs) -> Prepared:
     else:
         arrays = data.encode(tokenizer, train_pairs, cfg.max_source_len, cfg.max_target_len)
     val = data.encode(tokenizer, val_pairs, cfg.max_source_len, cfg.max_target_len)
-    # One shape for train, validation and probe batches: the eval function is traced once.
+    held = data.encode(tokenizer, heldout_pairs if heldout_pairs else val_pairs, cfg.max_source_len,
+                       cfg.max_target_len)   # (no held-out pairs: no held-out curve; the shapes stay as they were)
+    # One shape for train, validation, held-out and probe batches: the eval function is traced once.
     lengths = ((cfg.max_source_len, cfg.max_target_len) if streamed else
-               (max(arrays["input_ids"].shape[1], val["input_ids"].shape[1]),
-                max(arrays["labels"].shape[1], val["labels"].shape[1])))
-    arrays, val = (data.pad_to(a, *lengths, tokenizer.pad_token_id) for a in (arrays, val))
+               (max(a["input_ids"].shape[1] for a in (arrays, val, held)),
+                max(a["labels"].shape[1] for a in (arrays, val, held))))
+    arrays, val, held = (data.pad_to(a, *lengths, tokenizer.pad_token_id) for a in (arrays, val, held))
     probe = {k: v[:PROBE_PAIRS] for k, v in arrays.items()}
     batches = (data.stream_batches(tokenizer, itertools.chain(head, pairs_iter), cfg.batch_size, *lengths, cfg.seed)
                if streamed else data.batches(arrays, cfg.batch_size, cfg.seed))
     return Prepared(batches=batches, first=next(batches),
                     val=data.fixed_batches(val, cfg.batch_size, tokenizer.pad_token_id),
+                    heldout=data.fixed_batches(held, cfg.batch_size, tokenizer.pad_token_id) if heldout_pairs else [],
+                    heldout_name=getattr(heldout_pairs, "split", "held-out") if heldout_pairs else "",
+                    heldout_pairs=len(held["input_ids"]) if heldout_pairs else 0,
                     probe=data.fixed_batches(probe, cfg.batch_size, tokenizer.pad_token_id),
                     probe_pairs=len(probe["input_ids"]), train_pairs=None if streamed else len(arrays["input_ids"]),
                     shapes={"source_len": arrays["input_ids"].shape[1], "target_len": arrays["labels"].shape[1]})
@@ -386,6 +400,8 @@ class Progress:
     step: int = 0
     losses: list = field(default_factory=list)
     val_losses: list = field(default_factory=list)     # (step, loss); step 0 is the base model
+    heldout_losses: list = field(default_factory=list)  # (step, loss); step 0 is the base model
+    stop_reason: str = ""
     step_times: list = field(default_factory=list)     # compiled steps only
     tokens: int = 0
     eager_steps: int = 0
@@ -394,17 +410,21 @@ class Progress:
 
 
 def loop(run: RunConfig, model, prepared: Prepared, att: Attached, progress: Progress, t0: float,
-         stop: threading.Event | None, strategy, fault: tuple[str, int] | None) -> Iterator[Event]:
-    """The steps: stop checks, the step, faults, the loss event and evaluation every eval_every."""
+         stop: threading.Event | None, strategy, fault: tuple[str, int] | None,
+         samples: "Samples | None" = None) -> Iterator[Event]:
+    """The steps: stop checks, the step, faults, the loss event, and every eval_every the held-out
+    and validation losses, the sample translations and the early-stopping rule."""
     cfg, batch = run.train, prepared.first
     for step in range(1, cfg.steps + 1):
         progress.step = step
         fn = None if _stopping(stop) else att.compiled_step(strategy, stop)
         if _stopping(stop):
             progress.stopped = True
+            progress.stop_reason = f"stopped by the user after {step - 1} steps"
             return
         ts = time.perf_counter()
-        loss = _inject(fault, step, float((fn or att.step)(batch)))
+        loss, grad_norm = (float(x) for x in np.asarray((fn or att.step)(batch)))
+        loss = _inject(fault, step, loss)
         dt = time.perf_counter() - ts
         if not math.isfinite(loss):
             yield RunFailed(step, f"the loss became {'NaN' if math.isnan(loss) else 'infinite'} at step {step}",
@@ -423,13 +443,34 @@ def loop(run: RunConfig, model, prepared: Prepared, att: Attached, progress: Pro
             progress.first_loss_s = elapsed
             if step < cfg.steps:
                 att.start_trace(strategy)
-        yield StepLogged(step, loss, float(att.schedule(step - 1)), n_tok, n_tok / dt, elapsed, is_compiled)
+                if samples is not None:
+                    samples.warm_up()
+        yield StepLogged(step, loss, float(att.schedule(step - 1)), n_tok, n_tok / dt, elapsed, is_compiled,
+                         grad_norm)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             yield from _evaluate(model, att, prepared, progress, step, t0)
+            if samples is not None:
+                yield from samples.log(step, t0)
+            if _no_longer_improving(progress, cfg.early_stop) and step < cfg.steps:
+                best_step, best = min((progress.heldout_losses or progress.val_losses)[1:], key=lambda x: x[1])
+                progress.stop_reason = (f"early stopping after step {step}: the held-out loss has not improved "
+                                        f"for {cfg.early_stop} evaluations (best {best:.4f} at step {best_step}; "
+                                        "the adapter is the one of the last step)")
+                return
         if step < cfg.steps:
             batch = next(prepared.batches, None)
             if batch is None:   # a finite stream ran out: the run ends here, complete
+                progress.stop_reason = f"the training data stream ended after {step} steps"
                 return
+    progress.stop_reason = f"all {cfg.steps} steps"
+
+
+def _no_longer_improving(progress: Progress, patience: int) -> bool:
+    """Early stopping: the last ``patience`` held-out losses of the adapter are all above its best
+    earlier one (the base model's point, step 0, does not count). Without a held-out slice, the
+    validation loss decides."""
+    points = [v for _, v in (progress.heldout_losses or progress.val_losses)[1:]]
+    return patience > 0 and len(points) > patience and min(points[-patience:]) >= min(points[:-patience])
 
 
 def _stopping(stop: threading.Event | None) -> bool:
@@ -437,15 +478,72 @@ def _stopping(stop: threading.Event | None) -> bool:
 
 
 def _evaluate(model, att: Attached, prepared: Prepared, progress: Progress, step: int, t0: float):
-    """Validation loss now; the first time also the base model's (step 0)."""
+    """Held-out and validation loss now; the first time also the base model's (step 0)."""
+    fn, held = att.eval_fn(), prepared.heldout
     if not progress.val_losses:   # the base model's point: the adapter at scale 0 is the base exactly
-        base, now = _base_and_lora(model, att.eval_fn(), prepared.val)
-        progress.val_losses.append((0, base))
-        yield EvalLogged(0, base, time.perf_counter() - t0)
+        base_val, now_val = _base_and_lora(model, fn, prepared.val)
+        base_held, now_held = _base_and_lora(model, fn, held) if held else (None, None)
+        progress.val_losses.append((0, base_val))
+        if held:
+            progress.heldout_losses.append((0, base_held))
+        yield EvalLogged(0, base_val, time.perf_counter() - t0, base_held)
     else:
-        now = _eval_loss(att.eval_fn(), prepared.val)
-    progress.val_losses.append((step, now))
-    yield EvalLogged(step, now, time.perf_counter() - t0)
+        now_val, now_held = _eval_loss(fn, prepared.val), _eval_loss(fn, held) if held else None
+    progress.val_losses.append((step, now_val))
+    if held:
+        progress.heldout_losses.append((step, now_held))
+    yield EvalLogged(step, now_val, time.perf_counter() - t0, now_held)
+
+
+SAMPLE_TOKENS = 48
+
+
+class Samples:
+    """The run's sample sentences, translated at every evaluation point (base model first) with the
+    compiled generation path. Its XLA function is compiled in a background thread after the first
+    step, so the first evaluation point does not wait for it. The tokenizer is used only on the
+    training thread (the fast tokenizer must not be used by two threads at once)."""
+
+    def __init__(self, model, tokenizer, sentences):
+        from .evaluate import encode_chunk
+
+        self.model, self.tokenizer = model, tokenizer
+        self.ids, self.mask, self.n = encode_chunk(tokenizer, [data.PROMPT + s for s in sentences])
+        self.thread: threading.Thread | None = None
+        self.logged_base = False
+
+    def _translate(self) -> list[str]:
+        from .evaluate import generate_ids
+
+        gen = generate_ids(self.model, self.ids, self.mask, SAMPLE_TOKENS)
+        return [t.strip() for t in self.tokenizer.batch_decode(gen[:self.n], skip_special_tokens=True)]
+
+    def warm_up(self) -> None:
+        from .evaluate import generate_ids
+
+        def run():
+            try:   # compiles; the output (mid-training) is thrown away
+                generate_ids(self.model, self.ids, self.mask, SAMPLE_TOKENS)
+            except Exception:  # the evaluation point translates (and reports) itself
+                pass
+        self.thread = threading.Thread(target=run, daemon=True, name="samples-compile")
+        self.thread.start()
+
+    def log(self, step: int, t0: float):
+        self.finish()
+        if not self.logged_base:
+            set_scale(self.model, 0.0)
+            try:
+                base = self._translate()
+            finally:
+                set_scale(self.model, 1.0)
+            self.logged_base = True
+            yield SamplesLogged(0, base, time.perf_counter() - t0)
+        yield SamplesLogged(step, self._translate(), time.perf_counter() - t0)
+
+    def finish(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
 
 def summarise(model, prepared: Prepared, att: Attached, p: Progress, t0: float, cfg: TrainConfig,
@@ -460,6 +558,12 @@ def summarise(model, prepared: Prepared, att: Attached, p: Progress, t0: float, 
         "probe_pairs": prepared.probe_pairs, "probe_loss_base": probe_base, "probe_loss_final": probe_final,
         "base_val_loss": p.val_losses[0][1] if p.val_losses else None,
         "final_val_loss": p.val_losses[-1][1] if len(p.val_losses) > 1 else None,
+        # the learning signal: a fixed held-out slice of the training distribution, never trained on
+        "heldout_name": prepared.heldout_name, "heldout_pairs": prepared.heldout_pairs,
+        "base_heldout_loss": p.heldout_losses[0][1] if p.heldout_losses else None,
+        "final_heldout_loss": p.heldout_losses[-1][1] if len(p.heldout_losses) > 1 else None,
+        "best_heldout": min(p.heldout_losses[1:], key=lambda x: x[1]) if len(p.heldout_losses) > 1 else None,
+        "stop_reason": p.stop_reason,
         "elapsed_s": elapsed, "first_loss_s": p.first_loss_s, "eager_steps": p.eager_steps,
         "trace_s": sum(att.tracer.seconds) if att.tracer is not None and att.tracer.seconds else None,
         "reused_trace": att.reused,
@@ -471,33 +575,39 @@ def summarise(model, prepared: Prepared, att: Attached, p: Progress, t0: float, 
     }
 
 
-def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, stop: threading.Event | None = None,
-          data_origin: str = "bundled", strategy=None) -> Iterator[Event]:
+def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pairs=None,
+          stop: threading.Event | None = None, data_origin: str = "bundled", strategy=None) -> Iterator[Event]:
     """Add a fresh adapter to ``model`` as ``run.lora`` says and train it; yield events as it goes.
 
     Ends with exactly one RunFinished (completed or stopped) or RunFailed. The base weights are
     never changed; the trained adapter stays in ``model``. With a ``strategy`` (distribute.py) the
     adapter and optimiser state are mirrored and each step splits the global batch across replicas.
     """
-    t0, progress, att = time.perf_counter(), Progress(), None
+    t0, progress, att, samples = time.perf_counter(), Progress(), None, None
     try:
         fault = injected_fault(run.train.seed)
         clock = step_dropout(model)   # dropout masks keyed on (seed, step): a fresh clock per run
         clock.seed.assign(run.train.seed)
         clock.step.assign(0)
-        prepared = prepare(run.train, tokenizer, train_pairs, val_pairs)
+        prepared = prepare(run.train, tokenizer, train_pairs, val_pairs, heldout_pairs)
         att = attach(model, run, clock, prepared, strategy)
+        if run.train.samples and strategy is None:
+            samples = Samples(model, tokenizer, run.train.samples)
         yield RunStarted(config=run.to_dict(), params=breakdown(specs_from_model(model)).to_dict(),
                          device=f"{device_info()['name']}, {model_precision(model)}", data_origin=data_origin,
                          train_pairs=prepared.train_pairs, shapes=prepared.shapes)
-        for event in loop(run, model, prepared, att, progress, t0, stop, strategy, fault):
+        for event in loop(run, model, prepared, att, progress, t0, stop, strategy, fault, samples):
             yield event
             if isinstance(event, RunFailed):
                 return
+        if samples is not None:
+            samples.finish()
         yield RunFinished("stopped" if progress.stopped else "completed",
                           summarise(model, prepared, att, progress, t0, run.train, data_origin, strategy))
     except Exception as exc:
         yield _failure(progress.step, exc)
     finally:
+        if samples is not None:
+            samples.finish()
         if att is not None:
             att.finish(model)

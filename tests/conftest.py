@@ -38,10 +38,10 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def bundled_tiny():
-    """The bundled assets/tiny model and tokenizer (loaded once; tests must not leave adapters on it)."""
+    """The bundled assets/micro model and tokenizer (loaded once; tests must not leave adapters on it)."""
     from lora_demo.models import load_model
 
-    return load_model("tiny", fallback=False)
+    return load_model("micro", fallback=False)
 
 
 def free_port() -> int:
@@ -110,13 +110,14 @@ def shared_app(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cli_sweep(tmp_path_factory):
-    """``python -m lora_demo sweep`` over ranks 8 and 2 on tiny, run once: (its stdout, the output directory)."""
+    """``python -m lora_demo sweep`` over ranks 8 and 2, seeds 0 and 1, on micro, run once: (its stdout, the
+    output directory)."""
     import subprocess
 
     out = tmp_path_factory.mktemp("cli-sweep")
-    proc = subprocess.run([sys.executable, "-m", "lora_demo", "sweep", "--model", "tiny", "--ranks", "8,2",
+    proc = subprocess.run([sys.executable, "-m", "lora_demo", "sweep", "--model", "micro", "--ranks", "8,2", "--seeds", "0,1",
                            "--targets", "q,v", "--steps", "4", "--train-size", "16", "--eval-size", "8",
-                           "--bleu-size", "8", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                           "--bleu-size", "8", "--samples", "", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, out

@@ -37,7 +37,7 @@ def _trained(cfg=CFG, seed=1):
 def good(tmp_path):
     """A valid adapter directory for tiny_config(), and the model that made it."""
     model = _trained()
-    return adapters.save_adapter(model, CFG, "tiny", tmp_path / "good"), model
+    return adapters.save_adapter(model, CFG, "micro", tmp_path / "good"), model
 
 
 def test_round_trip_gives_identical_logits(good):
@@ -61,7 +61,7 @@ def test_round_trip_gives_identical_logits(good):
 
 def test_both_stacks_with_a_block_range_uses_layers_to_transform(tmp_path):
     cfg = LoraConfig(rank=2, targets=("k",), layers=(0, 0))
-    conf = json.loads((adapters.save_adapter(_trained(cfg), cfg, "tiny", tmp_path) / "adapter_config.json")
+    conf = json.loads((adapters.save_adapter(_trained(cfg), cfg, "micro", tmp_path) / "adapter_config.json")
                       .read_text())
     assert conf["target_modules"] == ["k"] and conf["layers_to_transform"] == [0]
     assert conf["layers_pattern"] == "block"
@@ -70,7 +70,7 @@ def test_both_stacks_with_a_block_range_uses_layers_to_transform(tmp_path):
 
 def test_a_range_spanning_every_block_reads_back_as_all_blocks(tmp_path):
     cfg = LoraConfig(rank=2, targets=("q", "v"))
-    adapters.save_adapter(_trained(cfg), cfg, "tiny", tmp_path)
+    adapters.save_adapter(_trained(cfg), cfg, "micro", tmp_path)
     assert adapters.check_fits(adapters.read_adapter(tmp_path), build(tiny_config())) == cfg
 
 

@@ -125,7 +125,7 @@ def test_predicted_parameters_adapter_and_optimiser_bytes_equal_the_measured(bun
     from lora_demo import data
     from lora_demo.runs import Job, execute
 
-    cfg = RunConfig(model="tiny", lora=LoraConfig(rank=3, targets=("q", "k", "wi_1"), side="decoder", layers=(1, 2)),
+    cfg = RunConfig(model="micro", lora=LoraConfig(rank=3, targets=("q", "k", "wi_1"), side="decoder", layers=(1, 2)),
                     train=TrainConfig(steps=3, batch_size=4, train_size=16, eval_every=3, eval_size=8, bleu_size=0))
     job = Job.new(cfg, "s", tmp_path)
     job.prediction = budget.predict(bundled_tiny.model.config, cfg.lora, cfg.train)
@@ -133,7 +133,7 @@ def test_predicted_parameters_adapter_and_optimiser_bytes_equal_the_measured(bun
     remove_lora(bundled_tiny.model)
     meas = budget.measured(job.record(), adapters.tensor_bytes(job.dir))
     pred = job.prediction["lora"]
-    want = preview("tiny", cfg.lora)
+    want = preview("micro", cfg.lora)
     assert pred["trainable"] == meas["trainable"] == want.trainable
     assert pred["adapter_bytes"] == meas["adapter_bytes"] == 4 * want.trainable
     assert pred["optimizer_bytes"] == meas["optimizer_bytes"] == 2 * 4 * want.trainable
@@ -162,9 +162,10 @@ def test_the_teaching_point_flan_t5_base():
 def test_cli_inspect_prints_the_figures_as_json(cli_sweep):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = [sys.executable, "-m", "lora_demo"]
-    tmp_path = cli_sweep[1]     # conftest: `sweep --ranks 8,2 --targets q,v` on tiny
-    r8, r2 = sorted((p for p in tmp_path.iterdir() if (p / "metrics.json").is_file()),
-                    key=lambda p: json.loads((p / "metrics.json").read_text())["created"])
+    tmp_path = cli_sweep[1]     # conftest: `sweep --ranks 8,2 --seeds 0,1 --targets q,v` on micro
+    seed0 = [p for p in tmp_path.iterdir() if (p / "metrics.json").is_file()
+             and json.loads((p / "metrics.json").read_text())["config"]["train"]["seed"] == 0]
+    r8, r2 = sorted(seed0, key=lambda p: json.loads((p / "metrics.json").read_text())["created"])
     proc = subprocess.run(run + ["inspect", str(r8), "--compare", str(r2)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -29,7 +29,8 @@ def test_params_endpoint_matches_the_arithmetic(client):
 
 
 def test_train_streams_updates_then_translate_gives_two_columns(client, app):
-    job = client.submit(rank=4, targets=["q", "v"], steps=12, train_size=32, bleu_size=8, api_name="/train")
+    job = client.submit(rank=4, targets=["q", "v"], steps=12, train_size=32, bleu_size=8, eval_every=6,
+                        samples=["Good morning.", "The weather is nice today."], api_name="/train")
     updates = list(job)
     final = job.result()
     assert final["status"] == "completed", final
@@ -39,6 +40,10 @@ def test_train_streams_updates_then_translate_gives_two_columns(client, app):
     assert [s for s, _ in final["losses"]] == list(range(1, 13))
     assert final["summary"]["probe_loss_base"] is not None
     assert final["quality"]["n"] == 8 and "bleu" in final["quality"]["lora"]
+    # the held-out curve (newstest2014, base at step 0) and the sample sentences at every evaluation
+    assert [s for s, _ in final["heldout_losses"]] == [0, 6, 12] and final["summary"]["stop_reason"] == "all 12 steps"
+    assert final["samples"]["english"] == ["Good morning.", "The weather is nice today."]
+    assert [s for s, texts in final["samples"]["by_step"] if len(texts) == 2 and all(texts)] == [0, 6, 12]
     run_dir = app[1] / "runs" / final["run_id"]
     assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
 
@@ -48,6 +53,18 @@ def test_train_streams_updates_then_translate_gives_two_columns(client, app):
     assert out["run_id"] == final["run_id"]
     zero = client.predict(text="The session is resumed.", run_id=final["run_id"], scale=0.0, api_name="/translate")
     assert zero["lora"] == zero["base"] == out["base"][:1]
+
+
+def test_repeat_with_seeds_gives_the_mean_and_spread_over_seeds(client):
+    with pytest.raises(Exception, match="keeps at most 3 runs"):     # 2 ranks × 2 seeds over the session cap
+        client.predict(ranks="1,2", seeds="0,1", steps=2, api_name="/sweep")
+    final = client.submit(ranks="2", seeds="0,1,2", steps=3, train_size=16, bleu_size=0, samples=[],
+                          api_name="/sweep").result()
+    assert [(r["seed"], r["status"]) for r in final["runs"]] == [(0, "completed"), (1, "completed"), (2, "completed")]
+    (group,) = final["groups"]
+    assert group["label"] == "r=2 · q+v" and group["seeds"] == [0, 1, 2]
+    assert group["heldout"] == [r["heldout_losses"][-1][1] for r in final["runs"]]
+    assert len(set(group["heldout"])) == 3 and final["verdicts"] == [] and "1 in 20" in final["rule"]
 
 
 def test_stop_ends_the_run_as_stopped(client, app):
@@ -204,13 +221,13 @@ def test_adapter_download_import_and_bad_uploads(client, app, tmp_path):
     with zipfile.ZipFile(pickled, "w") as zf:
         zf.writestr("adapter_config.json", json.dumps(conf))
         zf.writestr("adapter_model.bin", pickle.dumps({"lora_A": [1.0]}))
-    small = build(tiny_config())          # d_model 16: does not fit the bundled tiny (d_model 128)
+    small = build(tiny_config())          # d_model 16: does not fit the bundled tiny (d_model 256)
     apply_lora(small, LoraConfig(rank=4, targets=("q", "v")))
     wrong = adapters.save_adapter(small, LoraConfig(rank=4, targets=("q", "v")), "tiny", tmp_path / "wrong")
     runs_dir = app[1] / "runs"
     listing = sorted(p.name for p in runs_dir.iterdir())
     cases = [([garbage, config], "not a safetensors file"), ([pickled], "pickle-based weight files are refused"),
-             ([wrong / "adapter_config.json", wrong / "adapter_model.safetensors"], "this model's layer is 128"),
+             ([wrong / "adapter_config.json", wrong / "adapter_model.safetensors"], "this model's layer is 256"),
              ([config], "adapter_model.safetensors missing")]
     for files, message in cases:
         with pytest.raises(Exception, match=message):

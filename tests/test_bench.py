@@ -15,7 +15,7 @@ KEYS = ["lora_step_s", "plain_step_s", "first_loss_s", "plain_first_loss_s", "fu
 
 
 def test_bench_quick_json_emits_every_figure():
-    proc = subprocess.run([sys.executable, "-m", "lora_demo", "bench", "--quick", "--json", "--model", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "lora_demo", "bench", "--quick", "--json", "--model", "micro",
                            "--precision", "fp32"],   # fp32 also skips the fp32 reference step
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -32,6 +32,6 @@ def test_bench_quick_json_emits_every_figure():
             assert fig[key] is None
             continue
         assert isinstance(fig[key], float) and math.isfinite(fig[key]) and fig[key] > 0, (key, fig[key])
-    assert fig["memory_model"] == "tiny" and 0 < fig["mfu"] < 1
+    assert fig["memory_model"] == "micro" and 0 < fig["mfu"] < 1
     assert fig["precision"] == "fp32" and "lora_step_fp32_s" not in fig
     assert fig["second_run_traced"] is False and 0 < fig["second_run_first_loss_s"]

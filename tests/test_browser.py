@@ -1,7 +1,9 @@
 """The app in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright.
 
-Loads the page, moves the rank slider (the parameter breakdown follows), trains (the loss plot gets
-points while the run goes), stops, and translates (base and LoRA side by side). Screenshots of a
+Loads the page (the bundled offline model, tiny), moves the rank slider (the parameter breakdown
+follows), trains (the loss chart draws the raw and smoothed train loss and the held-out curve, and the
+sample table fills with the German of each evaluation point while the run goes), stops, and translates
+(base and LoRA side by side). Screenshots of a
 laptop-sized window go to artifacts/browser/. CI installs Chromium, so there this test must run; on a
 machine without Chromium or Playwright it is skipped.
 """
@@ -38,6 +40,15 @@ def _points(page) -> int:
     }""")
 
 
+def _trace_points(page, name_part: str) -> int:
+    return page.evaluate("""(part) => {
+        const el = document.querySelector('#loss-plot .js-plotly-plot');
+        if (!el || !el.data) return 0;
+        const t = el.data.find(t => (t.name || '').includes(part));
+        return t && t.x ? t.x.length : 0;
+    }""", name_part)
+
+
 def test_the_app_in_a_real_browser(tmp_path):
     SHOTS.mkdir(parents=True, exist_ok=True)
     proc, url = launch(tmp_path, "--model", "tiny")
@@ -59,24 +70,36 @@ def test_the_app_in_a_real_browser(tmp_path):
             rank_box.press("Enter")
             expect(breakdown).to_contain_text(f"{r32:,} trainable", timeout=30_000)
 
-            # Train: the loss plot gets points while the run goes
+            # Train: the chart draws the raw and the smoothed train loss and the held-out curve, and the
+            # sample table shows the German of the base model and of the adapter at each evaluation
             steps_box = page.locator("#steps input[type=number]")
             steps_box.fill("2000")
             steps_box.press("Enter")
+            page.locator("#eval-options").get_by_text("Evaluation, early stopping").click()
+            every = page.locator("#eval-every input[type=number]")
+            every.fill("10")
+            every.press("Enter")
             page.locator("#train-btn").click()
             page.wait_for_function("""() => {
                 const el = document.querySelector('#loss-plot .js-plotly-plot');
-                return el && el.data && el.data.some(t => (t.name || '').toLowerCase().includes('train')
-                                                          && t.x && t.x.length >= 5);
-            }""", timeout=180_000)
-            live = _points(page)
+                const held = el && el.data && el.data.find(t => (t.name || '').startsWith('held-out loss'));
+                return held && held.x && held.x.length >= 4;    // base + 3 evaluations
+            }""", timeout=240_000)
             expect(page.locator("#status")).to_contain_text("running", timeout=10_000)
+            assert _trace_points(page, "smoothed (EMA 0.9)") >= 30 and _trace_points(page, "each batch") >= 30
+            table = page.locator("#samples-table")
+            expect(table).to_contain_text("base model (step 0)", timeout=30_000)
+            expect(table).to_contain_text("LoRA at step 30", timeout=30_000)
+            expect(table).to_contain_text("The government has raised taxes on petrol.")
+            live = _points(page)
+            page.locator("#loss-plot").scroll_into_view_if_needed()
             page.screenshot(path=str(SHOTS / "2-training.png"), full_page=True)
+            page.screenshot(path=str(SHOTS / "readme.png"))   # the README's: the curves and the German changing
 
             # Stop: the run ends as stopped, well before its 2000 steps
             page.locator("#stop-btn").click()
             expect(page.locator("#status")).to_contain_text("stopped", timeout=60_000)
-            assert 5 <= live <= _points(page) < 2000
+            assert 30 <= live <= _points(page) < 4000   # two train traces: raw and smoothed
 
             # Translate: base and LoRA side by side
             page.locator("#en-text textarea").fill("The session is resumed.\nI thank the Commissioner.")
@@ -100,10 +123,6 @@ def test_the_app_in_a_real_browser(tmp_path):
             expect(page.locator("#inspect-summary")).to_contain_text("predicted", timeout=30_000)
             page.locator("#delta-heatmap").scroll_into_view_if_needed()
             page.screenshot(path=str(SHOTS / "4-inside-the-adapter.png"), full_page=True)
-
-            page.set_viewport_size({"width": 1440, "height": 900})
-            page.evaluate("window.scrollTo(0, 0)")
-            page.screenshot(path=str(SHOTS / "readme.png"))
             browser.close()
     finally:
         proc.terminate()

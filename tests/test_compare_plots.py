@@ -3,18 +3,25 @@
 import csv
 import io
 
+import pytest
+
 from lora_demo import compare, plots
 
 
-def record(run_id, rank, losses, vals, bleu=None, trainable=1000):
+def record(run_id, rank, losses, vals, bleu=None, trainable=1000, seed=0, heldout=None):
+    heldout = heldout if heldout is not None else [[0, 5.0], [len(losses), 4.5]]
     return {
-        "run_id": run_id, "status": "completed", "config": {"lora": {"rank": rank, "alpha": 16.0,
+        "run_id": run_id, "status": "completed", "config": {"model": "m",
+                                                             "lora": {"rank": rank, "alpha": 16.0,
                                                                       "targets": ["q", "v"], "side": "both",
-                                                                      "layers": None}},
+                                                                      "layers": None},
+                                                             "train": {"seed": seed, "data": "news", "lr": 0.003}},
         "params": {"trainable": trainable, "pct_trainable": 0.5, "adapter_mb": trainable * 4 / 1e6},
         "losses": [[i + 1, v, 100 * (i + 1)] for i, v in enumerate(losses)], "val_losses": vals,
+        "heldout_losses": heldout,
         "summary": {"final_loss": losses[-1], "final_val_loss": vals[-1][1], "mean_step_s": 0.5,
-                    "first_loss_s": 2.0},
+                    "first_loss_s": 2.0, "base_heldout_loss": heldout[0][1], "final_heldout_loss": heldout[-1][1],
+                    "heldout_name": "newstest2014"},
         "quality": None if bleu is None else {"n": 10, "base": {"bleu": 5.0, "chrf": 30.0},
                                               "lora": {"bleu": bleu, "chrf": 31.0, "bleu_signature": "sig"}},
         "memory": {"peak_rss_mb": 900.0}, "adapter": {"bytes": trainable * 4 + 400},
@@ -41,21 +48,22 @@ def test_csv_and_markdown_exports():
     assert md.count("\n| run-") == 2 and "16,000" in md and "sacreBLEU signature: sig" in md
 
 
-def test_overlay_has_train_and_val_per_run_coloured_by_rank():
+def test_overlay_has_train_heldout_and_val_per_run_coloured_by_rank():
     fig = plots.loss_overlay([A, B])
-    assert len(fig.data) == 4
+    assert len(fig.data) == 6
     colors = {t.name: t.line.color for t in fig.data}
-    assert colors["r=2 q+v · run-a train"] == colors["r=2 q+v · run-a val"]
-    assert colors["r=2 q+v · run-a train"] != colors["r=16 q+v · run-b train"]
-    assert fig.data[1].line.dash == "dot" and fig.data[0].line.dash is None
-    assert list(fig.data[0].x) == [1, 2, 3]
+    assert colors["r=2 q+v · run-a train (EMA 0.9)"] == colors["r=2 q+v · run-a val"] == \
+        colors["r=2 q+v · run-a held-out"]
+    assert colors["r=2 q+v · run-a train (EMA 0.9)"] != colors["r=16 q+v · run-b train (EMA 0.9)"]
+    assert fig.data[2].line.dash == "dot" and fig.data[0].line.dash is None
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == pytest.approx(plots.ema([3.0, 2.5, 2.0]))
 
 
 def test_overlay_toggles_tokens_axis_and_log_scale():
-    fig = plots.loss_overlay([A], show_val=False, x="tokens", log_y=True)
+    fig = plots.loss_overlay([A], show_val=False, show_heldout=False, x="tokens", log_y=True)
     assert len(fig.data) == 1 and list(fig.data[0].x) == [100, 200, 300]
     assert fig.layout.yaxis.type == "log" and fig.layout.xaxis.title.text == "training tokens"
-    val_only = plots.loss_overlay([A], show_train=False, x="tokens")
+    val_only = plots.loss_overlay([A], show_train=False, show_heldout=False, x="tokens")
     assert list(val_only.data[0].x) == [0, 300]  # step 0 (base) at 0 tokens, step 3 at its tokens
 
 
@@ -65,3 +73,53 @@ def test_quality_chart_plots_lora_score_against_trainable_params():
     assert points == [(2000, 6.0), (16000, 7.5)]  # run-c has no score and is left out
     assert fig.layout.shapes[0].y0 == 5.0  # the base model's line
     assert plots.quality_figure([A], metric="chrf").data[0].y[0] == 31.0
+
+
+def test_ema_is_tensorboards_debiased_smoothing():
+    assert plots.ema([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])   # debiased: no pull towards 0
+    assert plots.ema([0.0, 10.0], 0.5) == pytest.approx([0.0, 5.0 / 0.75])
+    assert plots.ema([3.0, 1.0, 4.0], 0.0) == [3.0, 1.0, 4.0]
+    noisy = [4.0 - 0.01 * i + (0.5 if i % 2 else -0.5) for i in range(100)]
+    smooth = plots.ema(noisy, 0.9)
+    assert max(abs(a - b) for a, b in zip(smooth[20:], smooth[21:])) < 0.15 < max(
+        abs(a - b) for a, b in zip(noisy, noisy[1:]))
+    with pytest.raises(ValueError):
+        plots.ema([1.0], 1.0)
+
+
+def test_live_loss_chart_names_each_curve():
+    fig = plots.loss_figure(A, smoothing=0.8)
+    assert [t.name for t in fig.data] == ["train loss, each batch (noisy)", "train loss, smoothed (EMA 0.8)",
+                                          "held-out loss, newstest2014 (never trained on)",
+                                          "validation loss, newstest2015"]
+    assert list(fig.data[1].y) == pytest.approx(plots.ema([3.0, 2.5, 2.0], 0.8))
+    assert [t.name for t in plots.loss_figure(A, smoothing=0).data][0] == "train loss, each batch (noisy)"
+    assert len(plots.loss_figure(A, smoothing=0).data) == 3
+
+
+def _seeded(rank, finals):
+    return [record(f"r{rank}-s{i}", rank, [3.0], [[0, 4.0], [1, 3.9]], seed=i, heldout=[[0, 5.0], [1, f]])
+            for i, f in enumerate(finals)]
+
+
+def test_groups_give_each_config_its_mean_and_spread_over_seeds():
+    gs = compare.groups(_seeded(4, [4.1, 4.3, 4.2]) + _seeded(1, [4.5, 4.4, 4.6]))
+    assert [g["label"] for g in gs] == ["r=1 · q+v", "r=4 · q+v"] and [g["seeds"] for g in gs] == [[0, 1, 2]] * 2
+    row = dict(zip(compare.GROUP_COLUMNS, compare.group_table(gs)[1]))
+    assert row["held-out mean"] == pytest.approx(4.2) and row["held-out sd"] == pytest.approx(0.1)
+    assert (row["held-out min"], row["held-out max"]) == (4.1, 4.3) and row["Δ vs base (mean)"] == pytest.approx(-0.8)
+    fig = plots.seeds_figure(gs)
+    assert list(fig.data[0].y) == pytest.approx([4.5, 4.2]) and len(fig.data[1].y) == 6
+
+
+def test_verdict_resolves_only_non_overlapping_seeds_with_enough_of_them():
+    r1, r4 = compare.groups(_seeded(1, [4.5, 4.4, 4.6]) + _seeded(4, [4.1, 4.3, 4.2]))
+    v = compare.verdict(r1, r4)
+    assert v["resolved"] and v["chance"] == pytest.approx(1 / 20) and v["diff"] == pytest.approx(0.3)
+    assert v["text"].startswith("r=4 · q+v is better than r=1 · q+v above seed noise")
+    r1, r4 = compare.groups(_seeded(1, [4.5, 4.25, 4.6]) + _seeded(4, [4.1, 4.3, 4.2]))   # ranges overlap
+    v = compare.verdict(r1, r4)
+    assert not v["resolved"] and not v["separated"] and "within seed noise" in v["text"]
+    r1, r4 = compare.groups(_seeded(1, [4.5, 4.4]) + _seeded(4, [4.1, 4.3]))   # apart, but only 2 seeds each
+    v = compare.verdict(r1, r4)
+    assert v["separated"] and not v["resolved"] and "1 in 6" in v["text"]

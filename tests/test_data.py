@@ -30,6 +30,27 @@ def test_bundled_copy_is_byte_identical_to_the_shared_source():
     assert "newstest2016" in (data.BUNDLED_DIR / "SOURCE.md").read_text()
 
 
+def test_news_is_bundled_byte_identical_and_split_by_year():
+    with gzip.open(data.BUNDLED_DIR / "news.jsonl.gz", "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    assert digest == "4266a4141d847f24d594a5dc06d1e2465753597855e46ba667669e1e271eac64"
+    train = data.training_pairs("news", 20000)          # all of newstest2008-2013
+    held = data.heldout_pairs("news", 500)
+    assert len(train) == 16071 and len(held) == 500 and held.split == "newstest2014"
+    assert train.items[0].en == "Food: Where European inflation slipped up"
+    assert not {p.en for p in train.items} & {p.en for p in held.items}   # held out: never trained on
+
+
+def test_europarl_held_out_rows_are_never_training_rows():
+    held = data.heldout_pairs("europarl", 500)
+    assert len(held) == 500 and held.items[0] == data.load_pairs("train", source="bundled").items[19500]
+    assert data.training_pairs("europarl", 19500).items[-1] == data.load_pairs("train", source="bundled").items[19499]
+    with pytest.raises(ValueError, match="held out"):
+        data.training_pairs("europarl", 19501)
+    with pytest.raises(ValueError, match="bundled only"):
+        data.load_pairs("news", 5, source="hub")
+
+
 def test_prompt_and_limit():
     pairs = data.load_pairs("test", 5, source="bundled")
     assert len(pairs) == 5

@@ -25,9 +25,9 @@ from lora_demo.inject import remove_lora
 from lora_demo.models import load_model
 from lora_demo.train import make_strategy, train
 
-loaded = load_model("tiny", fallback=False)
+loaded = load_model("micro", fallback=False)
 pairs = data.load_pairs("train", 64, source="bundled"), data.load_pairs("validation", 8, source="bundled")
-run = RunConfig(model="tiny", lora=LoraConfig(rank=4, targets=("q", "v", "wo")),
+run = RunConfig(model="micro", lora=LoraConfig(rank=4, targets=("q", "v", "wo")),
                 train=TrainConfig(steps=8, batch_size=8, train_size=64, eval_every=8, eval_size=8))
 out = {}
 for name in ["default", *sys.argv[1:]]:
@@ -62,7 +62,7 @@ def test_mirrored_over_two_logical_cpus_and_multiworker_give_the_one_device_loss
 
 # -- a real cluster: two worker processes over loopback ---------------------------------------------
 
-TRAIN = ["-m", "lora_demo", "train", "--model", "tiny", "--rank", "4", "--targets", "q,v,wo", "--steps", "6",
+TRAIN = ["-m", "lora_demo", "train", "--model", "micro", "--rank", "4", "--targets", "q,v,wo", "--steps", "6",
          "--batch-size", "8", "--train-size", "64", "--eval-every", "6", "--eval-size", "8", "--bleu-size", "0",
          "--precision", "fp32", "--json"]   # fp32: bf16 rounding depends on the per-replica shapes
 

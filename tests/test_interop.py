@@ -32,7 +32,7 @@ ATOL = 1e-4   # float32 logits from two frameworks differ by ~1e-5 here; the log
 
 @pytest.fixture(scope="module")
 def tf_tiny():
-    loaded = load_model("tiny", fallback=False)
+    loaded = load_model("micro", fallback=False)
     yield loaded
     remove_lora(loaded.model)
 
@@ -49,7 +49,7 @@ def pt_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny-pt")
     model = T5ForConditionalGeneration(T5Config.from_pretrained(str(TINY_DIR)))
-    load_tf2_model_in_pytorch_model(model, load_model("tiny", fallback=False).model)
+    load_tf2_model_in_pytorch_model(model, load_model("micro", fallback=False).model)
     model.save_pretrained(str(out))
     return out
 
@@ -87,7 +87,7 @@ def pt_translate(model, tok, max_new_tokens=24):
 
 def load_into_tf(loaded, adapter_dir):
     adapter = adapters.read_adapter(adapter_dir)
-    cfg = adapters.check_fits(adapter, loaded.model, "tiny")
+    cfg = adapters.check_fits(adapter, loaded.model, "micro")
     apply_lora(loaded.model, cfg)
     adapters.assign_state(loaded.model, adapter.state)
     return cfg
@@ -108,7 +108,7 @@ def test_base_models_agree(tf_tiny, pt_dir):
 
 def test_cli_trained_adapter_runs_in_peft_with_the_same_logits_and_translations(tf_tiny, pt_dir, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "lora_demo", "train", "--model", "tiny", "--rank", "4",
+    proc = subprocess.run([sys.executable, "-m", "lora_demo", "train", "--model", "micro", "--rank", "4",
                            "--alpha", "8", "--targets", "q,v,wo", "--steps", "6", "--train-size", "48",
                            "--bleu-size", "0", "--eval-every", "6", "--eval-size", "8", "--out", str(out), "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -135,7 +135,7 @@ def test_one_stack_block_range_adapter_covers_the_same_layers_in_peft(tf_tiny, p
     apply_lora(tf_tiny.model, cfg, seed=3)
     for i, layer in enumerate(lora_layers(tf_tiny.model)):
         layer.lora_B.assign(tf.random.stateless_normal(layer.lora_B.shape, seed=(i, 1)) * 0.2)
-    adapters.save_adapter(tf_tiny.model, cfg, "tiny", tmp_path)
+    adapters.save_adapter(tf_tiny.model, cfg, "micro", tmp_path)
     ours = tf_logits(tf_tiny.model, tf_tiny.tokenizer)
 
     model = peft.PeftModel.from_pretrained(pt_tiny(pt_dir), str(tmp_path)).eval()

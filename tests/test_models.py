@@ -20,7 +20,7 @@ def test_unreachable_hub_model_falls_back_with_a_notice():
     loaded = load_model("google/flan-t5-small")  # HF_HUB_OFFLINE=1 and not cached
     assert loaded.kind == "tiny" and "Could not load 'google/flan-t5-small'" in loaded.notice
     assert "--model" in loaded.notice and "offline" in loaded.notice
-    assert loaded.label.startswith("tiny (bundled offline test model")
+    assert loaded.label.startswith("tiny (bundled offline model")
     with pytest.raises(Exception):
         load_model("google/flan-t5-small", fallback=False)
 
@@ -37,7 +37,7 @@ def test_missing_directory_is_named(tmp_path):
 def test_configs_without_weights():
     assert shipped_config("google/flan-t5-base").d_model == 768
     assert shipped_config("flan-t5-small").num_layers == 8
-    assert model_config("tiny").vocab_size == 4000
+    assert model_config("micro").vocab_size == 4000
 
 
 def test_device_set_up_on_a_cpu_machine():
@@ -69,7 +69,7 @@ def test_adapter_weights_are_placed_beside_the_base_weights(bundled_tiny):
     from lora_demo.models import variable_device
     from lora_demo.train import train
 
-    run = RunConfig(model="tiny", lora=LoraConfig(rank=2, targets=("q",)),
+    run = RunConfig(model="micro", lora=LoraConfig(rank=2, targets=("q",)),
                     train=TrainConfig(steps=2, batch_size=4, train_size=8, eval_size=4, eval_every=2))
     try:
         events = list(train(run, bundled_tiny.model, bundled_tiny.tokenizer, data.load_pairs("train", 8, "bundled"),

@@ -6,8 +6,10 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_demo.config import (MODULES, ConfigError, LoraConfig, TrainConfig, clean_sentences, limits,
-                              parse_layers, parse_ranks)
+import pytest
+
+from lora_demo.config import (DATASETS, MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, clean_sentences,
+                              limits, parse_layers, parse_ranks, parse_samples, parse_seeds)
 
 anything = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
@@ -79,3 +81,34 @@ def test_translate_text_is_cleaned_within_the_limits(text):
     assert all(line and line == line.strip() and not any(ord(ch) < 32 or ord(ch) == 127 for ch in line)
                for line in lines)
     assert (len(text) > lim.max_text_chars) == any("cut to" in n for n in notices)
+
+
+@given(text=st.one_of(anything, st.text(alphabet="0123456789, -", max_size=24)))
+def test_seed_lists_parse_or_are_refused(text):
+    try:
+        seeds = parse_seeds(text)
+    except ConfigError as exc:
+        assert str(exc)
+        return
+    assert 1 <= len(seeds) <= 8 and len(set(seeds)) == len(seeds) and min(seeds) >= 0
+
+
+def test_seeds_samples_and_data_are_checked_with_a_message():
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(3, first=5) == [5, 6, 7]
+    for bad, message in (("1,1", "different"), ("a", "whole numbers"), (9, "between 1 and 8"), ("", "at least one")):
+        with pytest.raises(ConfigError, match=message):
+            parse_seeds(bad)
+    assert parse_samples("  Hello   world \n\n Bye ") == ("Hello world", "Bye") and parse_samples("") == ()
+    with pytest.raises(ConfigError, match="at most 5 sample sentences"):
+        parse_samples("\n".join("abcdef"))
+    with pytest.raises(ConfigError, match="at most 200 characters"):
+        TrainConfig(samples=["x" * 201])
+    with pytest.raises(ConfigError, match="data must be one of news, europarl"):
+        TrainConfig(data="books")
+    with pytest.raises(ConfigError, match=f"between 1 and {DATASETS['news']}"):
+        TrainConfig(data="news", train_size=DATASETS["news"] + 1)
+    # a record written before the news data existed trained on Europarl, and reads back as such
+    old = RunConfig().to_dict()
+    del old["train"]["data"], old["train"]["samples"], old["train"]["heldout_size"], old["train"]["early_stop"]
+    assert RunConfig.from_dict(old).train.data == "europarl"
+

@@ -15,7 +15,7 @@ def _pairs(split, n):
 
 
 def _config(rank=2, steps=6, bleu=8):
-    return RunConfig(model="tiny", lora=LoraConfig(rank=rank, targets=("q", "v")),
+    return RunConfig(model="micro", lora=LoraConfig(rank=rank, targets=("q", "v")),
                      train=TrainConfig(steps=steps, batch_size=4, train_size=16, eval_every=3, eval_size=8,
                                        bleu_size=bleu, lr=5e-3))
 

@@ -8,19 +8,21 @@ import tensorflow as tf
 
 from lora_demo import data
 from lora_demo.config import LoraConfig, RunConfig, TrainConfig
-from lora_demo.events import EvalLogged, RunFailed, RunFinished, RunStarted, StepLogged
+from lora_demo.evaluate import translate_both
+from lora_demo.events import EvalLogged, RunFailed, RunFinished, RunStarted, SamplesLogged, StepLogged
 from lora_demo.inject import remove_lora, set_scale
 from lora_demo.runs import clone_model
-from lora_demo.train import available_optimizers, seq2seq_loss, train
+from lora_demo.train import SAMPLE_TOKENS, available_optimizers, seq2seq_loss, train
 
 TRAIN = data.load_pairs("train", 48, source="bundled")
 VAL = data.load_pairs("validation", 16, source="bundled")
+HELD = data.heldout_pairs("news", 16)
 
 
 def run_config(**train_kw) -> RunConfig:
-    kw = dict(steps=12, batch_size=8, lr=5e-3, train_size=48, eval_every=6, eval_size=16, warmup_steps=0)
+    kw = dict(steps=12, batch_size=8, lr=5e-3, train_size=48, eval_every=6, eval_size=16, warmup_steps=0, samples=())
     kw.update(train_kw)
-    return RunConfig(model="tiny", lora=LoraConfig(rank=4, targets=("q", "v")), train=TrainConfig(**kw))
+    return RunConfig(model="micro", lora=LoraConfig(rank=4, targets=("q", "v")), train=TrainConfig(**kw))
 
 
 @pytest.fixture
@@ -36,7 +38,8 @@ def full_loss(model, arrays) -> float:
 
 
 def test_training_lowers_the_loss_on_the_training_pairs(model, bundled_tiny):
-    events = list(train(run_config(steps=40), model, bundled_tiny.tokenizer, TRAIN, VAL))
+    samples = ("The session is resumed.", "I thank the Commissioner.")
+    events = list(train(run_config(steps=40, samples=samples), model, bundled_tiny.tokenizer, TRAIN, VAL, HELD))
     assert isinstance(events[0], RunStarted) and isinstance(events[-1], RunFinished)
     assert events[-1].status == "completed" and events[-1].summary["steps_done"] == 40
     arrays = data.encode(bundled_tiny.tokenizer, TRAIN, 64, 64)
@@ -48,10 +51,21 @@ def test_training_lowers_the_loss_on_the_training_pairs(model, bundled_tiny):
     steps = [e for e in events if isinstance(e, StepLogged)]
     assert [e.step for e in steps] == list(range(1, 41))
     assert steps[-1].compiled, "the compiled step should have taken over within 40 steps"
-    assert all(e.tokens_per_s > 0 and e.lr > 0 for e in steps)
+    assert all(e.tokens_per_s > 0 and e.lr > 0 and 0 < e.grad_norm < 1e4 for e in steps)
     evals = [e for e in events if isinstance(e, EvalLogged)]
     assert [e.step for e in evals] == [0, 6, 12, 18, 24, 30, 36, 40]
-    assert events[-1].summary["base_val_loss"] == evals[0].val_loss
+    s = events[-1].summary
+    assert s["base_val_loss"] == evals[0].val_loss and s["stop_reason"] == "all 40 steps"
+    # the held-out curve: newstest2014 pairs, base at step 0, scored at every evaluation
+    assert s["heldout_name"] == "newstest2014" and s["heldout_pairs"] == 16
+    assert s["base_heldout_loss"] == evals[0].heldout_loss and s["final_heldout_loss"] == evals[-1].heldout_loss
+    assert all(e.heldout_loss > 0 for e in evals) and evals[-1].heldout_loss != evals[0].heldout_loss
+    # the sample translations at each evaluation point: step 0 is the base model exactly
+    shown = [e for e in events if isinstance(e, SamplesLogged)]
+    assert [e.step for e in shown] == [0, 6, 12, 18, 24, 30, 36, 40]
+    assert all(len(e.translations) == 2 and all(e.translations) for e in shown)
+    base, lora = translate_both(model, bundled_tiny.tokenizer, list(samples), max_new_tokens=SAMPLE_TOKENS)
+    assert shown[0].translations == base and shown[-1].translations == lora
 
 
 def test_params_in_run_started_match_the_model(model, bundled_tiny):
@@ -95,7 +109,7 @@ def test_nan_loss_ends_the_run_as_failed_with_advice(bundled_tiny):
 
 
 def test_bad_config_is_a_failed_event_not_a_crash(model, bundled_tiny):
-    cfg = RunConfig(model="tiny", lora=LoraConfig(targets=("wi",)), train=TrainConfig(steps=2))
+    cfg = RunConfig(model="micro", lora=LoraConfig(targets=("wi",)), train=TrainConfig(steps=2))
     events = list(train(cfg, model, bundled_tiny.tokenizer, TRAIN, VAL))
     assert isinstance(events[-1], RunFailed) and "wi not found" in events[-1].reason
 
@@ -114,7 +128,7 @@ def test_bf16_training_tracks_fp32_over_50_steps(bundled_tiny):
 
     bf16 = clone_model(bundled_tiny, "bf16")
     assert model_precision(bf16) == "bf16" and model_precision(bundled_tiny.model) == "fp32"
-    run = RunConfig(model="tiny", lora=LoraConfig(rank=8, targets=("q", "v")),
+    run = RunConfig(model="micro", lora=LoraConfig(rank=8, targets=("q", "v")),
                     train=TrainConfig(steps=50, batch_size=8, train_size=48, eval_every=50, eval_size=16))
     curves = {}
     for name, model in (("fp32", bundled_tiny.model), ("bf16", bf16)):
@@ -206,4 +220,19 @@ def test_training_from_an_endless_stream_never_materialises_it(model, bundled_ti
 def test_a_short_stream_ends_the_run_early_and_completes(model, bundled_tiny):
     short = data.Stream(lambda: iter(TRAIN.items[:20]), "short stream")
     events = list(train(run_config(steps=10), model, bundled_tiny.tokenizer, short, VAL))
-    assert events[-1].status == "completed" and events[-1].summary["steps_done"] == 2   # 20 pairs, batch 8
+    assert getattr(events[-1], "status", events[-1]) == "completed" and events[-1].summary["steps_done"] == 2   # 20 pairs, batch 8
+
+
+def test_early_stopping_ends_the_run_and_the_record_says_why(model, bundled_tiny):
+    # a rate far too high: the held-out loss stops improving within a few evaluations
+    events = list(train(run_config(steps=60, lr=0.3, eval_every=2, early_stop=2), model, bundled_tiny.tokenizer,
+                        TRAIN, VAL, HELD))
+    end = events[-1]
+    assert isinstance(end, RunFinished) and end.status == "completed", end
+    held = [e.heldout_loss for e in events if isinstance(e, EvalLogged)][1:]   # the adapter's points
+    assert end.summary["steps_done"] == 2 * len(held) < 60
+    assert min(held[-2:]) >= min(held[:-2])          # the last 2 evaluations did not beat the best before
+    assert all(min(held[k - 2:k]) < min(held[:k - 2]) for k in range(3, len(held)))   # and it stopped at once
+    assert end.summary["stop_reason"].startswith(f"early stopping after step {2 * len(held)}: the held-out loss "
+                                                 "has not improved for 2 evaluations")
+

@@ -185,7 +185,7 @@ def test_odd_text_is_cleaned_cut_and_translated(app):
 
 
 def test_killing_the_server_mid_run_keeps_what_was_recorded(tmp_path):
-    proc, url = launch(tmp_path, "--model", "tiny")
+    proc, url = launch(tmp_path, "--model", "micro")
     try:
         c = Client(url, verbose=False)
         job = c.submit(steps=2000, train_size=32, bleu_size=0, api_name="/train")
@@ -198,7 +198,7 @@ def test_killing_the_server_mid_run_keeps_what_was_recorded(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    proc, url = launch(tmp_path, "--model", "tiny")
+    proc, url = launch(tmp_path, "--model", "micro")
     try:
         row = next(r for r in Client(url, verbose=False).predict(all_runs=True, api_name="/runs")
                    if r["run_id"] == run_id)

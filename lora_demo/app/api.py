@@ -13,8 +13,8 @@ from typing import Iterator
 
 import gradio as gr
 
-from .. import anatomy
-from ..config import ConfigError, TrainConfig, parse_ranks
+from .. import anatomy, compare
+from ..config import ConfigError, TrainConfig, parse_ranks, parse_seeds
 from ..params import preview
 from ..runs import Lab, summary_row
 from .common import DEFAULT_RANKS, errors, key_of
@@ -62,12 +62,17 @@ class Api:
     def train(self, rank: int = 8, alpha: float = 16.0, targets: list[str] | None = None, side: str = "both",
               first_layer: int = 0, last_layer: int = -1, steps: int = _T.steps, batch_size: int = _T.batch_size,
               lr: float = _T.lr, train_size: int = _T.train_size, seed: int = _T.seed, optimizer: str = _T.optimizer,
-              bleu_size: int = _T.bleu_size, owner_key: str = "", request: gr.Request = None) -> Iterator[dict]:
+              bleu_size: int = _T.bleu_size, data: str = _T.data, eval_every: int = _T.eval_every,
+              early_stop: int = _T.early_stop, samples: list[str] | None = None, owner_key: str = "",
+              request: gr.Request = None) -> Iterator[dict]:
         """Queue a training run and stream its progress; the last message carries the summary and BLEU/chrF.
+        ``data``: "news" or "europarl"; ``samples``: sentences translated at every evaluation (default
+        none; the page uses three); ``early_stop``: patience in evaluations (0 = off).
         Every message carries ``owner_key``: with it, any client may stop, use or delete the run."""
         key = self._key(request, owner_key)
         cfg = self.lab.run_config(self._lora(rank, alpha, targets, side, first_layer, last_layer), steps,
-                                  batch_size, lr, train_size, seed, optimizer, bleu_size)
+                                  batch_size, lr, train_size, seed, optimizer, bleu_size, data=data,
+                                  eval_every=eval_every, early_stop=early_stop, samples=samples or ())
         job = self.lab.submit(cfg, key)
         for status in self.lab.watch(job):
             yield {**status, "owner_key": key}
@@ -77,16 +82,25 @@ class Api:
               side: str = "both", first_layer: int = 0, last_layer: int = -1, steps: int = _T.steps,
               batch_size: int = _T.batch_size, lr: float = _T.lr, train_size: int = _T.train_size,
               seed: int = _T.seed, optimizer: str = _T.optimizer, bleu_size: int = _T.bleu_size,
-              owner_key: str = "", request: gr.Request = None) -> Iterator[dict]:
-        """Train the same config at each rank (same seed and data order); stream every run's status."""
+              seeds: str = "", data: str = _T.data, eval_every: int = _T.eval_every, early_stop: int = _T.early_stop,
+              samples: list[str] | None = None, owner_key: str = "", request: gr.Request = None) -> Iterator[dict]:
+        """Train the same config at each rank, once per seed (``seeds`` "0,1,2"; default: ``seed`` alone);
+        runs with the same seed share the data order. Streams every run's status; the last message also
+        has ``groups`` (each config's held-out mean and spread over seeds) and ``verdicts`` between ranks."""
         key = self._key(request, owner_key)
         ranks_list = parse_ranks(ranks)
+        seed_list = parse_seeds(seeds) if str(seeds or "").strip() else [seed]
         cfg = self.lab.run_config(self._lora(ranks_list[0], alpha, targets, side, first_layer, last_layer), steps,
-                                  batch_size, lr, train_size, seed, optimizer, bleu_size)
-        jobs = self.lab.submit_sweep(cfg, ranks_list, key)
+                                  batch_size, lr, train_size, seed, optimizer, bleu_size, data=data,
+                                  eval_every=eval_every, early_stop=early_stop, samples=samples or ())
+        jobs = self.lab.submit_sweep(cfg, ranks_list, key, seed_list)
         for job in jobs:
             for _ in self.lab.watch(job):
                 yield {"sweep": job.sweep, "runs": [self.lab.status(j) for j in jobs], "owner_key": key}
+        gs = compare.groups([j.record() for j in jobs])
+        yield {"sweep": jobs[0].sweep, "runs": [self.lab.status(j) for j in jobs], "owner_key": key,
+               "groups": [{k: g[k] for k in ("label", "rank", "seeds", "heldout", "delta", "bleu")} for g in gs],
+               "verdicts": [compare.verdict(a, b) for a, b in zip(gs, gs[1:])], "rule": compare.RULE}
 
     @errors
     def stop(self, run_id: str = "", owner_key: str = "", request: gr.Request = None) -> dict:

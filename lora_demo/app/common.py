@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 import gradio as gr
 
 from .. import owners, plots
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, parse_seeds
 from ..events import summary_text
 from ..runs import Job, Lab
 
@@ -80,6 +80,11 @@ class Form:
     optimizer: gr.Dropdown
     seed: gr.Number
     bleu_size: gr.Slider
+    data: gr.Dropdown
+    eval_every: gr.Slider
+    early_stop: gr.Slider
+    samples: gr.Textbox
+    seeds: gr.Slider          # "repeat with N seeds": not part of a run's config
 
     LORA = ("rank", "alpha", "targets", "side", "first", "last")
 
@@ -97,7 +102,13 @@ class Form:
 
     def run(self, lab: Lab, v: dict, rank=None) -> RunConfig:
         return lab.run_config(self.lora(lab, v, rank), v[self.steps], v[self.batch], v[self.lr], v[self.train_size],
-                              v[self.seed], v[self.optimizer], v[self.bleu_size])
+                              v[self.seed], v[self.optimizer], v[self.bleu_size], data=v[self.data],
+                              eval_every=v[self.eval_every], early_stop=v[self.early_stop],
+                              samples=v[self.samples] or "")
+
+    def seed_list(self, v: dict) -> list[int]:
+        """The seeds to repeat with: N seeds from the form's seed."""
+        return parse_seeds(v[self.seeds], first=int(v[self.seed] or 0))
 
 
 # ---------------------------------------------------------------------------
@@ -116,14 +127,17 @@ def status_line(lab: Lab, s: dict) -> str:
     parts = [f"step {s['step']}/{s['total_steps']}"]
     if s["loss"] is not None:
         parts.append(f"loss {s['loss']:.3f}")
+    if s["heldout_losses"]:
+        parts.append(f"held-out {s['heldout_losses'][-1][1]:.3f} (base {s['heldout_losses'][0][1]:.3f})")
     if s["val_losses"]:
         parts.append(f"val {s['val_losses'][-1][1]:.3f}")
     if s["tokens_per_s"]:
-        parts.append(f"{s['tokens_per_s']:,.0f} tok/s")
+        steps_s = s["step"] / s["elapsed_s"] if s["elapsed_s"] else 0
+        parts.append(f"{s['tokens_per_s']:,.0f} tok/s ({steps_s:.1f} steps/s overall)")
     parts.append(f"elapsed {s['elapsed_s']:.0f} s")
     if s["eta_s"] is not None:
         parts.append(f"ETA {s['eta_s']:.0f} s")
-    line = f"{ICONS.get(s['status'], '')} {s['status']} · r={s['rank']} · " + " · ".join(parts)
+    line = f"{ICONS.get(s['status'], '')} {s['status']} · r={s['rank']} · seed {s['seed']} · " + " · ".join(parts)
     if s["phase"] == "evaluating":
         line += "  \n📏 scoring BLEU/chrF on the newstest2016 slice…"
     if s["status"] in ("completed", "stopped") and s["summary"].get("first_loss_s") is not None:
@@ -137,15 +151,40 @@ def status_line(lab: Lab, s: dict) -> str:
     return line
 
 
-def live(lab: Lab, job: Job, s: dict) -> tuple[str, object]:
-    """(status line, loss figure) of a run as it stands."""
+def live(lab: Lab, job: Job, s: dict, smoothing: float = plots.DEFAULT_SMOOTHING) -> tuple:
+    """(status line, loss figure, sample translations, LR / gradient-norm figure) of a run as it stands."""
+    return (status_line(lab, s), loss_of(job, s, smoothing), samples_frame(job), plots.optim_figure(job.record()))
+
+
+def loss_of(job: Job, s: dict, smoothing: float = plots.DEFAULT_SMOOTHING):
     lora = job.config.lora
     # x-axis: while running, up to twice the current step (capped at the run's length), so early
     # points of a long run are not squeezed against the y-axis; once it has ended, the steps it did.
     span = min(s["total_steps"], max(2 * s["step"], 20)) if s["status"] in ("queued", "running") \
         else max(s["step"], 1)
-    fig = plots.loss_figure(job.record(), span, title=f"Loss · r={lora.rank}, {'+'.join(lora.targets)} · run {job.id}")
-    return status_line(lab, s), fig
+    return plots.loss_figure(job.record(), span, smoothing=smoothing,
+                             title=f"Loss · r={lora.rank}, {'+'.join(lora.targets)} · seed {job.config.train.seed} · "
+                                   f"run {job.id}")
+
+
+SAMPLE_COLUMNS_KEPT = 3   # evaluation points shown beside the base model
+
+
+def samples_frame(job: Job | None):
+    """The live sample table: each sample sentence, the base model's German, then the adapter's at the
+    last few evaluation points (newest on the right)."""
+    import pandas as pd
+
+    english = list(job.config.train.samples) if job is not None else []
+    by_step = dict((step, texts) for step, texts in (job.samples if job is not None else []))
+    if not english:
+        return pd.DataFrame({"English": [], "base model": []})
+    cols = {"English": english, "base model (step 0)": by_step.get(0, ["…"] * len(english))}
+    for step in [k for k in sorted(by_step) if k > 0][-SAMPLE_COLUMNS_KEPT:]:
+        cols[f"LoRA at step {step}"] = by_step[step]
+    if len(cols) == 2:
+        cols["LoRA"] = ["(at the first evaluation point)"] * len(english)
+    return pd.DataFrame(cols)
 
 
 def run_label(job: Job) -> str:

@@ -9,12 +9,12 @@ from functools import partial
 import gradio as gr
 
 from ... import plots
-from ...config import ConfigError, defaults_for, limits, parse_ranks
+from ...config import MAX_SAMPLES, ConfigError, defaults_for, limits, parse_ranks
 from ...models import is_gpu
 from ...params import preview
 from ...runs import Lab
 from ...train import OPTIMIZER_LABELS, available_optimizers
-from ..common import DEFAULT_RANKS, PRIVATE, READY, Form, Shared, browser_key, errors, live
+from ..common import DEFAULT_RANKS, PRIVATE, READY, Form, Shared, browser_key, errors, live, loss_of, samples_frame
 
 
 def build(lab: Lab, shared: Shared) -> dict:
@@ -38,7 +38,7 @@ def build(lab: Lab, shared: Shared) -> dict:
             with gr.Row():
                 lr = gr.Number(value=dflt.lr, label="learning rate", minimum=1e-6, maximum=1.0)
                 train_size = gr.Slider(8, lim.max_train_size, value=dflt.train_size, step=8,
-                                       label="training pairs (WMT16)")
+                                       label="training pairs")
             with gr.Row():
                 optimizer = gr.Dropdown([(OPTIMIZER_LABELS[o], o) for o in available_optimizers()],
                                         value="adamw", label="optimizer")
@@ -46,14 +46,37 @@ def build(lab: Lab, shared: Shared) -> dict:
             bleu_size = gr.Slider(0, 500, value=dflt.bleu_size, step=10,
                                   label="BLEU/chrF sentences after the run (newstest2016; 0 = skip)")
             with gr.Row():
+                data = gr.Dropdown([("news (newstest2008–2013; held-out: newstest2014)", "news"),
+                                    ("Europarl (WMT16 train; held-out: rows 19,500+)", "europarl")],
+                                   value=dflt.data, label="training data", elem_id="data")
+                seeds = gr.Slider(1, 5, value=1, step=1, label="repeat with N seeds (seed, seed+1, …)",
+                                  elem_id="seeds")
+            with gr.Accordion("Evaluation, early stopping and sample sentences", open=False, elem_id="eval-options"):
+                with gr.Row():
+                    eval_every = gr.Slider(1, 200, value=dflt.eval_every, step=1,
+                                           label="evaluate every N steps (held-out loss, samples)",
+                                           elem_id="eval-every")
+                    early_stop = gr.Slider(0, 20, value=dflt.early_stop, step=1,
+                                           label="early stopping patience (evaluations; 0 = off)")
+                samples = gr.Textbox("\n".join(dflt.samples), lines=3, max_lines=MAX_SAMPLES,
+                                     label=f"sample sentences translated at every evaluation (up to {MAX_SAMPLES})")
+            with gr.Row():
                 train_btn = gr.Button("▶ Train", variant="primary", elem_id="train-btn")
                 stop_btn = gr.Button("⏹ Stop", variant="stop", elem_id="stop-btn")
             with gr.Row(equal_height=True):
-                ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks", scale=2)
+                ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks (each repeated with the N seeds)",
+                                   scale=2)
                 sweep_btn = gr.Button("Sweep ranks", scale=1)
         with gr.Column(scale=3, min_width=420):
             status = gr.Markdown(READY, elem_classes=["status"], elem_id="status")
             loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False, elem_id="loss-plot")
+            with gr.Row():
+                smoothing = gr.Slider(0, 0.99, value=plots.DEFAULT_SMOOTHING, step=0.01, elem_id="smoothing",
+                                      label="train-loss smoothing (EMA, as in TensorBoard; 0 = off)")
+                show_optim = gr.Checkbox(False, label="show learning rate and gradient norm", elem_id="show-optim")
+            optim_plot = gr.Plot(plots.optim_figure(None), show_label=False, visible=False, elem_id="optim-plot")
+            gr.Markdown("#### Watch the German change: the sample sentences at each evaluation")
+            samples_tbl = gr.Dataframe(samples_frame(None), interactive=False, wrap=True, elem_id="samples-table")
             gr.Markdown("### Parameter breakdown")
             summary = gr.Markdown(elem_id="breakdown")
             params_plot = gr.Plot(show_label=False)
@@ -62,7 +85,8 @@ def build(lab: Lab, shared: Shared) -> dict:
             gr.Markdown("### Predicted budget: this config vs full fine-tuning")
             budget_md = gr.Markdown(elem_id="budget")
 
-    form = Form(rank, alpha, targets, side, first, last, steps, batch, lr, train_size, optimizer, seed, bleu_size)
+    form = Form(rank, alpha, targets, side, first, last, steps, batch, lr, train_size, optimizer, seed, bleu_size,
+                data, eval_every, early_stop, samples, seeds)
     shows = dict(status=status, loss_plot=loss_plot, summary=summary, table=table, params_plot=params_plot,
                  budget_md=budget_md)
     breakdown = dict(fn=partial(ui_params, lab, form, shows), inputs=form.lora_components,
@@ -72,14 +96,20 @@ def build(lab: Lab, shared: Shared) -> dict:
     budgeted = dict(fn=partial(ui_budget, lab, form), inputs=form.components, outputs=[budget_md], **PRIVATE)
     for c in form.components:
         c.change(show_progress="hidden", **budgeted)
-    run_outputs = [status, loss_plot, shared.run_id, shared.session]
-    trained = train_btn.click(partial(ui_train, lab, form, shared), form.components | {shared.session},
-                              run_outputs, concurrency_limit=None, **PRIVATE)
-    swept = sweep_btn.click(partial(ui_sweep, lab, form, shared, ranks), form.components | {shared.session, ranks},
-                            run_outputs, concurrency_limit=None, **PRIVATE)
+    run_outputs = [status, loss_plot, samples_tbl, optim_plot, shared.run_id, shared.session]
+    trained = train_btn.click(partial(ui_train, lab, form, shared, smoothing),
+                              form.components | {shared.session, smoothing}, run_outputs, concurrency_limit=None,
+                              **PRIVATE)
+    swept = sweep_btn.click(partial(ui_sweep, lab, form, shared, ranks, smoothing),
+                            form.components | {shared.session, ranks, smoothing}, run_outputs, concurrency_limit=None,
+                            **PRIVATE)
     stop_btn.click(partial(ui_stop, lab), [shared.run_id], [status], concurrency_limit=None, **PRIVATE)
-    return dict(form=form, status=status, loss_plot=loss_plot, breakdown=breakdown, budget=budgeted,
-                trained=trained, swept=swept)
+    smoothing.change(partial(ui_redraw, lab), [shared.run_id, smoothing], [loss_plot], show_progress="hidden",
+                     **PRIVATE)
+    show_optim.change(lambda on: gr.update(visible=bool(on)), [show_optim], [optim_plot], show_progress="hidden",
+                      **PRIVATE)
+    return dict(form=form, status=status, loss_plot=loss_plot, views=[status, loss_plot, samples_tbl, optim_plot],
+                smoothing=smoothing, breakdown=breakdown, budget=budgeted, trained=trained, swept=swept)
 
 
 # ---------------------------------------------------------------------------
@@ -105,23 +135,42 @@ def ui_budget(lab: Lab, form: Form, v: dict) -> str:
 
 
 @errors
-def ui_train(lab: Lab, form: Form, shared: Shared, v: dict):
+def ui_train(lab: Lab, form: Form, shared: Shared, smoothing, v: dict):
     session = browser_key(v[shared.session])
+    seeds = form.seed_list(v)
+    if len(seeds) > 1:   # the same run once per seed: a one-rank sweep
+        yield from _stream(lab, lab.submit_sweep(form.run(lab, v), [v[form.rank]], session, seeds), session,
+                           v[smoothing], f"**Repeat with {len(seeds)} seeds** ({', '.join(map(str, seeds))})")
+        return
     job = lab.submit(form.run(lab, v), session)
     for s in lab.watch(job):
-        yield *live(lab, job, s), job.id, session
+        yield *live(lab, job, s, v[smoothing]), job.id, session
 
 
 @errors
-def ui_sweep(lab: Lab, form: Form, shared: Shared, ranks, v: dict):
+def ui_sweep(lab: Lab, form: Form, shared: Shared, ranks, smoothing, v: dict):
     session = browser_key(v[shared.session])
-    ranks_list = parse_ranks(v[ranks])
-    jobs = lab.submit_sweep(form.run(lab, v, rank=ranks_list[0]), ranks_list, session)
+    ranks_list, seeds = parse_ranks(v[ranks]), form.seed_list(v)
+    jobs = lab.submit_sweep(form.run(lab, v, rank=ranks_list[0]), ranks_list, session, seeds)
+    yield from _stream(lab, jobs, session, v[smoothing],
+                       f"**Rank sweep** (ranks {', '.join(map(str, ranks_list))}"
+                       + (f"; seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "") + ")")
+
+
+def _stream(lab: Lab, jobs, session: str, smoothing: float, title: str):
     for i, job in enumerate(jobs):
         for s in lab.watch(job):
-            status, fig = live(lab, job, s)
-            yield (f"**Rank sweep {i + 1}/{len(jobs)}** (ranks {', '.join(map(str, ranks_list))})  \n{status}",
-                   fig, job.sweep, session)
+            status, *views = live(lab, job, s, smoothing)
+            yield f"{title}, run {i + 1}/{len(jobs)}  \n{status}", *views, job.sweep, session
+
+
+def ui_redraw(lab: Lab, run_id: str, smoothing: float):
+    """The loss chart of the followed run (the newest of a sweep) with another smoothing."""
+    jobs = sorted((j for j in lab.jobs.values() if run_id and run_id in (j.id, j.sweep)), key=lambda j: j.created)
+    started = [j for j in jobs if j.losses] or jobs
+    if not started:
+        return plots.loss_figure(None, smoothing=smoothing)
+    return loss_of(started[-1], lab.status(started[-1]), smoothing)
 
 
 def ui_stop(lab: Lab, run_id: str) -> str:
@@ -138,7 +187,7 @@ def ui_restore(lab: Lab, session: str):
     session = browser_key(session)
     jobs = lab.runs(session)
     if not jobs:
-        return session, "", READY, plots.loss_figure(None)
+        return session, "", READY, plots.loss_figure(None), samples_frame(None), plots.optim_figure(None)
     job = jobs[-1]
     return (session, job.sweep or job.id, *live(lab, job, lab.status(job)))
 

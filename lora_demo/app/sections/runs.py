@@ -29,6 +29,11 @@ class Runs:
     overlay: gr.Plot
     quality: gr.Plot
     refresh_btn: gr.Button
+    groups: gr.Dataframe
+    seeds_plot: gr.Plot
+    config_a: gr.Dropdown
+    config_b: gr.Dropdown
+    verdict: gr.Markdown
 
 
 def build(lab: Lab, shared: Shared) -> Runs:
@@ -42,15 +47,27 @@ def build(lab: Lab, shared: Shared) -> Runs:
                          column_widths=compare.WIDTHS)
     picked = gr.CheckboxGroup([], label="runs in the charts")
     with gr.Row():
-        curves = gr.CheckboxGroup(["train", "validation"], value=["train", "validation"], label="curves")
+        curves = gr.CheckboxGroup(["train (smoothed)", "held-out", "validation"],
+                                  value=["train (smoothed)", "held-out", "validation"], label="curves")
         log_y = gr.Checkbox(False, label="log-scale loss")
         x_axis = gr.Radio(["step", "training tokens"], value="step", label="x-axis")
         metric = gr.Radio(["BLEU", "chrF"], value="BLEU", label="quality metric")
     with gr.Row(equal_height=False):
         overlay = gr.Plot(show_label=False)
         quality = gr.Plot(show_label=False)
+    gr.Markdown("#### Seed noise: each config's mean and spread over seeds")
+    gr.Markdown(compare.HELDOUT_NOTE + " Runs that differ only in their seed form one config; use *repeat with N "
+                "seeds* (section 2) to get several.")
+    groups = gr.Dataframe(headers=compare.GROUP_COLUMNS, interactive=False, wrap=True, elem_id="groups-table")
+    seeds_plot = gr.Plot(plots.seeds_figure([]), show_label=False, elem_id="seeds-plot")
+    with gr.Row():
+        config_a = gr.Dropdown([], label="config A", elem_id="config-a")
+        config_b = gr.Dropdown([], label="config B", elem_id="config-b")
+    verdict = gr.Markdown(elem_id="verdict")
+    gr.Markdown(compare.RULE)
     export_btn.click(partial(ui_export, lab), [shared.session, show_all], [export_file], **PRIVATE)
-    return Runs(show_all, table, picked, curves, log_y, x_axis, metric, overlay, quality, refresh_btn)
+    return Runs(show_all, table, picked, curves, log_y, x_axis, metric, overlay, quality, refresh_btn, groups,
+                seeds_plot, config_a, config_b, verdict)
 
 
 def connect(lab: Lab, shared: Shared, runs: Runs, pickers: dict, after: list) -> dict:
@@ -58,11 +75,14 @@ def connect(lab: Lab, shared: Shared, runs: Runs, pickers: dict, after: list) ->
     timer, and after each event in ``after`` (train, sweep, import, delete, page load).
     ``pickers`` maps a dropdown to "newest" or "second" (the run it preselects)."""
     inputs = {shared.session, shared.seen, runs.show_all, runs.picked, runs.curves, runs.log_y, runs.x_axis,
-              runs.metric}
-    outputs = [runs.table, runs.picked, runs.overlay, runs.quality, shared.seen, *pickers]
+              runs.metric, runs.config_a, runs.config_b}
+    outputs = [runs.table, runs.picked, runs.overlay, runs.quality, shared.seen, runs.groups, runs.seeds_plot,
+               runs.config_a, runs.config_b, runs.verdict, *pickers]
     refresh = dict(fn=partial(ui_runs, lab, shared, runs, pickers), inputs=inputs, outputs=outputs, **PRIVATE)
     for c in (runs.show_all, runs.curves, runs.log_y, runs.x_axis, runs.metric):
         c.change(show_progress="hidden", **refresh)
+    for c in (runs.config_a, runs.config_b):
+        c.input(show_progress="hidden", **refresh)
     runs.picked.input(show_progress="hidden", **refresh)
     runs.refresh_btn.click(**refresh)
     gr.Timer(3).tick(show_progress="hidden", **{**refresh, "fn": partial(ui_runs, lab, shared, runs, pickers,
@@ -89,15 +109,35 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, v: dict, force:
     choices = [(run_label(j), j.id) for j in mine]
     preselect = {"newest": mine[-1].id if mine else None, "second": mine[-2].id if len(mine) > 1 else None}
     curves = v[runs.curves] or []
+    gs = compare.groups(records)
+    labels = [g["label"] for g in gs]
+    a = v[runs.config_a] if v[runs.config_a] in labels else (labels[0] if labels else None)
+    b = v[runs.config_b] if v[runs.config_b] in labels else (labels[-1] if len(labels) > 1 else None)
     return {runs.table: compare.table(records),
             runs.picked: gr.update(choices=[(run_label(j), j.id) for j in jobs], value=chosen),
-            runs.overlay: plots.loss_overlay(shown, "train" in curves, "validation" in curves, bool(v[runs.log_y]),
+            runs.overlay: plots.loss_overlay(shown, "train (smoothed)" in curves, "validation" in curves,
+                                             bool(v[runs.log_y]),
                                              "tokens" if v[runs.x_axis] == "training tokens" else "step",
-                                             title="Loss by run (colour = rank)"),
+                                             title="Loss by run (colour = rank)", show_heldout="held-out" in curves),
+            runs.groups: compare.group_table(gs),
+            runs.seeds_plot: plots.seeds_figure(gs),
+            runs.config_a: gr.update(choices=labels, value=a),
+            runs.config_b: gr.update(choices=labels, value=b),
+            runs.verdict: verdict_markdown(gs, a, b),
             runs.quality: plots.quality_figure(shown, "chrf" if v[runs.metric] == "chrF" else "bleu"),
             shared.seen: key,
             # one update per dropdown: Gradio may consume an update dict as it applies it
             **{picker: gr.update(choices=choices, value=preselect[which]) for picker, which in pickers.items()}}
+
+
+def verdict_markdown(gs: list[dict], a: str | None, b: str | None) -> str:
+    """Whether configs A and B differ above seed noise (compare.RULE, stated under it)."""
+    by_label = {g["label"]: g for g in gs}
+    if a not in by_label or b not in by_label:
+        return "Finish runs of two configs (ideally 3 seeds each) to compare them here."
+    if a == b:
+        return "Pick two different configs."
+    return "**" + ("✅ " if (v := compare.verdict(by_label[a], by_label[b]))["resolved"] else "➖ ") + "**" + v["text"]
 
 
 def _visible(lab: Lab, session, show_all) -> list[Job]:
