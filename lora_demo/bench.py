@@ -107,14 +107,14 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5) -> di
     step = make_step(model, opt, variables, 1.0)
     if autograph:   # the plain baseline: trace first, then run
         fn = tf.function(step)
-        first_loss = float(fn(batch))
+        first_loss = float(fn(batch)[0])
         first_s = time.perf_counter() - t0
     else:           # ours, as train() does it: step 1 eagerly (reported at once), then the trace
-        first_loss = float(step(batch))
+        first_loss = float(step(batch)[0])
         first_s = time.perf_counter() - t0
         fn = tf.function(step, autograph=False).get_concrete_function(spec(batch))
     fn(batch)
-    return {"first_loss_s": first_s, "step_s": _median(lambda: float(fn(batch)), steps), "loss": first_loss}
+    return {"first_loss_s": first_s, "step_s": _median(lambda: float(fn(batch)[0]), steps), "loss": first_loss}
 
 
 def second_run(name: str, precision: str) -> dict:
@@ -155,7 +155,7 @@ def full_step(name: str, precision: str, steps: int = 3) -> float:
     fn = tf.function(make_step(model, opt, variables, 1.0), autograph=False)
     batch = _batch()
     fn(batch)
-    return _median(lambda: float(fn(batch)), steps)
+    return _median(lambda: float(fn(batch)[0]), steps)
 
 
 def translate_latency(name: str, precision: str) -> dict:

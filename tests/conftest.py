@@ -37,6 +37,14 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def offline_tiny():
+    """The bundled assets/tiny (the app's offline model) and tokenizer, loaded once."""
+    from lora_demo.models import load_model
+
+    return load_model("tiny", fallback=False)
+
+
+@pytest.fixture(scope="session")
 def bundled_tiny():
     """The bundled assets/micro model and tokenizer (loaded once; tests must not leave adapters on it)."""
     from lora_demo.models import load_model

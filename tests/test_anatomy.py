@@ -129,7 +129,7 @@ def test_predicted_parameters_adapter_and_optimiser_bytes_equal_the_measured(bun
                     train=TrainConfig(steps=3, batch_size=4, train_size=16, eval_every=3, eval_size=8, bleu_size=0))
     job = Job.new(cfg, "s", tmp_path)
     job.prediction = budget.predict(bundled_tiny.model.config, cfg.lora, cfg.train)
-    execute(job, bundled_tiny.model, bundled_tiny.tokenizer, lambda s, n: data.load_pairs(s, n, source="bundled"), {})
+    execute(job, bundled_tiny.model, bundled_tiny.tokenizer, lambda s, n, d="europarl": data.pairs_for(s, n, d, source="bundled"), {})
     remove_lora(bundled_tiny.model)
     meas = budget.measured(job.record(), adapters.tensor_bytes(job.dir))
     pred = job.prediction["lora"]

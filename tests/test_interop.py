@@ -23,7 +23,7 @@ from lora_demo import adapters  # noqa: E402
 from lora_demo.config import LoraConfig  # noqa: E402
 from lora_demo.evaluate import translate  # noqa: E402
 from lora_demo.inject import apply_lora, lora_layers, remove_lora  # noqa: E402
-from lora_demo.models import TINY_DIR, load_model  # noqa: E402
+from lora_demo.models import BUNDLED, load_model  # noqa: E402
 
 SENTENCES = ["The weather is nice today.", "I would like to thank the Commissioner for her answer.",
              "The European Parliament adopted the resolution."]
@@ -48,7 +48,7 @@ def pt_dir(tmp_path_factory):
     from transformers.modeling_tf_pytorch_utils import load_tf2_model_in_pytorch_model
 
     out = tmp_path_factory.mktemp("tiny-pt")
-    model = T5ForConditionalGeneration(T5Config.from_pretrained(str(TINY_DIR)))
+    model = T5ForConditionalGeneration(T5Config.from_pretrained(str(BUNDLED["micro"])))
     load_tf2_model_in_pytorch_model(model, load_model("micro", fallback=False).model)
     model.save_pretrained(str(out))
     return out

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lora_demo.models import TINY_DIR, load_model, model_config, shipped_config
+from lora_demo.models import BUNDLED, load_model, model_config, shipped_config
 
 
 def test_local_checkpoint_directory_loads_like_tiny(bundled_tiny):
-    local = load_model(str(TINY_DIR), fallback=False)
+    local = load_model(str(BUNDLED["micro"]), fallback=False)
     assert local.kind == "local" and local.notice == ""
     ids = tf.constant([[5, 9, 13, 1]], tf.int32)
     dec = tf.constant([[0, 4]], tf.int32)

@@ -10,8 +10,8 @@ from lora_demo.inject import remove_lora
 from lora_demo.runs import RECORD, Job, Lab, execute
 
 
-def _pairs(split, n):
-    return data.load_pairs(split, n, source="bundled")
+def _pairs(split, n, dataset="europarl"):
+    return data.pairs_for(split, n, dataset, source="bundled")
 
 
 def _config(rank=2, steps=6, bleu=8):
