@@ -123,10 +123,12 @@ def second_run(name: str, precision: str) -> dict:
     from . import data
     from .config import LoraConfig, RunConfig, TrainConfig
     from .inject import remove_lora
-    from .models import load_model
+    from .models import BUNDLED, load_model
     from .train import train
 
-    model, tokenizer = _model(name, precision), load_model("tiny", fallback=False).tokenizer
+    # the model's own tokenizer when it is bundled; else tiny's (its ids are valid ids of any larger vocabulary)
+    model = _model(name, precision)
+    tokenizer = load_model(name if name in BUNDLED else "tiny", fallback=False).tokenizer
     pairs, val = data.load_pairs("train", 64, source="bundled"), data.load_pairs("validation", 8, source="bundled")
     out = []
     for seed in (0, 1):

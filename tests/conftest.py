@@ -37,14 +37,6 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def offline_tiny():
-    """The bundled assets/tiny (the app's offline model) and tokenizer, loaded once."""
-    from lora_demo.models import load_model
-
-    return load_model("tiny", fallback=False)
-
-
-@pytest.fixture(scope="session")
 def bundled_tiny():
     """The bundled assets/micro model and tokenizer (loaded once; tests must not leave adapters on it)."""
     from lora_demo.models import load_model
@@ -102,15 +94,15 @@ def final_row(url: str, run_id: str, timeout: float = 300) -> dict:
 
 
 # One launched app serves the API tests of test_app.py and test_trust.py (each test uses its own clients,
-# so its own owner keys and runs). It starts with the default model, which cannot be loaded offline, so
-# it also shows the fallback to tiny. Faults are injected only into runs with seeds 101-103.
+# so its own owner keys and runs). It runs micro, whose steps are fast; the browser test starts the app
+# with the default model and sees the fallback to tiny. Faults are injected only into runs with seeds 101-103.
 FAULTS = "oom@2/101,nan@2/102,error@2/103"
 
 
 @pytest.fixture(scope="session")
 def shared_app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
-    proc, url = launch(tmp, env={"LORA_LAB_FAULT": FAULTS, "LORA_LAB_MAX_RUNS_PER_SESSION": "3"})
+    proc, url = launch(tmp, "--model", "micro", env={"LORA_LAB_FAULT": FAULTS, "LORA_LAB_MAX_RUNS_PER_SESSION": "3"})
     yield url, tmp
     proc.terminate()
     proc.wait(30)

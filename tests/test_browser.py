@@ -51,7 +51,7 @@ def _trace_points(page, name_part: str) -> int:
 
 def test_the_app_in_a_real_browser(tmp_path):
     SHOTS.mkdir(parents=True, exist_ok=True)
-    proc, url = launch(tmp_path, "--model", "tiny")
+    proc, url = launch(tmp_path)   # the default model: offline it falls back to tiny, and the page says so
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM,
@@ -61,6 +61,10 @@ def test_the_app_in_a_real_browser(tmp_path):
             breakdown = page.locator("#breakdown")
             r8 = preview("tiny", LoraConfig(rank=8)).trainable
             expect(breakdown).to_contain_text(f"{r8:,} trainable", timeout=60_000)
+            notice = page.locator(".notice").first
+            expect(notice).to_contain_text("Could not load 'google/flan-t5-small'")
+            expect(notice).to_contain_text("Running on the bundled offline model tiny instead")
+            expect(notice).to_contain_text("--model")
             page.screenshot(path=str(SHOTS / "1-loaded.png"), full_page=True)
 
             # the rank slider: the breakdown follows, before any training

@@ -1,4 +1,4 @@
-"""Many users, faults and bad input against the launched app (conftest.shared_app: ``python app.py``, on tiny).
+"""Many users, faults and bad input against the launched app (conftest.shared_app: ``python app.py --model micro``).
 
 Faults are real events inside the server: training raises out-of-memory or an exception, or its loss
 turns NaN, at a chosen step (``LORA_LAB_FAULT``, read from the server's environment), a client
@@ -29,7 +29,7 @@ def client(app) -> Client:
     return Client(app[0], verbose=False)
 
 
-def test_five_clients_at_once_each_get_their_own_runs_and_translations(app, offline_tiny):
+def test_five_clients_at_once_each_get_their_own_runs_and_translations(app, bundled_tiny):
     text = "The session is resumed.\nI would like to thank the Commissioner."
     results, errors, positions = {}, [], []
 
@@ -64,12 +64,12 @@ def test_five_clients_at_once_each_get_their_own_runs_and_translations(app, offl
         assert r["after"]["run_id"] == r["final"]["run_id"]
         # what this client's own adapter gives, computed here from the files the server wrote
         adapter = adapters.read_adapter(app[1] / "runs" / r["final"]["run_id"])
-        apply_lora(offline_tiny.model, adapter.config)
-        adapters.assign_state(offline_tiny.model, adapter.state)
+        apply_lora(bundled_tiny.model, adapter.config)
+        adapters.assign_state(bundled_tiny.model, adapter.state)
         try:
-            base, lora = translate_both(offline_tiny.model, offline_tiny.tokenizer, text.splitlines())
+            base, lora = translate_both(bundled_tiny.model, bundled_tiny.tokenizer, text.splitlines())
         finally:
-            remove_lora(offline_tiny.model)
+            remove_lora(bundled_tiny.model)
         assert r["after"]["base"] == base and r["after"]["lora"] == lora, i
     # the shared base weights were never modified: every base column is the same
     assert len({tuple(r["after"]["base"]) for r in results.values()}) == 1
@@ -227,7 +227,7 @@ def test_params_endpoint_is_exact_or_explains(app, rank, targets, side, first, l
     c = client(app)
     try:
         layers = (first, 2 if last == -1 else last)        # the bundled tiny has blocks 0-2
-        want = preview("tiny", LoraConfig(rank=rank, targets=targets, side=side,
+        want = preview("micro", LoraConfig(rank=rank, targets=targets, side=side,
                                           layers=None if layers == (0, 2) else layers))
     except ConfigError as exc:
         want = exc
