@@ -459,6 +459,29 @@ def merged_into(model, cfg: LoraConfig, state: dict[str, np.ndarray], scale: flo
             kernels[path].assign(value)
 
 
+class MergedTranslator:
+    """A plain base model that translates for any adapter by merging it in (W + ΔW) for the length
+    of one request, under a lock. Its layers never change, so its compiled generate functions are
+    traced once per shape for the life of the process: runs do not add XLA programs (a model that
+    gets fresh LoRA layers each run compiles new ones every run, and XLA keeps them)."""
+
+    def __init__(self, model, lock=None):
+        import threading
+
+        self.model = model
+        self.lock = lock if lock is not None else threading.Lock()
+
+    @contextlib.contextmanager
+    def use(self, cfg: LoraConfig | None = None, state: dict[str, np.ndarray] | None = None, scale: float = 1.0):
+        """The model, carrying ``state`` at ``scale`` (the base model when ``state`` is None)."""
+        with self.lock:
+            if state is None:
+                yield self.model
+            else:
+                with merged_into(self.model, cfg, state, scale):
+                    yield self.model
+
+
 def export_merged(model, tokenizer, cfg: LoraConfig, state: dict[str, np.ndarray], out_dir,
                   source: dict | None = None) -> Path:
     """A full TF checkpoint (``save_pretrained``) with the adapter merged in, plus the tokenizer.

@@ -11,11 +11,13 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from .data import TRAIN_PAIRS
+
 MODULES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 SIDES = ("both", "encoder", "decoder")
 OPTIMIZERS = ("adamw", "radam", "lamb", "lookahead_adamw")
 # Training data (data.py): pairs available for training in each, after the held-out slices.
-DATASETS = {"news": 16071, "europarl": 19500}
+DATASETS = TRAIN_PAIRS
 # Sentences translated at every evaluation point of a run, base model first (news, like the default data).
 DEFAULT_SAMPLES = ("The government has raised taxes on petrol.",
                    "The police arrested two men on Saturday night.",
@@ -47,7 +49,7 @@ class Limits:
     max_rank: int = 256          # LORA_LAB_MAX_RANK: r beyond this is not a *low*-rank experiment
     max_steps: int = 2000        # LORA_LAB_MAX_STEPS
     max_batch_size: int = 64     # LORA_LAB_MAX_BATCH_SIZE
-    max_train_size: int = 19500  # LORA_LAB_MAX_TRAIN_SIZE: the most any dataset offers (config.DATASETS)
+    max_train_size: int = max(DATASETS.values())  # LORA_LAB_MAX_TRAIN_SIZE: the most any dataset offers
     max_text_chars: int = 2000   # LORA_LAB_MAX_TEXT_CHARS: longer translate input is cut, with a notice
     max_lines: int = 32          # LORA_LAB_MAX_LINES: sentences per translate request
     max_upload_mb: int = 64      # LORA_LAB_MAX_UPLOAD_MB: an uploaded adapter (zip or files), unpacked size
@@ -149,7 +151,7 @@ def parse_ranks(text) -> list[int]:
     ranks = []
     for p in parts:
         try:
-            ranks.append(_whole("rank", int(p) if str(p).strip().lstrip("-").isdigit() else p, 1, limits().max_rank))
+            ranks.append(_whole("rank", int(p) if str(p).strip().lstrip("-").isdecimal() else p, 1, limits().max_rank))
         except ConfigError as exc:
             raise ConfigError(f"sweep rank {p!r}: {exc}") from None
     return ranks

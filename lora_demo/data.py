@@ -28,6 +28,11 @@ SPLITS = ("train", "validation", "test", "news")
 # 2008-2013 and the held-out curve scores the first pairs of 2014.
 NEWS_TRAIN_SETS = tuple(f"newstest{y}" for y in range(2008, 2014))
 NEWS_HELDOUT_SET = "newstest2014"
+NEWS_TRAIN_PAIRS = 16071         # pairs in NEWS_TRAIN_SETS (tests/test_data.py counts them in the file)
+EUROPARL_HELDOUT_START = 19500   # bundled train rows 19,500-19,999: never trained on (nor by the tiny base)
+# The one place these live: training pairs each dataset offers, and the name of its held-out slice.
+TRAIN_PAIRS = {"news": NEWS_TRAIN_PAIRS, "europarl": EUROPARL_HELDOUT_START}
+HELDOUT_NAMES = {"news": NEWS_HELDOUT_SET, "europarl": f"europarl rows {EUROPARL_HELDOUT_START}+"}
 
 
 @dataclass(frozen=True)
@@ -98,9 +103,6 @@ def load_pairs(split: str, limit: int | None = None, source: str = "auto") -> Pa
     return Pairs(tuple(_read_bundled(split, limit)), "bundled", split)
 
 
-EUROPARL_HELDOUT_START = 19500   # bundled train rows 19,500-19,999: never trained on (nor by the tiny base)
-
-
 def training_pairs(dataset: str, n: int, source: str = "auto") -> Pairs:
     """The first ``n`` training pairs of ``dataset``: "news" (newstest2008-2013, bundled) or
     "europarl" (the WMT16 train split, hub or bundled; its first rows are Europarl)."""
@@ -117,9 +119,9 @@ def heldout_pairs(dataset: str, n: int) -> Pairs:
     ``n`` pairs of newstest2014, for "europarl" bundled train rows from 19,500 (the same rows the hub
     serves there). Neither was seen by the bundled tiny model's pre-training."""
     if dataset == "news":
-        return Pairs(tuple(_read_bundled("news", n, sets=(NEWS_HELDOUT_SET,))), "bundled", "newstest2014")
+        return Pairs(tuple(_read_bundled("news", n, sets=(NEWS_HELDOUT_SET,))), "bundled", HELDOUT_NAMES["news"])
     rows = _read_bundled("train", EUROPARL_HELDOUT_START + n)[EUROPARL_HELDOUT_START:]
-    return Pairs(tuple(rows), "bundled", "europarl rows 19500+")
+    return Pairs(tuple(rows), "bundled", HELDOUT_NAMES["europarl"])
 
 
 def pairs_for(split: str, n: int, dataset: str = "europarl", source: str = "auto") -> Pairs:

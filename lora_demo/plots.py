@@ -115,7 +115,7 @@ def loss_figure(record: dict | None, total_steps: int | None = None, title: str 
                                      name=f"train loss, smoothed (EMA {smoothing:g})",
                                      line=dict(color=TRAIN_COLOR, width=3)))
     held = rec.get("heldout_losses") or []
-    name = ((rec.get("summary") or {}).get("heldout_name") or "training distribution")
+    name = rec.get("heldout_name") or (rec.get("summary") or {}).get("heldout_name") or "training distribution"
     if held:
         fig.add_trace(go.Scatter(x=[s for s, _ in held], y=[v for _, v in held], mode="lines+markers",
                                  name=f"held-out loss, {name} (never trained on)",

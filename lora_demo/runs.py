@@ -249,14 +249,17 @@ def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Even
     return scores(hyps, [p.de for p in items])
 
 
-def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=None, strategy=None) -> None:
+def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=None, strategy=None,
+            translator=None) -> None:
     """Run ``job`` to the end on ``model`` and leave a complete record in ``job.dir``.
 
     ``pairs_of(split, n, dataset)`` supplies data (data.pairs_for); ``base_cache`` maps n to the base model's
     BLEU/chrF on the first n test pairs and is filled here on first need (the base
     never changes, so one cache serves every run on the same model). ``on_change(event)`` is called
     with each train() event, and with None when the phase changes. Shared by the
-    app's worker and the CLI, so both write the same record.
+    app's worker and the CLI, so both write the same record. With a ``translator``
+    (adapters.MergedTranslator: the app's) the sample sentences and BLEU/chrF are translated by it,
+    with the adapter merged in; without one, by the training model.
     """
     def notify(event=None):
         if on_change is not None:
@@ -269,7 +272,7 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
         train_pairs, val_pairs = pairs_of("train", cfg.train_size, cfg.data), pairs_of("validation", cfg.eval_size)
         heldout = pairs_of("heldout", cfg.heldout_size, cfg.data)
         for event in train(job.config, model, tokenizer, train_pairs, val_pairs, heldout, stop=job.stop,
-                           data_origin=train_pairs.origin, strategy=strategy):
+                           data_origin=train_pairs.origin, strategy=strategy, translator=translator):
             job.log_event(event)
             job.apply(event)
             notify(event)
@@ -285,16 +288,23 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
             job.version += 1
             notify()
             test = pairs_of("test", cfg.bleu_size)
-            lora = score_translations(model, tokenizer, test, job.stop)
-            if lora is not None:
-                set_scale(model, 0.0)
-                try:
-                    if cfg.bleu_size not in base_cache:
+            if translator is not None:
+                with translator.use(job.config.lora, adapters.adapter_state(model)) as merged:
+                    lora = score_translations(merged, tokenizer, test, job.stop)
+                if lora is not None and cfg.bleu_size not in base_cache:
+                    with translator.use() as base_model:
+                        base_cache[cfg.bleu_size] = score_translations(base_model, tokenizer, test)
+            else:
+                lora = score_translations(model, tokenizer, test, job.stop)
+                if lora is not None and cfg.bleu_size not in base_cache:
+                    set_scale(model, 0.0)
+                    try:
                         base_cache[cfg.bleu_size] = score_translations(model, tokenizer, test)
-                    base = base_cache[cfg.bleu_size]
-                finally:
-                    set_scale(model, 1.0)
-                job.quality = {"n": len(test), "split": "newstest2016", "base": base, "lora": lora}
+                    finally:
+                        set_scale(model, 1.0)
+            if lora is not None:
+                job.quality = {"n": len(test), "split": "newstest2016", "base": base_cache[cfg.bleu_size],
+                               "lora": lora}
     job.memory = mem.figures()
     job.status, job.phase = outcome, ""
     job.version += 1
@@ -337,6 +347,8 @@ class Lab:
         self.trainers = [loaded.model] + [clone_model(loaded, self.precision) for _ in range(self.slots - 1)]
         self.trainer = self.trainers[0]
         self.translate_lock = threading.Lock()          # one request at a time merges into the translator
+        # runs translate their samples and BLEU sentences through the same translator and lock
+        self.merged = adapters.MergedTranslator(self.translator, self.translate_lock)
         self.jobs: dict[str, Job] = {}
         self.pending: queue.Queue[Job] = queue.Queue()
         self.waiting: list[str] = []                    # job ids in queue order
@@ -460,7 +472,7 @@ class Lab:
                     job.save()
                 else:
                     execute(job, trainer, self.loaded.tokenizer, self.pairs, self._base_scores,
-                            strategy=self.strategy)
+                            strategy=self.strategy, translator=self.merged)
             except Exception as exc:  # never let one job kill the worker; the record says what happened
                 log.exception("job %s crashed", job.id)
                 job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -628,7 +640,8 @@ class Lab:
                 "step": last[0] if last else 0, "loss": last[1] if last else None,
                 "tokens_per_s": job.summary.get("last_tokens_per_s"), "elapsed_s": job.summary.get("elapsed_s", 0.0),
                 "eta_s": job.eta_s(), "losses": [[s, v] for s, v, _ in job.losses], "val_losses": job.val_losses,
-                "heldout_losses": job.heldout_losses, "seed": job.config.train.seed,
+                "heldout_losses": job.heldout_losses, "heldout_name": data.HELDOUT_NAMES[job.config.train.data],
+                "seed": job.config.train.seed,
                 "samples": {"english": list(job.config.train.samples), "by_step": job.samples},
                 "summary": {k: v for k, v in job.summary.items() if k != "last_tokens_per_s"},
                 "quality": job.quality, "memory": job.memory, "error": job.error}

@@ -500,30 +500,50 @@ SAMPLE_TOKENS = 48
 
 class Samples:
     """The run's sample sentences, translated at every evaluation point (base model first) with the
-    compiled generation path. Its XLA function is compiled in a background thread after the first
-    step, so the first evaluation point does not wait for it. The tokenizer is used only on the
-    training thread (the fast tokenizer must not be used by two threads at once)."""
+    compiled generation path. With a ``translator`` (adapters.MergedTranslator, as the app has) the
+    current adapter is merged into that fixed model, whose compiled functions serve every run;
+    without one (the CLI) the training model translates, the adapter at scale 0 for the base. The
+    XLA function is compiled in a background thread after the first step, so the first evaluation
+    point does not wait for it. The tokenizer is used only on the training thread (the fast
+    tokenizer must not be used by two threads at once)."""
 
-    def __init__(self, model, tokenizer, sentences):
+    def __init__(self, model, tokenizer, sentences, lora=None, translator=None):
         from .evaluate import encode_chunk
 
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.lora, self.translator = model, tokenizer, lora, translator
         self.ids, self.mask, self.n = encode_chunk(tokenizer, [data.PROMPT + s for s in sentences])
         self.thread: threading.Thread | None = None
         self.logged_base = False
 
-    def _translate(self) -> list[str]:
+    def _generate(self, base: bool):
+        from .adapters import adapter_state
         from .evaluate import generate_ids
 
-        gen = generate_ids(self.model, self.ids, self.mask, SAMPLE_TOKENS)
+        if self.translator is not None:
+            with self.translator.use(self.lora, None if base else adapter_state(self.model)) as model:
+                return generate_ids(model, self.ids, self.mask, SAMPLE_TOKENS)
+        if not base:
+            return generate_ids(self.model, self.ids, self.mask, SAMPLE_TOKENS)
+        set_scale(self.model, 0.0)
+        try:
+            return generate_ids(self.model, self.ids, self.mask, SAMPLE_TOKENS)
+        finally:
+            set_scale(self.model, 1.0)
+
+    def _translate(self, base: bool = False) -> list[str]:
+        gen = self._generate(base)
         return [t.strip() for t in self.tokenizer.batch_decode(gen[:self.n], skip_special_tokens=True)]
 
     def warm_up(self) -> None:
         from .evaluate import generate_ids
 
         def run():
-            try:   # compiles; the output (mid-training) is thrown away
-                generate_ids(self.model, self.ids, self.mask, SAMPLE_TOKENS)
+            try:   # compiles (once per process with a translator); the output is thrown away
+                if self.translator is not None:
+                    with self.translator.use() as model:
+                        generate_ids(model, self.ids, self.mask, SAMPLE_TOKENS)
+                else:
+                    generate_ids(self.model, self.ids, self.mask, SAMPLE_TOKENS)
             except Exception:  # the evaluation point translates (and reports) itself
                 pass
         self.thread = threading.Thread(target=run, daemon=True, name="samples-compile")
@@ -532,11 +552,7 @@ class Samples:
     def log(self, step: int, t0: float):
         self.finish()
         if not self.logged_base:
-            set_scale(self.model, 0.0)
-            try:
-                base = self._translate()
-            finally:
-                set_scale(self.model, 1.0)
+            base = self._translate(base=True)
             self.logged_base = True
             yield SamplesLogged(0, base, time.perf_counter() - t0)
         yield SamplesLogged(step, self._translate(), time.perf_counter() - t0)
@@ -576,12 +592,14 @@ def summarise(model, prepared: Prepared, att: Attached, p: Progress, t0: float, 
 
 
 def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pairs=None,
-          stop: threading.Event | None = None, data_origin: str = "bundled", strategy=None) -> Iterator[Event]:
+          stop: threading.Event | None = None, data_origin: str = "bundled", strategy=None,
+          translator=None) -> Iterator[Event]:
     """Add a fresh adapter to ``model`` as ``run.lora`` says and train it; yield events as it goes.
 
     Ends with exactly one RunFinished (completed or stopped) or RunFailed. The base weights are
     never changed; the trained adapter stays in ``model``. With a ``strategy`` (distribute.py) the
     adapter and optimiser state are mirrored and each step splits the global batch across replicas.
+    ``translator`` (adapters.MergedTranslator) translates the sample sentences, if given.
     """
     t0, progress, att, samples = time.perf_counter(), Progress(), None, None
     try:
@@ -592,7 +610,7 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pair
         prepared = prepare(run.train, tokenizer, train_pairs, val_pairs, heldout_pairs)
         att = attach(model, run, clock, prepared, strategy)
         if run.train.samples and strategy is None:
-            samples = Samples(model, tokenizer, run.train.samples)
+            samples = Samples(model, tokenizer, run.train.samples, run.lora, translator)
         yield RunStarted(config=run.to_dict(), params=breakdown(specs_from_model(model)).to_dict(),
                          device=f"{device_info()['name']}, {model_precision(model)}", data_origin=data_origin,
                          train_pairs=prepared.train_pairs, shapes=prepared.shapes)

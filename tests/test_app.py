@@ -42,6 +42,7 @@ def test_train_streams_updates_then_translate_gives_two_columns(client, app):
     assert final["quality"]["n"] == 8 and "bleu" in final["quality"]["lora"]
     # the held-out curve (newstest2014, base at step 0) and the sample sentences at every evaluation
     assert [s for s, _ in final["heldout_losses"]] == [0, 6, 12] and final["summary"]["stop_reason"] == "all 12 steps"
+    assert {u["heldout_name"] for u in updates} == {"newstest2014"}   # the live chart names it too
     assert final["samples"]["english"] == ["Good morning.", "The weather is nice today."]
     assert [s for s, texts in final["samples"]["by_step"] if len(texts) == 2 and all(texts)] == [0, 6, 12]
     run_dir = app[1] / "runs" / final["run_id"]

@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from lora_demo import compare, plots
+from lora_demo import compare, data, plots
 
 
 def record(run_id, rank, losses, vals, bleu=None, trainable=1000, seed=0, heldout=None):
@@ -95,6 +95,9 @@ def test_live_loss_chart_names_each_curve():
     assert list(fig.data[1].y) == pytest.approx(plots.ema([3.0, 2.5, 2.0], 0.8))
     assert [t.name for t in plots.loss_figure(A, smoothing=0).data][0] == "train loss, each batch (noisy)"
     assert len(plots.loss_figure(A, smoothing=0).data) == 3
+    # a live status (no summary yet) names its held-out slice from the run's data
+    live = {k: v for k, v in A.items() if k != "summary"} | {"heldout_name": data.HELDOUT_NAMES["europarl"]}
+    assert plots.loss_figure(live).data[2].name == "held-out loss, europarl rows 19500+ (never trained on)"
 
 
 def _seeded(rank, finals):

@@ -36,7 +36,7 @@ def test_news_is_bundled_byte_identical_and_split_by_year():
     assert digest == "4266a4141d847f24d594a5dc06d1e2465753597855e46ba667669e1e271eac64"
     train = data.training_pairs("news", 20000)          # all of newstest2008-2013
     held = data.heldout_pairs("news", 500)
-    assert len(train) == 16071 and len(held) == 500 and held.split == "newstest2014"
+    assert len(train) == data.NEWS_TRAIN_PAIRS == 16071 and len(held) == 500 and held.split == "newstest2014"
     assert train.items[0].en == "Food: Where European inflation slipped up"
     assert not {p.en for p in train.items} & {p.en for p in held.items}   # held out: never trained on
 

@@ -176,3 +176,30 @@ def test_two_training_slots_train_two_jobs_at_once_on_separate_models(bundled_ti
         lab.stop(j.id)
     for j in jobs:
         assert j.done.wait(120) and j.status == "stopped"
+
+
+def test_runs_translate_samples_and_bleu_through_one_compiled_translator(bundled_tiny, tmp_path):
+    """Samples and BLEU go through the lab's translator with the adapter merged in: a second run of
+    another rank compiles nothing new (the training model's fresh LoRA layers would, every run, and
+    XLA keeps each program: that cost memory per run)."""
+    from dataclasses import replace
+
+    from lora_demo.evaluate import translate
+    from lora_demo.state import state_of
+    from lora_demo.train import SAMPLE_TOKENS
+
+    lab = Lab(bundled_tiny, runs_dir=tmp_path, data_source="bundled")
+    trainer_cache = set(state_of(lab.trainer).generate)
+    sentences = ("The session is resumed.", "I thank the Commissioner.")
+    compiled = []
+    for rank in (2, 3):
+        cfg = _config(rank=rank, steps=3, bleu=4)
+        job = lab.submit(replace(cfg, train=replace(cfg.train, samples=sentences)), "s1")
+        assert job.done.wait(180) and job.status == "completed", job.error
+        compiled.append(set(state_of(lab.translator).generate))
+        assert [s for s, _ in job.samples] == [0, 3] and job.quality["n"] == 4
+        with lab.merged.use(job.config.lora, lab.adapter_of(job)) as merged:
+            assert job.samples[-1][1] == translate(merged, bundled_tiny.tokenizer, list(sentences),
+                                                   max_new_tokens=SAMPLE_TOKENS)
+    assert compiled[0] and compiled[1] == compiled[0]
+    assert set(state_of(lab.trainer).generate) == trainer_cache
