@@ -250,6 +250,49 @@ def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+THREAD_ENV = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS",
+              "TF_XLA_FLAGS")
+
+
+def machine() -> dict:
+    """What the figures rest on, printed with them so figures from different machines can be read
+    side by side: the CPU and its instruction-set level, the thread settings, and the TensorFlow
+    build (oneDNN on or off, compiler, CUDA build)."""
+    import tensorflow as tf
+
+    from .models import _cpu_flags, cpu_isa
+
+    info = _cpu_flags()
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        onednn = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        onednn = None
+    build = dict(tf.sysconfig.get_build_info())
+    return {
+        "cpu": name or "unknown", "cpu_isa": cpu_isa(), "isa_flags": [f for f in ISA_FLAGS if f in flags],
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),   # 0 = TF's default (all)
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+        "tensorflow": tf.__version__, "onednn": onednn, "cpu_compiler": build.get("cpu_compiler"),
+        "cuda_build": build.get("is_cuda_build"),
+    }
+
+
+def machine_lines(m: dict) -> list[str]:
+    threads = ", ".join(f"{k}={m[k] or 'default (all)'}" for k in ("intra_op_threads", "inter_op_threads"))
+    env = ", ".join(f"{k}={v}" for k, v in m["env"].items()) or "none set"
+    return [f"CPU: {m['cpu']}; instruction-set level {m['cpu_isa']} ({' '.join(m['isa_flags']) or 'none listed'})",
+            f"threads: {m['cpus_usable']} of {m['cpu_count']} CPUs usable; {threads}; environment: {env}",
+            f"TensorFlow {m['tensorflow']}: oneDNN {'on' if m['onednn'] else 'off' if m['onednn'] is False else '?'}, "
+            f"built with {m['cpu_compiler']}, CUDA build {m['cuda_build']}"]
+
+
 def run(quick: bool = False, precision: str = "auto", log=print, model: str = SMALL) -> dict:
     """All figures in one run. ``model`` other than flan-t5-small (e.g. ``tiny``) is for smoke runs."""
     import tensorflow as tf
@@ -259,7 +302,9 @@ def run(quick: bool = False, precision: str = "auto", log=print, model: str = SM
     prec = resolve_precision(precision)
     fig: dict = {"model": model, "precision": prec, "batch": BATCH, "source_len": SOURCE, "target_len": TARGET,
                  "rank": RANK, "targets": "q,v", "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
-                 "cpu_fast_bf16": cpu_has_fast_bf16()}
+                 "cpu_fast_bf16": cpu_has_fast_bf16(), "machine": machine()}
+    for line in machine_lines(fig["machine"]):
+        log(line)
     log("measuring the matmul peak...")
     fig["peak_gflops_fp32"] = matmul_peak("fp32")
     fig["peak_gflops_bf16"] = matmul_peak("bf16")
@@ -341,7 +386,8 @@ def table(f: dict) -> str:
         rows.append(("flan-t5-base LoRA / full step", f"{f['base_lora_step_s']:.2f} / {f['base_full_step_s']:.2f} s",
                      ""))
     w = max(len(r[0]) for r in rows)
-    lines = [f"{'figure':<{w}}  {'value':>14}  note", "-" * (w + 40)]
+    lines = machine_lines(f["machine"]) + [""] if "machine" in f else []
+    lines += [f"{'figure':<{w}}  {'value':>14}  note", "-" * (w + 40)]
     lines += [f"{a:<{w}}  {b:>14}  {c}" for a, b, c in rows]
     lines += ["", "goals:"]
     for label, _, goal, ok in GOALS:

@@ -35,3 +35,8 @@ def test_bench_quick_json_emits_every_figure():
     assert fig["memory_model"] == "micro" and 0 < fig["mfu"] < 1
     assert fig["precision"] == "fp32" and "lora_step_fp32_s" not in fig
     assert fig["second_run_traced"] is False and 0 < fig["second_run_first_loss_s"]
+    # what the figures rest on: the CPU's instruction-set level, threads, the TensorFlow build
+    m = fig["machine"]
+    assert m["cpu_isa"] in ("AMX", "AVX512-BF16", "AVX-512", "AVX2", "unknown") and m["tensorflow"].startswith("2.15")
+    assert 1 <= m["cpus_usable"] <= m["cpu_count"] and m["onednn"] in (True, False, None)
+    assert f"instruction-set level {m['cpu_isa']}" in proc.stderr
