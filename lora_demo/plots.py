@@ -98,6 +98,14 @@ def loss_overlay(records: list[dict], show_train: bool = True, show_val: bool = 
     return fig
 
 
+def heldout_name_of(record: dict) -> str:
+    """The held-out slice's name from a run's config (a record or status before its summary exists)."""
+    from .data import HELDOUT_NAMES
+
+    dataset = ((record.get("config") or {}).get("train") or {}).get("data")
+    return HELDOUT_NAMES.get(dataset, "training distribution")
+
+
 def loss_figure(record: dict | None, total_steps: int | None = None, title: str = "Training loss",
                 smoothing: float = DEFAULT_SMOOTHING) -> go.Figure:
     """The live single-run view. Four curves, each named in the legend: the raw per-batch train loss
@@ -115,7 +123,7 @@ def loss_figure(record: dict | None, total_steps: int | None = None, title: str 
                                      name=f"train loss, smoothed (EMA {smoothing:g})",
                                      line=dict(color=TRAIN_COLOR, width=3)))
     held = rec.get("heldout_losses") or []
-    name = rec.get("heldout_name") or (rec.get("summary") or {}).get("heldout_name") or "training distribution"
+    name = rec.get("heldout_name") or (rec.get("summary") or {}).get("heldout_name") or heldout_name_of(rec)
     if held:
         fig.add_trace(go.Scatter(x=[s for s, _ in held], y=[v for _, v in held], mode="lines+markers",
                                  name=f"held-out loss, {name} (never trained on)",

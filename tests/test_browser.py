@@ -86,7 +86,7 @@ def test_the_app_in_a_real_browser(tmp_path):
             page.locator("#train-btn").click()
             page.wait_for_function("""() => {
                 const el = document.querySelector('#loss-plot .js-plotly-plot');
-                const held = el && el.data && el.data.find(t => (t.name || '').startsWith('held-out loss'));
+                const held = el && el.data && el.data.find(t => (t.name || '').startsWith('held-out loss, newstest2014'));
                 return held && held.x && held.x.length >= 4;    // base + 3 evaluations
             }""", timeout=240_000)
             expect(page.locator("#status")).to_contain_text("running", timeout=10_000)

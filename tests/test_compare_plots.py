@@ -98,6 +98,9 @@ def test_live_loss_chart_names_each_curve():
     # a live status (no summary yet) names its held-out slice from the run's data
     live = {k: v for k, v in A.items() if k != "summary"} | {"heldout_name": data.HELDOUT_NAMES["europarl"]}
     assert plots.loss_figure(live).data[2].name == "held-out loss, europarl rows 19500+ (never trained on)"
+    # the app's chart draws job.record(): the name comes from its config until the summary exists
+    running = {k: v for k, v in A.items() if k != "summary"} | {"config": {"train": {"data": "europarl"}}}
+    assert plots.loss_figure(running).data[2].name == "held-out loss, europarl rows 19500+ (never trained on)"
 
 
 def _seeded(rank, finals):
