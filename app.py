@@ -44,9 +44,9 @@ def main() -> None:
         strategy = make_strategy(args.strategy)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
-    loaded = load_model(args.model, precision=args.precision)
+    loaded = load_model(args.model)   # float32: it translates; the Lab trains a copy in --precision
     log.info(describe(loaded))
-    lab = Lab(loaded, runs_dir=args.runs_dir, data_source=args.data, strategy=strategy)
+    lab = Lab(loaded, runs_dir=args.runs_dir, data_source=args.data, strategy=strategy, precision=args.precision)
     log.info("training precision: %s (asked for %s)", lab.precision, args.precision)
     demo = build_demo(lab)
     launch(demo, server_name=args.host, server_port=args.port)

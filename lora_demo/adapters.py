@@ -462,8 +462,8 @@ def merged_into(model, cfg: LoraConfig, state: dict[str, np.ndarray], scale: flo
 class MergedTranslator:
     """A plain base model that translates for any adapter by merging it in (W + ΔW) for the length
     of one request, under a lock. Its layers never change, so its compiled generate functions are
-    traced once per shape for the life of the process: runs do not add XLA programs (a model that
-    gets fresh LoRA layers each run compiles new ones every run, and XLA keeps them)."""
+    traced once per shape for the life of the process: runs do not add compiled programs (a model that
+    gets fresh LoRA layers each run compiles new ones every run, and keeps them)."""
 
     def __init__(self, model, lock=None):
         import threading

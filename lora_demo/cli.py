@@ -58,6 +58,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="auto", choices=("auto", "hub", "bundled", "hub-stream"),
                    help="where the WMT16 pairs come from; hub-stream reads the full hub train split (4.5M "
                         "pairs) as training goes, without downloading it first (needs the hub)")
+    p.add_argument("--batching", default=t.batching, choices=("grouped", "padded"),
+                   help="grouped: batches of similar-length pairs, each trimmed to its longest pair (one "
+                        "trace serves every length); padded: every batch padded to the longest pair of the "
+                        "training data (one shape)")
+    p.add_argument("--first-step", default=t.first_step, choices=("eager", "compiled"),
+                   help="eager: step 1 runs eagerly while the step is traced, so the first loss comes soon; "
+                        "compiled: wait for the trace, for a lower peak memory (on flan-t5-base, BENCHMARKS.md)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="compute precision of training (auto: bf16 where the hardware does it fast; "
                         "weights, LoRA factors and the loss stay float32)")
@@ -108,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="precision of our LoRA step (auto: bf16 where the hardware does it fast)")
-    p.add_argument("--child", choices=("lora", "full"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("lora", "lora-compiled", "full"), help=argparse.SUPPRESS)
     p.add_argument("--child-model", default="google/flan-t5-small", help=argparse.SUPPRESS)
 
     p = sub.add_parser("export", help="merge an adapter into the base model; save a full TF checkpoint "
@@ -173,7 +180,8 @@ def _run_config(a, rank=None, seed=None) -> RunConfig:
                                        seed=a.seed if seed is None else seed, optimizer=a.optimizer,
                                        eval_every=a.eval_every, eval_size=a.eval_size, bleu_size=a.bleu_size,
                                        data=a.dataset, heldout_size=a.heldout_size, early_stop=a.early_stop,
-                                       samples=a.samples.replace("|", "\n")))
+                                       samples=a.samples.replace("|", "\n"), batching=a.batching,
+                                       first_step=a.first_step))
 
 
 def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict] | None = None) -> None:

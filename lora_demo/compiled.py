@@ -91,8 +91,10 @@ class Compiled:
     concrete: dict
 
 
-def spec(batch: dict) -> dict:
-    return {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype), name=k) for k, v in batch.items()}
+def spec(batch: dict, dynamic: bool = False) -> dict:
+    """The input signature of a batch; ``dynamic``: any sequence length (one trace for every batch)."""
+    return {k: tf.TensorSpec((v.shape[0], None) if dynamic else v.shape, tf.as_dtype(v.dtype), name=k)
+            for k, v in batch.items()}
 
 
 def cache_key(model, run: RunConfig, train_spec: dict, eval_spec: dict) -> tuple | None:

@@ -173,6 +173,10 @@ def parse_samples(value) -> tuple[str, ...]:
     return tuple(lines)
 
 
+BATCHING = ("grouped", "padded")
+FIRST_STEP = ("eager", "compiled")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # Defaults measured on the bundled offline model (README, "What a default run shows"): about a
@@ -196,6 +200,11 @@ class TrainConfig:
     heldout_size: int = 64          # fixed held-out pairs of the training distribution, never trained on
     early_stop: int = 0             # stop when the held-out loss has not improved for N evaluations; 0 = off
     samples: tuple[str, ...] = DEFAULT_SAMPLES   # translated at every evaluation point
+    batching: str = "padded"        # "padded": every batch padded to the longest row of the data (one shape);
+                                    # "grouped": rows of similar length, each batch trimmed to its longest row:
+                                    # faster, but a noisier training curve (README, "Training speed")
+    first_step: str = "eager"       # "eager": step 1 runs eagerly while the step is traced (first loss soon);
+                                    # "compiled": wait for the trace (BENCHMARKS.md: an eager step's peak memory)
 
     def __post_init__(self):
         lim = limits()
@@ -211,6 +220,10 @@ class TrainConfig:
         object.__setattr__(self, "lr", _real("learning rate", self.lr, 0.0, 1.0, lo_open=True))
         object.__setattr__(self, "weight_decay", _real("weight decay", self.weight_decay, 0.0, 1.0))
         object.__setattr__(self, "clip_norm", _real("clip norm", self.clip_norm, 0.0, 1e6))
+        if self.first_step not in FIRST_STEP:
+            raise ConfigError(f"first step must be one of {', '.join(FIRST_STEP)}, got {self.first_step!r}")
+        if self.batching not in BATCHING:
+            raise ConfigError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         object.__setattr__(self, "samples", parse_samples(self.samples))
@@ -252,6 +265,7 @@ class RunConfig:
     def from_dict(cls, d: dict) -> "RunConfig":
         train = dict(d["train"])
         train.setdefault("data", "europarl")   # records from before the news data trained on Europarl
+        train.setdefault("batching", "padded")  # and from before the batching option, on padded batches
         return cls(model=d["model"], lora=LoraConfig(**d["lora"]), train=TrainConfig(**train))
 
 

@@ -160,16 +160,18 @@ def hub_stream() -> Stream:
 
 
 def stream_batches(tokenizer, pairs: Iterable[Pair], batch_size: int, source_len: int, target_len: int,
-                   seed: int, buffer: int = 4096):
+                   seed: int, buffer: int = 4096, trimmed: bool = False):
     """Batches from a stream of pairs, each padded to exactly (source_len, target_len) so one
-    compiled step serves them all. A seeded shuffle buffer of ``buffer`` pairs mixes the order;
-    memory stays bounded whatever the stream's length. Ends when the stream ends."""
+    compiled step serves them all, or with ``trimmed`` cut to its longest row (for a step traced for
+    any length). A seeded shuffle buffer of ``buffer`` pairs mixes the order; memory stays bounded
+    whatever the stream's length. Ends when the stream ends."""
     rng = np.random.default_rng(seed)
     pool: list[Pair] = []
 
     def batch(items):
-        return pad_to(encode(tokenizer, items, source_len, target_len), source_len, target_len,
-                      tokenizer.pad_token_id)
+        padded = pad_to(encode(tokenizer, items, source_len, target_len), source_len, target_len,
+                        tokenizer.pad_token_id)
+        return trim(padded) if trimmed else padded
 
     for pair in pairs:
         pool.append(pair)
@@ -223,10 +225,31 @@ def pad_to(arrays: dict[str, np.ndarray], source_len: int, target_len: int, pad_
             "labels": grow(arrays["labels"], target_len, -100)}
 
 
-def fixed_batches(arrays: dict[str, np.ndarray], batch_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
-    """In-order batches of exactly ``batch_size`` rows; the last is filled with rows that have no
-    target tokens, so a token-weighted loss over them is exact and every batch has one shape."""
+def lengths(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Real (non-pad) source and target tokens of each row."""
+    return arrays["attention_mask"].sum(1), (arrays["labels"] != -100).sum(1)
+
+
+def trim(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the padding columns no row of the batch needs, keeping lengths multiples of 8 (so a
+    run meets few distinct shapes). Rows are right-padded, so only padding is dropped."""
+    src, tgt = lengths(batch)
+    s, t = _round_up(int(src.max(initial=0)), 8), _round_up(int(tgt.max(initial=0)), 8)
+    return {"input_ids": batch["input_ids"][:, :s], "attention_mask": batch["attention_mask"][:, :s],
+            "labels": batch["labels"][:, :t]}
+
+
+def fixed_batches(arrays: dict[str, np.ndarray], batch_size: int, pad_id: int,
+                  trimmed: bool = False) -> list[dict[str, np.ndarray]]:
+    """Batches of exactly ``batch_size`` rows; the last is filled with rows that have no target
+    tokens, so a token-weighted loss over them is exact. Without ``trimmed`` they are in order and
+    share one shape; with it the rows are ordered by length and each batch is trimmed to its
+    longest row (a token-weighted sum does not depend on the order)."""
     n = len(arrays["input_ids"])
+    if trimmed:
+        src, tgt = lengths(arrays)
+        order = np.argsort(-(src + tgt), kind="stable")
+        arrays = {k: v[order] for k, v in arrays.items()}
     out = []
     for start in range(0, n, batch_size):
         batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
@@ -235,7 +258,7 @@ def fixed_batches(arrays: dict[str, np.ndarray], batch_size: int, pad_id: int) -
             fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
             batch = {k: np.concatenate([v, np.full((missing,) + v.shape[1:], fill[k], v.dtype)])
                      for k, v in batch.items()}
-        out.append(batch)
+        out.append(trim(batch) if trimmed else batch)
     return out
 
 
@@ -254,3 +277,32 @@ def batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int):
         for start in range(0, len(order) - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
             yield {k: v[idx] for k, v in arrays.items()}
+
+
+GROUP = 32   # batches per length group: rows are sorted by length within groups of GROUP batches
+
+
+def grouped_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int, group: int = GROUP):
+    """Endless shuffled batches of rows of similar length, each trimmed to its longest row.
+
+    Each epoch is a fresh permutation (from one seeded generator, so the order is a pure function of
+    ``seed``), cut into groups of ``group`` batches; within a group the rows are sorted by length and
+    cut into batches, and the epoch's batches are then shuffled, so long and short batches mix.
+    Every row is seen once per epoch, as in ``batches``. Padding falls from a fixed shape set by the
+    longest pair of the whole subset to a few tokens per batch (as Hugging Face's group_by_length
+    sampler does; it keeps the groups in order)."""
+    n = len(arrays["input_ids"])
+    src, tgt = lengths(arrays)
+    size = src + tgt
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        if n < batch_size:
+            order = np.resize(order, batch_size)
+        epoch = []
+        for g in range(0, len(order), group * batch_size):
+            part = order[g:g + group * batch_size]
+            part = part[np.argsort(-size[part], kind="stable")]
+            epoch += [part[s:s + batch_size] for s in range(0, len(part) - batch_size + 1, batch_size)]
+        for i in rng.permutation(len(epoch)):
+            yield trim({k: v[epoch[i]] for k, v in arrays.items()})

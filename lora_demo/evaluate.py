@@ -15,13 +15,16 @@ import tensorflow as tf
 
 from .data import PROMPT
 from .inject import generation, lora_layers, set_scale
+from .models import is_gpu
 from .state import state_of
 
 log = logging.getLogger(__name__)
 
-# Generation is compiled with XLA once per padded shape: eager TF generate runs a Python loop per
-# token, which is far slower on a CPU (BENCHMARKS.md). Shapes are bucketed so a handful of compiles
-# serve every request.
+# Generation is traced once per padded shape into one TensorFlow graph (greedy loop included): eager
+# TF generate runs a Python loop per token, which is far slower on a CPU. On a CPU the graph runs on
+# oneDNN's kernels; XLA, which Hugging Face recommends for TF generate, compiled each shape twice as
+# long and decoded about 15% slower on this project's CPU, with the same tokens (BENCHMARKS.md). On
+# a GPU XLA is used. Shapes are bucketed so a handful of traces serve every request.
 BATCH_BUCKETS = (1, 4, 16)
 LENGTH_BUCKETS = (32, 64, 128, 256)
 MAX_SOURCE_TOKENS = LENGTH_BUCKETS[-1]
@@ -33,7 +36,7 @@ def _bucket(n: int, buckets) -> int:
 
 
 def _compiled_generate(model, batch: int, length: int, max_new_tokens: int):
-    """The XLA generate function for this model's current adapter layout and this shape."""
+    """The compiled generate function for this model's current adapter layout and this shape."""
     key = (generation(model), batch, length, max_new_tokens)
     with _compile_lock:
         cache = state_of(model).generate
@@ -43,7 +46,7 @@ def _compiled_generate(model, batch: int, length: int, max_new_tokens: int):
             cache[key] = tf.function(
                 lambda ids, mask: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                                  do_sample=False, num_beams=1),
-                jit_compile=True, autograph=False)
+                jit_compile=is_gpu(), autograph=False)
         return cache[key]
 
 
@@ -64,7 +67,7 @@ def generate_ids(model, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, 
         try:
             batch, length = ids.shape
             return _compiled_generate(model, batch, length, max_new_tokens)(tf.constant(ids), tf.constant(mask))
-        except Exception as exc:  # a backend without XLA: still translate, just slower
+        except Exception as exc:  # e.g. a GPU backend without XLA: still translate, just slower
             log.warning("compiled generation failed (%s); using eager generation", exc)
     return model.generate(input_ids=tf.constant(ids), attention_mask=tf.constant(mask),
                           max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)

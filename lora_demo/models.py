@@ -95,11 +95,28 @@ def _load_hub(name: str):
 def load_model(name: str = DEFAULT_MODEL, fallback: bool = True, precision: str = "fp32") -> LoadedModel:
     """Load ``name``; on failure return ``tiny`` with a notice (or raise if ``fallback`` is off).
 
-    The model computes in ``precision`` (``auto`` resolves by hardware; see resolve_precision);
-    its weights are float32 either way.
+    The model computes in ``precision`` (``auto`` resolves by hardware; see resolve_precision). In
+    bf16 its weights are held in bf16 (see precision_policy); it is loaded in float32 and copied.
     """
-    with precision_policy(resolve_precision(precision)):
-        return _load_any(name, fallback)
+    loaded = _load_any(name, fallback)
+    if resolve_precision(precision) == "bf16":
+        loaded.model = copy_model(loaded.model, "bf16")
+    return loaded
+
+
+def copy_model(model, precision: str = "fp32"):
+    """A second model with ``model``'s weights, in ``precision`` (bf16: each weight rounded once);
+    no disk I/O. The source must carry no adapter."""
+    from .params import keras_name_to_path
+
+    with precision_policy(precision):
+        copy = type(model)(model.config)
+        copy(copy.dummy_inputs)
+    source = {keras_name_to_path(v.name): v for v in model.weights}
+    for dst in copy.weights:
+        src = source[keras_name_to_path(dst.name)]
+        dst.assign(tf.cast(src, dst.dtype) if src.dtype != dst.dtype else src)
+    return copy
 
 
 def _load_any(name: str, fallback: bool) -> LoadedModel:
@@ -197,10 +214,14 @@ def resolve_precision(requested: str = "auto") -> str:
 
 @contextlib.contextmanager
 def precision_policy(precision: str):
-    """Models built inside compute in ``precision``: bf16 is Keras' mixed policy, so weights stay
-    float32 and only the computation is bf16 (LoRA layers and the loss stay float32 regardless)."""
+    """Models built inside compute in ``precision``. In bf16 the frozen weights are *stored* in bf16
+    (Keras' "bfloat16" policy), once: Keras' mixed policy would keep float32 weights and cast every
+    one to bf16 in every step, which costs the casts' time and holds their copies for the backward
+    pass. The computation is the same either way, since a frozen weight rounded once equals one
+    rounded per step. LoRA factors, their gradients, the optimiser state and the loss stay float32
+    (LoraDense is float32 whatever the policy)."""
     before = tf.keras.mixed_precision.global_policy()
-    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+    tf.keras.mixed_precision.set_global_policy("bfloat16" if precision == "bf16" else "float32")
     try:
         yield
     finally:

@@ -40,8 +40,8 @@ from .config import MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, cl
 from .evaluate import scores, sentence_chrf, translate
 from .events import EvalLogged, RunFailed, RunFinished, RunStarted, SamplesLogged, StepLogged, to_dict
 from .inject import MODULE_PATH, dense_sites, lora_layers, remove_lora, select_paths, set_scale
-from .models import LoadedModel, model_precision, peak_gpu_mb, precision_policy, reset_gpu_peak
-from .params import keras_name_to_path, preview
+from .models import LoadedModel, copy_model, model_precision, peak_gpu_mb, reset_gpu_peak, resolve_precision
+from .params import preview
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -317,34 +317,36 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
 # ---------------------------------------------------------------------------
 
 def clone_model(loaded: LoadedModel, precision: str = "fp32"):
-    """A second model with the same (float32) weights, computing in ``precision``; no disk I/O."""
+    """A second model with the loaded model's weights, in ``precision``; no disk I/O."""
     if lora_layers(loaded.model):
         raise ValueError("clone the base model before any adapter is added to it")
-    with precision_policy(precision):
-        model = type(loaded.model)(loaded.model.config)
-        model(model.dummy_inputs)
-    source = {keras_name_to_path(v.name): v for v in loaded.model.weights}
-    for dst in model.weights:
-        dst.assign(source[keras_name_to_path(dst.name)])
-    return model
+    return copy_model(loaded.model, precision)
 
 
 class Lab:
     def __init__(self, loaded: LoadedModel, runs_dir: Path | str = "runs", data_source: str = "auto",
-                 strategy=None):
+                 strategy=None, precision: str | None = None):
         self.loaded = loaded
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.data_source = data_source
         self.strategy = strategy                        # a tf.distribute strategy, or None for one device
-        # Training computes in the precision the model was loaded with (app.py: --precision);
-        # translation always uses a float32 copy.
-        self.precision = model_precision(loaded.model)
-        self.translator = clone_model(loaded)           # requests merge adapters into this one
+        # Training computes in ``precision`` (app.py: --precision; default: the loaded model's);
+        # translation always uses a float32 model, into which requests merge adapters.
+        self.precision = resolve_precision(precision) if precision else model_precision(loaded.model)
+        if model_precision(loaded.model) != "fp32":
+            raise ValueError("load the model in float32 and pass precision= to Lab: the translator needs the "
+                             "float32 weights, and a bf16 model holds them rounded")
         # One model per training slot (LORA_LAB_TRAIN_SLOTS, default 1); LoRA is injected per run.
-        # Slot 0 trains the loaded model; each further slot holds its own copy.
+        # In float32, slot 0 trains the loaded model and a copy translates; in bf16 the loaded model
+        # translates and every slot trains a bf16 copy (1.5x the float32 weights in all, not 2x).
         self.slots = limits().train_slots
-        self.trainers = [loaded.model] + [clone_model(loaded, self.precision) for _ in range(self.slots - 1)]
+        if self.precision == "fp32":
+            self.translator = clone_model(loaded)
+            self.trainers = [loaded.model] + [clone_model(loaded) for _ in range(self.slots - 1)]
+        else:
+            self.translator = loaded.model
+            self.trainers = [clone_model(loaded, self.precision) for _ in range(self.slots)]
         self.trainer = self.trainers[0]
         self.translate_lock = threading.Lock()          # one request at a time merges into the translator
         # runs translate their samples and BLEU sentences through the same translator and lock

@@ -12,7 +12,7 @@ class ModelState:
     generation: int = 0              # bumped when adapters are added or removed (inject.py)
     clock: Any = None                # the dropout clock of training steps (lora.DropoutClock)
     compiled: OrderedDict = field(default_factory=OrderedDict)   # traced train/eval steps (compiled.py)
-    generate: dict = field(default_factory=dict)                 # XLA generate functions (evaluate.py)
+    generate: dict = field(default_factory=dict)                 # compiled generate functions (evaluate.py)
 
 
 def state_of(model) -> ModelState:

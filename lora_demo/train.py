@@ -8,6 +8,7 @@ more than one device in distribute.py.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -100,13 +101,26 @@ def build_optimizer_state(opt, variables) -> None:
 # ---------------------------------------------------------------------------
 
 def token_losses(model, batch, training: bool):
-    """(sum of token cross-entropies, number of target tokens) over non-pad targets, in float32."""
+    """(sum of token cross-entropies, number of target tokens) over non-pad targets, in float32.
+
+    The LM head and the softmax over the vocabulary run only on the target positions that count:
+    the decoder's states at non-pad labels are gathered first, so padding costs no head FLOPs and
+    no (positions x vocabulary) logits are kept for the backward pass. The result equals the loss
+    over full logits with the padding masked out."""
     labels = batch["labels"]                                              # (B, T) with -100 padding
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                decoder_input_ids=model._shift_right(labels), training=training)
-    mask = tf.cast(labels != -100, tf.float32)
-    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.maximum(labels, 0), tf.cast(out.logits, tf.float32))
-    return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
+    mask = batch["attention_mask"]
+    encoded = model.encoder(batch["input_ids"], attention_mask=mask, training=training)[0]
+    states = model.decoder(model._shift_right(labels), encoder_hidden_states=encoded, encoder_attention_mask=mask,
+                           use_cache=False, training=training)[0]       # (B, T, d)
+    where = tf.where(labels != -100)                                      # (N, 2): the real targets
+    states = tf.gather_nd(states, where)                                  # (N, d)
+    if model.config.tie_word_embeddings:   # as TFT5ForConditionalGeneration.call does it
+        logits = tf.matmul(states * (model.model_dim ** -0.5), tf.cast(model.shared.embeddings, states.dtype),
+                           transpose_b=True)
+    else:
+        logits = model.lm_head(states)                                    # (N, vocab)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.gather_nd(labels, where), tf.cast(logits, tf.float32))
+    return tf.reduce_sum(ce), tf.cast(tf.shape(where)[0], tf.float32)
 
 
 def seq2seq_loss(model, batch, training: bool):
@@ -115,11 +129,22 @@ def seq2seq_loss(model, batch, training: bool):
     return total / tf.maximum(count, 1.0)
 
 
+@contextlib.contextmanager
+def _tape(variables):
+    """A tape that watches only the weights being trained. By default a tape watches every trainable
+    variable it reads, and the frozen base weights are still tf.Variables marked trainable; an eager
+    step would then record and differentiate toward all of them (gradients nobody uses, held until
+    the backward pass ends). Compiled steps prune that work either way."""
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(variables)
+        yield tape
+
+
 def make_step(model, opt, variables, clip_norm: float, clock: DropoutClock | None = None):
     def step(batch):
         if clock is not None:   # the dropout masks of this step are keyed on the step number
             clock.step.assign_add(1)
-        with tf.GradientTape() as tape:
+        with _tape(variables) as tape:
             loss = seq2seq_loss(model, batch, training=True)
         grads = tape.gradient(loss, variables)
         if clip_norm > 0:
@@ -146,7 +171,7 @@ def make_distributed_step(strategy, model, opt, variables, clip_norm: float, clo
     cross-entropy sum over the *global* token count, so the summed loss and gradients equal the
     one-device step's; gradients are all-reduced before clipping, as on one device."""
     def replica_step(batch, global_tokens):
-        with tf.GradientTape() as tape:
+        with _tape(variables) as tape:
             total, _ = token_losses(model, batch, training=True)
             loss = total / global_tokens
         grads = tape.gradient(loss, variables)
@@ -274,7 +299,9 @@ PROBE_PAIRS = 32  # training pairs whose loss is measured before and after, on t
 
 @dataclass
 class Prepared:
-    """The run's data, encoded and padded to one shape (so each function is traced once)."""
+    """The run's data, encoded. ``dynamic``: batches of similar-length rows, each trimmed to its
+    longest row, for functions traced once for any length; else every batch padded to one shape
+    (a distributed step is traced per shape)."""
 
     batches: Iterator[dict]        # training batches, in the seed's order
     first: dict                    # the first of them (it fixes the traced shapes)
@@ -286,11 +313,13 @@ class Prepared:
     probe_pairs: int
     train_pairs: int | None        # None for a stream
     shapes: dict
+    dynamic: bool = False
 
 
-def prepare(cfg: TrainConfig, tokenizer, train_pairs, val_pairs, heldout_pairs) -> Prepared:
+def prepare(cfg: TrainConfig, tokenizer, train_pairs, val_pairs, heldout_pairs, dynamic: bool = True) -> Prepared:
     """Encode the pairs. A stream is read as needed: the probe is its head, batches are encoded on
-    the fly and padded to the maximum lengths, since its longest pair is unknown."""
+    the fly and padded to the maximum lengths, since its longest pair is unknown (then trimmed, if
+    ``dynamic``)."""
     streamed = isinstance(train_pairs, data.Stream)
     if streamed:
         pairs_iter = iter(train_pairs)
@@ -304,22 +333,30 @@ def prepare(cfg: TrainConfig, tokenizer, train_pairs, val_pairs, heldout_pairs) 
     val = data.encode(tokenizer, val_pairs, cfg.max_source_len, cfg.max_target_len)
     held = data.encode(tokenizer, heldout_pairs if heldout_pairs else val_pairs, cfg.max_source_len,
                        cfg.max_target_len)   # (no held-out pairs: no held-out curve; the shapes stay as they were)
-    # One shape for train, validation, held-out and probe batches: the eval function is traced once.
+    # With fixed shapes, one shape for train, validation, held-out and probe batches: each function is
+    # traced once. (Trimmed batches are cut from these.)
     lengths = ((cfg.max_source_len, cfg.max_target_len) if streamed else
                (max(a["input_ids"].shape[1] for a in (arrays, val, held)),
                 max(a["labels"].shape[1] for a in (arrays, val, held))))
     arrays, val, held = (data.pad_to(a, *lengths, tokenizer.pad_token_id) for a in (arrays, val, held))
     probe = {k: v[:PROBE_PAIRS] for k, v in arrays.items()}
-    batches = (data.stream_batches(tokenizer, itertools.chain(head, pairs_iter), cfg.batch_size, *lengths, cfg.seed)
-               if streamed else data.batches(arrays, cfg.batch_size, cfg.seed))
-    return Prepared(batches=batches, first=next(batches),
-                    val=data.fixed_batches(val, cfg.batch_size, tokenizer.pad_token_id),
-                    heldout=data.fixed_batches(held, cfg.batch_size, tokenizer.pad_token_id) if heldout_pairs else [],
+    if streamed:
+        batches = data.stream_batches(tokenizer, itertools.chain(head, pairs_iter), cfg.batch_size, *lengths, cfg.seed,
+                                      trimmed=dynamic)
+    else:
+        batches = (data.grouped_batches if dynamic else data.batches)(arrays, cfg.batch_size, cfg.seed)
+
+    def fixed(a):
+        return data.fixed_batches(a, cfg.batch_size, tokenizer.pad_token_id, trimmed=dynamic)
+    return Prepared(batches=batches, first=next(batches), val=fixed(val), heldout=fixed(held) if heldout_pairs else [],
                     heldout_name=getattr(heldout_pairs, "split", "held-out") if heldout_pairs else "",
                     heldout_pairs=len(held["input_ids"]) if heldout_pairs else 0,
-                    probe=data.fixed_batches(probe, cfg.batch_size, tokenizer.pad_token_id),
-                    probe_pairs=len(probe["input_ids"]), train_pairs=None if streamed else len(arrays["input_ids"]),
-                    shapes={"source_len": arrays["input_ids"].shape[1], "target_len": arrays["labels"].shape[1]})
+                    probe=fixed(probe), probe_pairs=len(probe["input_ids"]),
+                    train_pairs=None if streamed else len(arrays["input_ids"]),
+                    shapes={"source_len": arrays["input_ids"].shape[1], "target_len": arrays["labels"].shape[1],
+                            "batching": "length-grouped, each batch trimmed to its longest row" if dynamic else
+                                        "every batch padded to the longest row of the data"},
+                    dynamic=dynamic)
 
 
 @dataclass
@@ -367,7 +404,8 @@ def attach(model, run: RunConfig, clock: DropoutClock, prepared: Prepared, strat
     clock). tf.random.set_seed is not called: it clears TensorFlow's function caches, and the first
     call of a reused step would pay to instantiate it again."""
     cfg = run.train
-    specs = {"step": compiled.spec(prepared.first), "eval": compiled.spec(prepared.val[0])}
+    specs = {"step": compiled.spec(prepared.first, prepared.dynamic),
+             "eval": compiled.spec(prepared.val[0], prepared.dynamic)}
     key = compiled.cache_key(model, run, specs["step"], specs["eval"]) if strategy is None else None
     cached = compiled.lookup(model, key)
     # adapter and optimiser state beside the base weights, or mirrored under a strategy
@@ -403,7 +441,8 @@ class Progress:
     heldout_losses: list = field(default_factory=list)  # (step, loss); step 0 is the base model
     stop_reason: str = ""
     step_times: list = field(default_factory=list)     # compiled steps only
-    tokens: int = 0
+    tokens: int = 0                # real (non-pad) source and target tokens trained on
+    slots: int = 0                 # token positions computed, padding included
     eager_steps: int = 0
     first_loss_s: float | None = None
     stopped: bool = False
@@ -437,6 +476,7 @@ def loop(run: RunConfig, model, prepared: Prepared, att: Attached, progress: Pro
             progress.step_times.append(dt)
         n_tok = _tokens(batch)
         progress.tokens += n_tok
+        progress.slots += batch["input_ids"].size + batch["labels"].size
         progress.losses.append(loss)
         elapsed = time.perf_counter() - t0
         if progress.first_loss_s is None:
@@ -503,7 +543,7 @@ class Samples:
     compiled generation path. With a ``translator`` (adapters.MergedTranslator, as the app has) the
     current adapter is merged into that fixed model, whose compiled functions serve every run;
     without one (the CLI) the training model translates, the adapter at scale 0 for the base. The
-    XLA function is compiled in a background thread after the first step, so the first evaluation
+    generate function is compiled in a background thread after the first step, so the first evaluation
     point does not wait for it. The tokenizer is used only on the training thread (the fast
     tokenizer must not be used by two threads at once)."""
 
@@ -585,6 +625,7 @@ def summarise(model, prepared: Prepared, att: Attached, p: Progress, t0: float, 
         "reused_trace": att.reused,
         "mean_step_s": float(np.mean(p.step_times)) if p.step_times else None,
         "tokens_per_s": p.tokens / elapsed if elapsed else 0.0, "data_origin": data_origin,
+        "padding_pct": 100.0 * (1 - p.tokens / p.slots) if p.slots else None,   # of the positions computed
         "pairs_seen": len(p.losses) * cfg.batch_size,
         "optimizer_state_bytes": optimizer_state_bytes(att.opt),
         **topology(strategy),   # strategy, workers and replicas that took part
@@ -607,8 +648,12 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pair
         clock = step_dropout(model)   # dropout masks keyed on (seed, step): a fresh clock per run
         clock.seed.assign(run.train.seed)
         clock.step.assign(0)
-        prepared = prepare(run.train, tokenizer, train_pairs, val_pairs, heldout_pairs)
+        # a distributed step is traced per input shape, so it gets one shape; one device gets any
+        prepared = prepare(run.train, tokenizer, train_pairs, val_pairs, heldout_pairs,
+                           dynamic=strategy is None and run.train.batching == "grouped")
         att = attach(model, run, clock, prepared, strategy)
+        if run.train.first_step == "compiled":   # no eager step: wait for the trace (less memory, later first loss)
+            att.start_trace(strategy)
         if run.train.samples and strategy is None:
             samples = Samples(model, tokenizer, run.train.samples, run.lora, translator)
         yield RunStarted(config=run.to_dict(), params=breakdown(specs_from_model(model)).to_dict(),

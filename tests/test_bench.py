@@ -11,7 +11,8 @@ import sys
 from conftest import ROOT
 
 KEYS = ["lora_step_s", "plain_step_s", "first_loss_s", "plain_first_loss_s", "full_step_s", "peak_rss_lora_mb",
-        "peak_rss_full_mb", "translate_1_s", "translate_16_s", "peft_step_s", "mfu"]
+        "peak_rss_full_mb", "translate_1_s", "translate_16_s", "peft_step_s", "mfu", "real_tokens_per_s", "grouped_tokens_per_s", "peak_rss_lora_compiled_first_mb",
+        "peft_real_tokens_per_s"]
 
 
 def test_bench_quick_json_emits_every_figure():
@@ -28,13 +29,21 @@ def test_bench_quick_json_emits_every_figure():
     except ImportError:
         have_peft = False
     for key in KEYS:
-        if key == "peft_step_s" and not have_peft:
+        if key.startswith("peft_") and not have_peft:
             assert fig[key] is None
             continue
         assert isinstance(fig[key], float) and math.isfinite(fig[key]) and fig[key] > 0, (key, fig[key])
     assert fig["memory_model"] == "micro" and 0 < fig["mfu"] < 1
     assert fig["precision"] == "fp32" and "lora_step_fp32_s" not in fig
     assert fig["second_run_traced"] is False and 0 < fig["second_run_first_loss_s"]
+    # real data: one epoch of the same pairs for every flavour, so the same real tokens; ours all compiled,
+    # and length grouping leaves less padding than one shape for all
+    grouped, padded = fig["real_grouped"], fig["real_padded"]
+    assert grouped["tokens"] == padded["tokens"] and grouped["compiled_steps"] == grouped["steps"] == 32
+    assert grouped["padding_pct"] < padded["padding_pct"] and grouped["batching"].startswith("length-grouped")
+    assert fig["real_tokens_per_s"] == padded["tokens_per_s"] and padded["batching"].startswith("every batch padded")
+    if have_peft:
+        assert fig["real_peft"]["tokens"] == grouped["tokens"]
     # what the figures rest on: the CPU's instruction-set level, threads, the TensorFlow build
     m = fig["machine"]
     assert m["cpu_isa"] in ("AMX", "AVX512-BF16", "AVX-512", "AVX2", "unknown") and m["tensorflow"].startswith("2.15")

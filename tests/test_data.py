@@ -96,6 +96,46 @@ def test_batches_follow_the_seed_and_cover_the_data():
     assert small["x"].shape == (8, 1)
 
 
+def test_grouped_batches_follow_the_seed_cover_each_epoch_and_trim_to_their_longest_row(bundled_tiny):
+    pairs = data.training_pairs("news", 200, source="bundled")
+    arrays = data.encode(bundled_tiny.tokenizer, pairs, 64, 64)
+    src, tgt = data.lengths(arrays)
+
+    def epoch(seed):
+        return [b for b, _ in zip(data.grouped_batches(arrays, 8, seed), range(25))]   # 200 rows = 25 batches
+    a, b, c = epoch(3), epoch(3), epoch(4)
+    assert all(np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+    assert not all(x["input_ids"].shape == y["input_ids"].shape and np.array_equal(x["input_ids"], y["input_ids"])
+                   for x, y in zip(a, c))
+    # every row exactly once per epoch: match rows by their token ids (the padded row, trimmed)
+    rows = sorted(tuple(r[r != bundled_tiny.tokenizer.pad_token_id]) for x in a for r in x["input_ids"])
+    assert rows == sorted(tuple(r[r != bundled_tiny.tokenizer.pad_token_id]) for r in arrays["input_ids"])
+    widths = set()
+    for x in a:
+        s, t = data.lengths(x)
+        assert x["input_ids"].shape[1] == max(8, -(-s.max() // 8) * 8) and x["labels"].shape[1] == max(8, -(-t.max() // 8) * 8)
+        assert x["attention_mask"].shape == x["input_ids"].shape and x["input_ids"].shape[0] == 8
+        widths.add(x["input_ids"].shape[1])
+    assert len(widths) > 2   # the widths follow the rows, not the longest pair of the data
+    real = src.sum() + tgt.sum()
+    grouped = sum(x["input_ids"].size + x["labels"].size for x in a)
+    padded = arrays["input_ids"].size + arrays["labels"].size
+    assert 0 <= grouped - real < 0.5 * (padded - real), (real, grouped, padded)   # padding at least halved
+
+
+def test_trimmed_fixed_batches_hold_the_same_tokens():
+    ids = np.zeros((3, 24), np.int32)   # right-padded with 0 to 24: rows of 2, 9 and 1 tokens
+    ids[0, :2], ids[1, :9], ids[2, :1] = [5, 6], range(5, 14), [5]
+    arrays = {"input_ids": ids}
+    arrays["attention_mask"] = (arrays["input_ids"] != 0).astype(np.int32)
+    arrays["labels"] = np.where(arrays["attention_mask"] == 1, arrays["input_ids"], -100)
+    out = data.fixed_batches(arrays, 2, 0, trimmed=True)
+    assert [b["input_ids"].shape for b in out] == [(2, 16), (2, 8)]   # longest first, each to a multiple of 8
+    assert sorted(int(t) for b in out for t in b["labels"][b["labels"] != -100]) == \
+        sorted(int(t) for t in arrays["labels"][arrays["labels"] != -100])
+    assert out[1]["attention_mask"][1].sum() == 0 and (out[1]["labels"][1] == -100).all()   # the filler row
+
+
 def test_sources_are_jsonl_translation_objects():
     with gzip.open(data.BUNDLED_DIR / "validation.jsonl.gz", "rt", encoding="utf-8") as fh:
         row = json.loads(fh.readline())

@@ -122,12 +122,13 @@ def test_every_offered_optimizer_trains(model, bundled_tiny, optimizer):
 
 
 def test_bf16_training_tracks_fp32_over_50_steps(bundled_tiny):
-    """Mixed bf16 (LoRA factors, optimiser and loss in float32) follows the float32 loss curve:
-    every step within 2% relative, and the mean of the last 10 steps within 1%."""
+    """bf16 (frozen weights stored in bf16, once; LoRA factors, optimiser and loss in float32) follows
+    the float32 loss curve: every step within 2% relative, and the mean of the last 10 steps within 1%."""
     from lora_demo.models import model_precision
 
     bf16 = clone_model(bundled_tiny, "bf16")
     assert model_precision(bf16) == "bf16" and model_precision(bundled_tiny.model) == "fp32"
+    assert {v.dtype for v in bf16.weights} == {tf.bfloat16}   # no float32 copy to cast from in every step
     run = RunConfig(model="micro", lora=LoraConfig(rank=8, targets=("q", "v")),
                     train=TrainConfig(steps=50, batch_size=8, train_size=48, eval_every=50, eval_size=16))
     curves = {}
@@ -143,6 +144,95 @@ def test_bf16_training_tracks_fp32_over_50_steps(bundled_tiny):
     assert rel.max() < 0.02, rel.max()
     assert abs(curves["bf16"][-10:].mean() - curves["fp32"][-10:].mean()) / curves["fp32"][-10:].mean() < 0.01
     assert curves["bf16"][-10:].mean() < curves["bf16"][:10].mean()   # and it learns
+
+
+def test_bf16_weights_stored_once_compute_what_keras_mixed_policy_computes(bundled_tiny):
+    """Rounding each frozen weight to bf16 once (the "bfloat16" policy) gives the same loss as Keras'
+    mixed policy, which keeps float32 weights and rounds them in every call."""
+    from lora_demo.models import copy_model
+
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = type(bundled_tiny.model)(bundled_tiny.model.config)
+        mixed(mixed.dummy_inputs)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    once = copy_model(bundled_tiny.model, "bf16")
+    from lora_demo.params import keras_name_to_path
+
+    source = {keras_name_to_path(v.name): v for v in bundled_tiny.model.weights}
+    for dst in mixed.weights:
+        dst.assign(source[keras_name_to_path(dst.name)])
+    batch = data.encode(bundled_tiny.tokenizer, TRAIN.items[:8], 64, 64)
+    assert {v.dtype for v in mixed.weights} == {tf.float32} and {v.dtype for v in once.weights} == {tf.bfloat16}
+    np.testing.assert_allclose(float(seq2seq_loss(once, batch, False)), float(seq2seq_loss(mixed, batch, False)),
+                               rtol=1e-6)
+
+
+def test_the_loss_gathers_the_real_targets_and_equals_the_masked_loss_over_full_logits(bundled_tiny):
+    """token_losses runs the LM head only on non-pad targets; in float32 it equals the textbook loss
+    (full logits, padding masked), and trimming a batch's padding columns changes nothing."""
+    from lora_demo.train import token_losses
+
+    model = bundled_tiny.model
+    short = [p for p in TRAIN.items if len(p.en) < 120 and len(p.de) < 120][:8]
+    batch = data.encode(bundled_tiny.tokenizer, short, 64, 64)
+    batch = data.pad_to(batch, 64, 64, bundled_tiny.tokenizer.pad_token_id)   # padding the trim will drop
+    labels = batch["labels"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                decoder_input_ids=model._shift_right(labels), training=False)
+    mask = labels != -100
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(np.maximum(labels, 0), out.logits).numpy()
+    total, count = (float(x) for x in token_losses(model, batch, False))
+    assert count == mask.sum()
+    np.testing.assert_allclose(total, ce[mask].sum(), rtol=1e-5)
+    trimmed = data.trim(batch)
+    assert trimmed["input_ids"].shape[1] < 64 and trimmed["labels"].shape[1] < 64
+    np.testing.assert_allclose(float(token_losses(model, trimmed, False)[0]), total, rtol=1e-5)
+
+
+def test_grouped_batches_of_many_widths_run_one_traced_step(model, bundled_tiny):
+    """Length-grouped batches change width from step to step; the step is traced once for any length
+    (the first step runs eagerly, every later one is compiled), and the run records its batching."""
+    pairs = data.training_pairs("news", 96, source="bundled")
+    from dataclasses import replace
+
+    cfg = run_config(steps=12, train_size=96)
+    cfg = replace(cfg, lora=replace(cfg.lora, rank=5),   # a rank no other test trains: nothing kept to reuse
+                  train=replace(cfg.train, batching="grouped"))
+    events = list(train(cfg, model, bundled_tiny.tokenizer, pairs, VAL, HELD))
+    assert isinstance(events[-1], RunFinished), events[-1]
+    steps = [e for e in events if isinstance(e, StepLogged)]
+    summary = events[-1].summary
+    assert summary["eager_steps"] == 1 and all(e.compiled for e in steps[1:])
+    assert events[0].shapes["batching"].startswith("length-grouped") and 0 <= summary["padding_pct"] < 25
+    from lora_demo.inject import lora_layers
+    from lora_demo.state import state_of
+
+    key = next(reversed(state_of(model).compiled))   # the compiled step kept for reuse: any length
+    assert ("input_ids", (8, None), "int32") in key[6] and lora_layers(model)
+
+
+def test_first_step_compiled_waits_for_the_trace_and_trains_the_same(model, bundled_tiny):
+    """first_step="compiled" (less peak memory on large models) skips the eager step: every step is
+    compiled, and in float32 the losses equal those of the default eager first step."""
+    from dataclasses import replace
+
+    runs = {}
+    for first, on in (("compiled", model), ("eager", clone_model(bundled_tiny))):   # neither has a kept step
+        cfg = run_config(steps=6, eval_every=6)
+        cfg = replace(cfg, lora=replace(cfg.lora, rank=3), train=replace(cfg.train, first_step=first))
+        try:
+            events = list(train(cfg, on, bundled_tiny.tokenizer, TRAIN, VAL))
+        finally:
+            remove_lora(on)
+        assert isinstance(events[-1], RunFinished), events[-1]
+        runs[first] = ([e for e in events if isinstance(e, StepLogged)], events[-1].summary)
+    steps, summary = runs["compiled"]
+    assert not summary["reused_trace"] and summary["trace_s"] > 0
+    assert summary["eager_steps"] == 0 and all(e.compiled for e in steps)
+    assert runs["eager"][1]["eager_steps"] == 1 and not runs["eager"][0][0].compiled
+    np.testing.assert_allclose([e.loss for e in steps], [e.loss for e in runs["eager"][0]], rtol=1e-5)
 
 
 def _with_dropout(loaded, rate: float):
@@ -197,7 +287,8 @@ def test_a_second_run_with_the_same_shapes_reuses_the_trace_and_equals_a_fresh_r
 
 def test_training_from_an_endless_stream_never_materialises_it(model, bundled_tiny):
     """data.Stream is read as training goes (the CLI's --data hub-stream is the full 4.5M-pair hub
-    split); an endless one works, so nothing tries to hold it all. Batches take the maximum lengths."""
+    split); an endless one works, so nothing tries to hold it all. Batches take the maximum lengths,
+    since the stream's longest pair is unknown."""
     import itertools
 
     pulled = []
@@ -212,7 +303,8 @@ def test_training_from_an_endless_stream_never_materialises_it(model, bundled_ti
                         data_origin="endless test stream"))
     assert isinstance(events[-1], RunFinished) and events[-1].status == "completed", events[-1]
     started = events[0]
-    assert started.train_pairs is None and started.shapes == {"source_len": 48, "target_len": 40}
+    assert started.train_pairs is None and (started.shapes["source_len"], started.shapes["target_len"]) == (48, 40)
+    assert started.shapes["batching"].startswith("every batch padded")   # the default batching
     assert events[-1].summary["pairs_seen"] == 6 * 8 and events[-1].summary["probe_loss_final"] is not None
     assert len(pulled) < 4096 + 32 + 6 * 8 + 8     # the shuffle buffer, the probe head and the batches
 
