@@ -91,7 +91,7 @@ class LoraDense(tf.keras.layers.Layer):
             raise ValueError(f"{path or base.name} already has a LoRA adapter; remove it before adding another")
         if base.use_bias or not base.built:
             raise ValueError(f"{path or base.name}: LoRA expects a built, bias-free Dense as in T5")
-        # float32 always: under a mixed bf16 policy the frozen base computes in bf16 while the LoRA
+        # float32 always: under a bf16 policy the frozen base computes in bf16 while the LoRA
         # factors, their gradients and the optimiser state stay float32.
         super().__init__(name=f"{base.name}_lora", dtype="float32", **kwargs)
         self.base, self.rank, self.alpha, self.path = base, int(rank), float(alpha), path
