@@ -21,6 +21,7 @@ cannot be described so, rather than silently adapting a different set.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import posixpath
@@ -44,6 +45,8 @@ MERGE_NOTE = "lora_lab_merge.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 IGNORED_FILES = ("README.md",)                         # PEFT writes a model card beside the adapter
 KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
+MAGNITUDE = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_magnitude_vector$")   # DoRA's m, (out,)
+FULL_FILE = "full_weights.safetensors"   # a full fine-tuning run's weights (no adapter)
 MAX_ZIP_RATIO = 200                                    # float tensors compress ~1.1x; 200x is a bomb
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None}
 
@@ -61,7 +64,7 @@ class Adapter:
 
     @property
     def paths(self) -> list[str]:
-        return sorted({KEY.match(k)["path"] for k in self.state})
+        return sorted({KEY.match(k)["path"] for k in self.state if KEY.match(k)})
 
     @property
     def nbytes(self) -> int:
@@ -73,12 +76,39 @@ class Adapter:
 # ---------------------------------------------------------------------------
 
 def adapter_state(model) -> dict[str, np.ndarray]:
-    """The adapter as PEFT tensors, copied out of the model."""
+    """The adapter as PEFT tensors, copied out of the model.
+
+    A PiSSA adapter comes out converted, as PEFT converts one for the original base: ΔW = c·(A·B -
+    A0·B0) is the rank-2r LoRA [A, A0]·[B; -B0], so it loads on the untouched base anywhere. DoRA adds
+    PEFT's ``lora_magnitude_vector``."""
     state = {}
     for layer in lora_layers(model):
-        state[f"{PREFIX}{layer.path}.lora_A.weight"] = np.ascontiguousarray(layer.lora_A.numpy().T)
-        state[f"{PREFIX}{layer.path}.lora_B.weight"] = np.ascontiguousarray(layer.lora_B.numpy().T)
+        a, b = layer.lora_A.numpy(), layer.lora_B.numpy()                 # (in, r), (r, out)
+        if layer.start is not None:
+            a = np.concatenate([a, layer.start.a0.numpy()], axis=1)
+            b = np.concatenate([b, -layer.start.b0.numpy()], axis=0)
+        state[f"{PREFIX}{layer.path}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        state[f"{PREFIX}{layer.path}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        if layer.magnitude is not None:
+            state[f"{PREFIX}{layer.path}.lora_magnitude_vector"] = layer.magnitude.numpy()
     return state
+
+
+def full_state(model) -> dict[str, np.ndarray]:
+    """Every weight of a fully fine-tuned model, by PyTorch-style path, Keras layouts, float32."""
+    from .params import keras_name_to_path
+
+    return {keras_name_to_path(v.name): np.asarray(v.numpy(), np.float32) for v in model.weights}
+
+
+def run_state(model, cfg: LoraConfig) -> dict[str, np.ndarray]:
+    """What a run keeps: the adapter, or all weights for full fine-tuning."""
+    return adapter_state(model) if cfg.adapter else full_state(model)
+
+
+def stored_rank(cfg: LoraConfig) -> int:
+    """The rank of the stored factors: 2r for PiSSA (converted), else r."""
+    return 2 * cfg.rank if cfg.method == "pissa" else cfg.rank
 
 
 def peft_config(cfg: LoraConfig, base_model: str) -> dict:
@@ -86,12 +116,18 @@ def peft_config(cfg: LoraConfig, base_model: str) -> dict:
 
     PEFT ignores ``layers_to_transform`` (and refuses it) when ``target_modules`` is a regular
     expression, so a config limited to one stack puts its block range into the expression.
+    rsLoRA and DoRA are PEFT flags; PiSSA is written converted (rank 2r, alpha 2·alpha: the same
+    alpha/r); LoRA+ differs only in training, so its adapter is plain LoRA.
     """
+    if not cfg.adapter:
+        raise AdapterError("full fine-tuning has no adapter to export; download the merged checkpoint instead")
+    rank = stored_rank(cfg)
     out = {
         "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "base_model_name_or_path": base_model,
-        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets),
+        "r": rank, "lora_alpha": cfg.alpha * rank / cfg.rank, "lora_dropout": cfg.dropout,
+        "target_modules": list(cfg.targets),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "use_rslora": cfg.method == "rslora", "use_dora": cfg.method == "dora", "modules_to_save": None,
     }
     blocks = list(range(cfg.layers[0], cfg.layers[1] + 1)) if cfg.layers is not None else None
     if cfg.side != "both":
@@ -113,14 +149,28 @@ def write_adapter(state: dict[str, np.ndarray], cfg: LoraConfig, base_model: str
 
 
 def tensor_bytes(adapter_dir) -> int:
-    """Bytes of tensor data in a saved adapter: the safetensors file minus its 8-byte length and header."""
+    """Bytes of tensor data in a saved adapter (or a full fine-tuning run's weights): the safetensors
+    file minus its 8-byte length and header."""
     path = Path(adapter_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        path = Path(adapter_dir) / FULL_FILE
     with open(path, "rb") as fh:
         return path.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
 
 
 def save_adapter(model, cfg: LoraConfig, base_model: str, out_dir) -> Path:
     return write_adapter(adapter_state(model), cfg, base_model, out_dir)
+
+
+def save_run_state(model, cfg: LoraConfig, base_model: str, out_dir) -> Path:
+    """The adapter (PEFT files) or, for full fine-tuning, every weight in one safetensors file."""
+    if cfg.adapter:
+        save_adapter(model, cfg, base_model, out_dir)
+        return Path(out_dir) / WEIGHTS_FILE
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(full_state(model), str(out / FULL_FILE), metadata={"format": "keras"})
+    return out / FULL_FILE
 
 
 # ---------------------------------------------------------------------------
@@ -183,7 +233,7 @@ def _check_peft_config(conf) -> None:
     if conf.get("peft_type") != "LORA":
         raise AdapterError(f"{CONFIG_FILE}: peft_type is {conf.get('peft_type')!r}; only LORA adapters can be "
                            f"imported (not AdaLoRA, IA3, prefix tuning, ...)")
-    refused = {"use_dora": "DoRA adapters", "modules_to_save": "adapters that also train whole modules "
+    refused = {"modules_to_save": "adapters that also train whole modules "
                "(modules_to_save)", "rank_pattern": "per-layer ranks (rank_pattern)",
                "alpha_pattern": "per-layer alphas (alpha_pattern)", "target_parameters": "LoRA on raw parameters"}
     for key, what in refused.items():
@@ -194,6 +244,12 @@ def _check_peft_config(conf) -> None:
                            f"use bias='none'")
     if conf.get("fan_in_fan_out"):
         raise AdapterError(f"{CONFIG_FILE}: fan_in_fan_out=true is for GPT-2-style Conv1D layers, not T5")
+    init = conf.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva", "loftq")):
+        raise AdapterError(f"{CONFIG_FILE}: init_lora_weights={init!r}: this adapter was saved unconverted, so it "
+                           f"only works on the residual base model its initialisation made. Save it converted "
+                           f"(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...)); that is "
+                           f"a plain LoRA on the original base")
     if conf.get("task_type") not in (None, "SEQ_2_SEQ_LM"):
         raise AdapterError(f"{CONFIG_FILE}: task_type is {conf['task_type']!r}; a FLAN-T5 adapter is SEQ_2_SEQ_LM")
 
@@ -207,22 +263,29 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes) -> Adapter:
     _check_peft_config(conf)
     notices = []
     r, alpha = _number(conf, "r", int), _number(conf, "lora_alpha")
-    if conf.get("use_rslora"):
-        # rsLoRA scales by alpha/sqrt(r); the same update under alpha/r needs alpha * sqrt(r).
-        alpha = alpha * math.sqrt(r)
-        notices.append(f"rsLoRA scaling (alpha/sqrt(r)) converted to alpha/r with alpha = {alpha:g}")
+    method = "dora" if conf.get("use_dora") else "rslora" if conf.get("use_rslora") else "lora"
+    if conf.get("use_dora") and conf.get("use_rslora"):
+        raise AdapterError(f"{CONFIG_FILE}: DoRA with rsLoRA scaling is not supported; use one of them")
     dropout = conf.get("lora_dropout") or 0.0   # checked by LoraConfig below
 
     state = parse_safetensors(weights_bytes)
     if not state:
         raise AdapterError(f"{WEIGHTS_FILE} holds no tensors")
     halves: dict[str, set] = {}
+    magnitudes = {}
     for key, value in state.items():
+        mag = MAGNITUDE.match(key)
+        if mag is not None and MODULE_PATH.match(mag["path"]):
+            if method != "dora":
+                raise AdapterError(f"{WEIGHTS_FILE}: {key} is a DoRA magnitude, but {CONFIG_FILE} has no use_dora")
+            if value.ndim != 1:
+                raise AdapterError(f"{WEIGHTS_FILE}: {key} has shape {value.shape}; a magnitude is a vector")
+            magnitudes[mag["path"]] = value
+            continue
         m = KEY.match(key)
         if m is None or not MODULE_PATH.match(m["path"]):
-            hint = " (DoRA magnitude vectors are not supported)" if "magnitude" in key else ""
             raise AdapterError(f"{WEIGHTS_FILE}: {key!r} is not a LoRA weight of a T5 projection; keys look like "
-                               f"{PREFIX}encoder.block.0.layer.0.SelfAttention.q.lora_A.weight{hint}")
+                               f"{PREFIX}encoder.block.0.layer.0.SelfAttention.q.lora_A.weight")
         if value.ndim != 2:
             raise AdapterError(f"{WEIGHTS_FILE}: {key} has shape {value.shape}; LoRA weights are matrices")
         want = 0 if m["ab"] == "A" else 1
@@ -235,13 +298,17 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes) -> Adapter:
     if lonely:
         raise AdapterError(f"{WEIGHTS_FILE}: {lonely[0]} has only lora_{''.join(halves[lonely[0]])}; "
                            f"every adapted layer needs lora_A and lora_B")
+    if method == "dora" and set(magnitudes) != set(halves):
+        gap = sorted(set(halves) ^ set(magnitudes))
+        raise AdapterError(f"{WEIGHTS_FILE}: a DoRA adapter needs lora_A, lora_B and lora_magnitude_vector for "
+                           f"every layer; {gap[0]} lacks one")
     matches = [MODULE_PATH.match(p) for p in halves]
     sides = {m["side"] for m in matches}
     blocks = sorted({int(m["block"]) for m in matches})
     try:
         cfg = LoraConfig(rank=r, alpha=alpha, targets=tuple(m for m in MODULES if m in {x["module"] for x in matches}),
                          side=sides.pop() if len(sides) == 1 else "both", layers=(blocks[0], blocks[-1]),
-                         dropout=dropout)
+                         dropout=dropout, method=method)
     except ConfigError as exc:
         raise AdapterError(f"{CONFIG_FILE}: {exc}") from None
     base = conf.get("base_model_name_or_path") or ""
@@ -357,8 +424,9 @@ def read_adapter(sources) -> Adapter:
 
 
 def load_state(adapter_dir) -> dict[str, np.ndarray]:
-    """The weights of an adapter this app wrote itself (a run's directory)."""
-    return parse_safetensors((Path(adapter_dir) / WEIGHTS_FILE).read_bytes())
+    """The weights of an adapter this app wrote itself (a run's directory), or of a full fine-tuning run."""
+    full = Path(adapter_dir) / FULL_FILE
+    return parse_safetensors((full if full.is_file() else Path(adapter_dir) / WEIGHTS_FILE).read_bytes())
 
 
 # ---------------------------------------------------------------------------
@@ -391,13 +459,17 @@ def check_fits(adapter: Adapter, model, model_name: str = "") -> LoraConfig:
             raise AdapterError(f"{path}: the adapter has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but "
                                f"this model's layer is {d_in} -> {d_out}, so it needs ({cfg.rank}, {d_in}) and "
                                f"({d_out}, {cfg.rank}){for_model}")
+        mag = adapter.state.get(f"{PREFIX}{path}.lora_magnitude_vector")
+        if mag is not None and mag.shape != (d_out,):
+            raise AdapterError(f"{path}: the DoRA magnitude has {mag.shape[0]} entries, but this layer has {d_out} "
+                               f"outputs{for_model}")
     # A block range that spans a whole stack is "all blocks".
     depth = {side: 1 + max(int(MODULE_PATH.match(p)["block"]) for p in sites if p.startswith(side))
              for side in ("encoder", "decoder")}
     sides = ("encoder", "decoder") if cfg.side == "both" else (cfg.side,)
     covered = {s: {int(MODULE_PATH.match(p)["block"]) for p in paths if p.startswith(s)} for s in sides}
     if all(covered[s] == set(range(depth[s])) for s in sides):
-        cfg = LoraConfig(cfg.rank, cfg.alpha, cfg.targets, cfg.side, None, cfg.dropout)
+        cfg = dataclasses.replace(cfg, layers=None)
     expected = set(select_paths(list(sites), cfg))
     if expected != set(paths):
         gap = sorted(expected - set(paths))
@@ -417,6 +489,7 @@ def assign_state(model, state: dict[str, np.ndarray]) -> None:
     """Copy PEFT tensors into the model's LoRA layers; shapes and keys must match exactly."""
     layers = {layer.path: layer for layer in lora_layers(model)}
     expected = {f"{PREFIX}{p}.lora_{ab}.weight" for p in layers for ab in "AB"}
+    expected |= {f"{PREFIX}{p}.lora_magnitude_vector" for p, layer in layers.items() if layer.magnitude is not None}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise AdapterError(f"adapter keys do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
@@ -426,16 +499,29 @@ def assign_state(model, state: dict[str, np.ndarray]) -> None:
             if tuple(value.shape) != tuple(var.shape):
                 raise AdapterError(f"{path}.lora_{ab}: shape {tuple(value.shape)} does not fit {tuple(var.shape)}")
             var.assign(value)
+        if layer.magnitude is not None:
+            layer.magnitude.assign(state[f"{PREFIX}{path}.lora_magnitude_vector"])
 
 
-def deltas(cfg: LoraConfig, state: dict[str, np.ndarray], scale: float = 1.0) -> dict[str, np.ndarray]:
-    """ΔW = (alpha/r)·scale·A·B per adapted layer, in the Keras kernel layout (in, out), float32."""
+def deltas(cfg: LoraConfig, state: dict[str, np.ndarray], scale: float = 1.0,
+           kernels: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """ΔW at ``scale`` per adapted layer, in the Keras kernel layout (in, out), float32: c·scale·A·B
+    (a PiSSA state is stored converted, so the same formula), or for DoRA scale·(W' - W) with
+    W' = m ⊙ (W + c·A·B) / ‖W + c·A·B‖ per output column, which needs the base ``kernels``."""
+    if cfg.method == "dora" and kernels is None:
+        raise ValueError("a DoRA update depends on the base weights: pass kernels")
     out = {}
     for key, a_t in state.items():
         if key.endswith(".lora_A.weight"):
             path = key[len(PREFIX):-len(".lora_A.weight")]
             b_t = state[f"{PREFIX}{path}.lora_B.weight"]
-            out[path] = (a_t.T.astype(np.float64) @ b_t.T.astype(np.float64) * (cfg.scaling * scale)).astype(np.float32)
+            ab = a_t.T.astype(np.float64) @ b_t.T.astype(np.float64) * cfg.scaling
+            if cfg.method == "dora":
+                w = np.asarray(kernels[path], np.float64)
+                adapted = w + ab
+                m = state[f"{PREFIX}{path}.lora_magnitude_vector"].astype(np.float64)
+                ab = m / np.linalg.norm(adapted, axis=0) * adapted - w
+            out[path] = (ab * scale).astype(np.float32)
     return out
 
 
@@ -447,16 +533,32 @@ def merged_into(model, cfg: LoraConfig, state: dict[str, np.ndarray], scale: flo
 
     if lora_layers(model):
         raise ValueError("merge into a model without LoRA layers")
-    kernels = {s.path: getattr(s.owner, s.attr).kernel for s in dense_sites(model)}
     backups = {}
     try:
-        for path, delta in deltas(cfg, state, scale).items():
-            backups[path] = tf.identity(kernels[path])
-            kernels[path].assign_add(tf.cast(delta, kernels[path].dtype))
+        if cfg.adapter:
+            kernels = {s.path: getattr(s.owner, s.attr).kernel for s in dense_sites(model)}
+            base = {p: kernels[p].numpy() for p in _state_paths(state)} if cfg.method == "dora" else None
+            updates = [(kernels[p], d) for p, d in deltas(cfg, state, scale, base).items()]
+        else:   # full fine-tuning: W + scale·(W_trained - W) for every weight
+            from .params import keras_name_to_path
+
+            weights = {keras_name_to_path(v.name): v for v in model.weights}
+            missing = sorted(set(weights) - set(state))
+            if missing:
+                raise AdapterError(f"the fine-tuned weights do not fit this model: no {missing[0]}")
+            updates = [(v, state[p] - v.numpy().astype(np.float32)) for p, v in weights.items()]
+            updates = [(v, d * scale) for v, d in updates if d.any()]
+        for var, delta in updates:
+            backups[var.ref()] = (var, tf.identity(var))
+            var.assign_add(tf.cast(delta, var.dtype))
         yield model
     finally:
-        for path, value in backups.items():
-            kernels[path].assign(value)
+        for var, value in backups.values():
+            var.assign(value)
+
+
+def _state_paths(state: dict) -> list[str]:
+    return [KEY.match(k)["path"] for k in state if KEY.match(k) and k.endswith(".lora_A.weight")]
 
 
 class MergedTranslator:

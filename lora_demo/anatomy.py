@@ -167,7 +167,7 @@ def switch_off(state: dict[str, np.ndarray], sides=("encoder", "decoder"), block
     with nothing kept the model is the base model exactly."""
     keep = {}
     for key, value in state.items():
-        path = KEY.match(key)["path"]
+        path = key[len(PREFIX):].rsplit(".lora_", 1)[0]   # lora_A/B.weight, or DoRA's lora_magnitude_vector
         m = MODULE_PATH.match(path)
         if m["side"] not in sides:
             continue

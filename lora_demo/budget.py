@@ -43,12 +43,12 @@ def predict(config, lora: LoraConfig, train: TrainConfig, history: list[dict] | 
     """LoRA against full fine-tuning, and against the course demo's setup (LoRA plus the shared
     embedding left trainable), for one config. ``history``: finished run records (any order)."""
     b = preview(config, lora)
-    full_total = b.total - b.trainable
+    full_total = preview(config, None).total
     shared = next(s.size for s in specs_from_config(config) if s.path == "shared.weight")
     slots = SLOTS.get(train.optimizer, 2)
     act = activation_bytes(config, train.batch_size, train.max_source_len, train.max_target_len,
                            2 if precision == "bf16" else 4)
-    step = _step_estimate(history or [], train)
+    step = _step_estimate(history or [], train, full=not lora.adapter)
 
     def column(trainable: int, total: int = b.total) -> dict:
         return {"trainable": trainable, "pct_trainable": 100.0 * trainable / total,
@@ -63,10 +63,11 @@ def predict(config, lora: LoraConfig, train: TrainConfig, history: list[dict] | 
                                                       "train once and later runs get a step-time estimate"}
 
 
-def _step_estimate(history: list[dict], train: TrainConfig) -> dict | None:
+def _step_estimate(history: list[dict], train: TrainConfig, full: bool = False) -> dict | None:
     """Seconds per step: the latest finished run's measured mean (runs of the same model and
-    precision on this machine), scaled by tokens per step."""
-    done = [r for r in history if (r.get("summary") or {}).get("mean_step_s") and r.get("data")]
+    precision on this machine, full fine-tuning from full fine-tuning only), scaled by tokens per step."""
+    done = [r for r in history if (r.get("summary") or {}).get("mean_step_s") and r.get("data")
+            and (r["config"]["lora"].get("method") == "full") == full]
     if not done:
         return None
     last = max(done, key=lambda r: r.get("created", 0))

@@ -13,7 +13,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ConfigError, LoraConfig, RunConfig, TrainConfig, parse_ranks, parse_seeds, parse_targets
+from .config import (METHOD_LR, METHODS, ConfigError, LoraConfig, RunConfig, TrainConfig, parse_methods, parse_ranks,
+                     parse_seeds, parse_targets)
 
 
 def _lora_args(p: argparse.ArgumentParser) -> None:
@@ -25,11 +26,16 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--side", default=d.side, choices=("both", "encoder", "decoder"))
     p.add_argument("--layers", default="all", help="inclusive block range such as 0-7, or 'all'")
     p.add_argument("--lora-dropout", type=float, default=d.dropout)
+    p.add_argument("--method", default=d.method, choices=METHODS,
+                   help="lora; rslora (alpha/sqrt(r)); dora (learned magnitude); pissa (SVD start); loraplus "
+                        "(B learns --loraplus-ratio times faster); full (every weight, no adapter)")
+    p.add_argument("--loraplus-ratio", type=float, default=d.loraplus_ratio,
+                   help="LoRA+: B's learning rate over A's (PEFT's loraplus_lr_ratio)")
 
 
-def _lora_config(a) -> LoraConfig:
+def _lora_config(a, method: str | None = None) -> LoraConfig:
     return LoraConfig(rank=a.rank, alpha=a.alpha, targets=parse_targets(a.targets), side=a.side, layers=a.layers,
-                      dropout=a.lora_dropout)
+                      dropout=a.lora_dropout, method=method or a.method, loraplus_ratio=a.loraplus_ratio)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -88,16 +94,32 @@ def _parser() -> argparse.ArgumentParser:
     _train_args(p)
     p.add_argument("--out", required=True, help="output directory")
 
-    p = sub.add_parser("sweep", help="train the same config at several ranks; one record per run + summary")
-    _lora_args(p)
-    p.add_argument("--ranks", default="1,2,4,8,16", help="comma-separated ranks")
-    p.add_argument("--seeds", default=None,
-                   help="comma-separated seeds: every rank is trained once per seed, and summary.md gives "
-                        "each rank's mean and spread and says which differences are above seed noise "
-                        "(default: --seed alone)")
-    _train_args(p)
-    p.add_argument("--out", required=True, help="directory for the runs, runs.csv (one row per run), summary.csv (per config: "
-                        "mean and spread over seeds) and summary.md (both, and the verdicts)")
+    for name, ranks, methods, seeds, text in (
+            ("sweep", "1,2,4,8,16", None, None, "train the same config at several ranks (and methods); one record "
+                                                "per run + summary"),
+            ("methods", "8", ",".join(METHODS), "0,1,2", "compare LoRA, rsLoRA, DoRA, PiSSA, LoRA+ and full "
+                                                       "fine-tuning at one budget, 3 seeds each, with what each learns "
+                                                       "and forgets (a sweep over methods with --analyse)")):
+        p = sub.add_parser(name, help=text)
+        _lora_args(p)
+        p.add_argument("--ranks", default=ranks, help="comma-separated ranks")
+        p.add_argument("--methods", default=methods,
+                       help="comma-separated methods, each trained at every rank (full fine-tuning once, having "
+                            "no rank), e.g. lora,rslora,dora,pissa,loraplus,full (default: --method alone)")
+        p.add_argument("--method-lr", default=",".join(f"{k}={v:g}" for k, v in METHOD_LR.items()),
+                       help="learning rates per method that override --lr, e.g. loraplus=1e-3,full=1e-4 (the "
+                            "defaults were measured on the bundled tiny model: README, 'The LoRA family')")
+        p.add_argument("--seeds", default=seeds,
+                       help="comma-separated seeds: every rank is trained once per seed, and summary.md gives "
+                            "each config's mean and spread and says which differences are above seed noise "
+                            "(default: --seed alone)")
+        p.add_argument("--analyse", action="store_true", default=name == "methods",
+                       help="after training: learning vs forgetting with each run's scale curve, rank truncation, "
+                            "magnitude/direction change and intruder dimensions (methods.md, analysis.json, "
+                            "figures.html)")
+        _train_args(p)
+        p.add_argument("--out", required=True, help="directory for the runs, runs.csv (one row per run), summary.csv "
+                       "(per config: mean and spread over seeds) and summary.md (both, and the verdicts)")
 
     p = sub.add_parser("translate", help="translate English with the base model and (optionally) an adapter")
     p.add_argument("--model", default="google/flan-t5-small")
@@ -137,6 +159,9 @@ def cmd_inspect(a) -> int:
 
     record_path = Path(a.run_dir) / "metrics.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if (Path(a.run_dir) / adapters.FULL_FILE).is_file():
+        raise ConfigError(f"{a.run_dir} is a full fine-tuning run: it has no adapter to take apart (the methods "
+                          "command's --analyse measures its magnitude, direction and intruder figures)")
     adapter = adapters.read_adapter(a.run_dir)
     name = a.model or record.get("model") or adapter.base_model
     if not name:
@@ -160,7 +185,7 @@ def cmd_inspect(a) -> int:
 def cmd_params(a) -> int:
     from .params import format_table, preview
 
-    b = preview(a.model, None if a.full else _lora_config(a))
+    b = preview(a.model, None if a.full else _lora_config(a))   # (--method full gives the same as --full)
     print(json.dumps(b.to_dict(), indent=2) if a.json else format_table(b))
     return 0
 
@@ -171,12 +196,25 @@ def _load(name: str, precision: str = "fp32"):
     return load_model(name, fallback=False, precision=precision)
 
 
-def _run_config(a, rank=None, seed=None) -> RunConfig:
-    lora = _lora_config(a) if rank is None else replace(_lora_config(a), rank=rank)
+def _method_lr(text: str) -> dict[str, float]:
+    """'loraplus=1e-3,full=1e-4' -> {'loraplus': 0.001, 'full': 0.0001}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, _, value = part.partition("=")
+        try:
+            out[parse_methods(name.strip())[0]] = float(value)
+        except ValueError:
+            raise ConfigError(f"--method-lr entries look like loraplus=1e-3, got {part!r}") from None
+    return out
+
+
+def _run_config(a, rank=None, seed=None, method=None) -> RunConfig:
+    lora = _lora_config(a, method) if rank is None else replace(_lora_config(a, method), rank=rank)
+    lr = _method_lr(getattr(a, "method_lr", "")).get(lora.method, a.lr)
     if a.data == "hub-stream" and a.dataset != "europarl":
         raise ConfigError("--data hub-stream streams the WMT16 train split: use it with --dataset europarl")
     return RunConfig(model=a.model, lora=lora,
-                     train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, train_size=a.train_size,
+                     train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=lr, train_size=a.train_size,
                                        seed=a.seed if seed is None else seed, optimizer=a.optimizer,
                                        eval_every=a.eval_every, eval_size=a.eval_size, bleu_size=a.bleu_size,
                                        data=a.dataset, heldout_size=a.heldout_size, early_stop=a.early_stop,
@@ -305,8 +343,12 @@ def cmd_sweep(a) -> int:
 
     seeds = [a.seed] if a.seeds is None else parse_seeds(a.seeds)
 
-    def configs_():   # every (rank, seed), rank by rank
-        return [_run_config(a, rank=r, seed=sd) for r in parse_ranks(a.ranks) for sd in seeds]
+    methods = [a.method] if a.methods is None else parse_methods(a.methods)
+
+    def configs_():   # every (method, rank, seed), method by method, rank by rank; full fine-tuning once per seed
+        ranks = parse_ranks(a.ranks)
+        return [_run_config(a, rank=r, seed=sd, method=m) for m in methods for r in (ranks[:1] if m == "full" else ranks)
+                for sd in seeds]
     configs = configs_()   # validate every rank and seed before training any
     strategy, chief = _strategy_first(a)
     configs = configs_()   # again: a worker skips scoring
@@ -318,7 +360,7 @@ def cmd_sweep(a) -> int:
             jobs.append(job)
             _execute(a, loaded, job, base_cache, strategy, history=[j.record() for j in jobs])
             if not a.json and chief:
-                print(f"r={cfg.lora.rank} seed {cfg.train.seed}: " + _report(job).replace("\n", "\n  "),
+                print(f"{cfg.lora.method} r={cfg.lora.rank} seed {cfg.train.seed}: " + _report(job).replace("\n", "\n  "),
                       file=sys.stderr)
     if not chief:
         _worker_note(jobs[-1], chief)
@@ -327,6 +369,10 @@ def cmd_sweep(a) -> int:
     (out / "runs.csv").write_text(compare.to_csv(records), encoding="utf-8")
     (out / "summary.csv").write_text(compare.groups_csv(compare.groups(records)), encoding="utf-8")
     (out / "summary.md").write_text(compare.to_markdown(records), encoding="utf-8")
+    if a.analyse:
+        from .analysis import analyse_runs
+
+        analyse_runs(records, jobs, loaded, out, log=None if a.json else lambda m: print(m, file=sys.stderr))
     if not a.json:
         print(compare.to_markdown(records) + f"\nwrote {len(jobs)} runs, runs.csv, summary.csv (per config, over "
               f"seeds) and summary.md to {out}")
@@ -396,7 +442,7 @@ def cmd_bench(a) -> int:
 def main(argv=None) -> None:
     a = _parser().parse_args(argv)
     try:
-        code = {"params": cmd_params, "train": cmd_train, "sweep": cmd_sweep,
+        code = {"params": cmd_params, "train": cmd_train, "sweep": cmd_sweep, "methods": cmd_sweep,
                 "translate": cmd_translate, "export": cmd_export, "inspect": cmd_inspect,
                 "bench": cmd_bench}[a.command](a)
     except ConfigError as exc:

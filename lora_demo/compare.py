@@ -11,12 +11,17 @@ import io
 import math
 import statistics
 
-COLUMNS = ["run", "status", "rank", "alpha", "targets", "stacks", "blocks", "seed", "data", "trainable",
+from .config import METHODS
+
+COLUMNS = ["run", "status", "method", "rank", "alpha", "targets", "stacks", "blocks", "seed", "data", "trainable",
            "% trainable", "adapter MB", "steps", "train loss", "held-out base", "held-out loss", "val loss",
-           "BLEU base", "BLEU LoRA", "chrF base", "chrF LoRA", "s/step", "first loss s", "peak RSS MB"]
-# Display widths for the UI table (it scrolls sideways rather than squashing 24 columns).
-WIDTHS = ["200px", "100px", "60px", "64px", "80px", "76px", "70px", "60px", "80px", "100px", "100px", "96px",
-          "64px", "90px", "96px", "96px", "84px", "90px", "90px", "90px", "90px", "70px", "96px", "104px"]
+           "de→en base", "de→en loss", "BLEU base", "BLEU LoRA", "chrF base", "chrF LoRA", "s/step",
+           "first loss s", "peak RSS MB"]
+# Display widths for the UI table (it scrolls sideways rather than squashing 27 columns).
+WIDTHS = ["200px", "100px", "84px", "60px", "64px", "80px", "76px", "70px", "60px", "80px", "100px", "100px", "96px",
+          "64px", "90px", "96px", "96px", "84px", "90px", "90px", "90px", "90px", "90px", "90px", "70px", "96px",
+          "104px"]
+LORA_DEFAULTS = {"method": "lora", "loraplus_ratio": 16.0}   # records from before the methods were added
 
 
 def _get(d: dict | None, *keys):
@@ -36,15 +41,18 @@ def row(rec: dict) -> list:
     lora, q = rec["config"]["lora"], rec.get("quality")
     layers = lora.get("layers")
     adapter_bytes = _get(rec, "adapter", "bytes")
+    full = lora.get("method") == "full"   # no adapter: rank, alpha, targets and blocks do not apply
     return [
-        rec["run_id"], rec["status"], lora["rank"], lora["alpha"], "+".join(lora["targets"]), lora["side"],
-        "all" if not layers else f"{layers[0]}-{layers[1]}",
+        rec["run_id"], rec["status"], lora.get("method", "lora"), None if full else lora["rank"],
+        None if full else lora["alpha"], "all weights" if full else "+".join(lora["targets"]),
+        "both" if full else lora["side"], "all" if full or not layers else f"{layers[0]}-{layers[1]}",
         rec["config"]["train"]["seed"], rec["config"]["train"].get("data", "europarl"),
         _get(rec, "params", "trainable"), _round(_get(rec, "params", "pct_trainable"), 3),
         _round(adapter_bytes / 1e6 if adapter_bytes else _get(rec, "params", "adapter_mb"), 3),
         len(rec.get("losses") or []) if rec.get("losses") is not None else _get(rec, "steps_done"),
         _round(_get(rec, "summary", "final_loss"), 3), _round(_get(rec, "summary", "base_heldout_loss"), 4),
         _round(_get(rec, "summary", "final_heldout_loss"), 4), _round(_get(rec, "summary", "final_val_loss"), 3),
+        _round(_get(rec, "summary", "base_forget_loss"), 4), _round(_get(rec, "summary", "final_forget_loss"), 4),
         _round(_get(q, "base", "bleu"), 2), _round(_get(q, "lora", "bleu"), 2),
         _round(_get(q, "base", "chrf"), 2), _round(_get(q, "lora", "chrf"), 2),
         _round(_get(rec, "summary", "mean_step_s"), 3), _round(_get(rec, "summary", "first_loss_s"), 1),
@@ -102,7 +110,7 @@ RULE = ("Rule: config A is better than config B *above seed noise* when every se
         "3 seeds each, 1 in 6 for 2 each, 1 in 2 for one each. A difference counts as resolved only when that "
         "chance is at most 1 in 20.")
 GROUP_COLUMNS = ["config", "seeds", "held-out mean", "held-out sd", "held-out min", "held-out max",
-                 "Δ vs base (mean)", "val loss mean", "BLEU LoRA mean", "BLEU LoRA sd", "chrF LoRA mean",
+                 "Δ vs base (mean)", "de→en Δ (mean)", "val loss mean", "BLEU LoRA mean", "BLEU LoRA sd", "chrF LoRA mean",
                  "trainable"]
 _IGNORED = {"seed", "samples", "bleu_size", "eval_size"}   # settings that do not make another config
 
@@ -110,13 +118,22 @@ _IGNORED = {"seed", "samples", "bleu_size", "eval_size"}   # settings that do no
 def config_key(rec: dict) -> str:
     cfg = rec["config"]
     train = {k: v for k, v in cfg["train"].items() if k not in _IGNORED}
-    return repr((cfg.get("model"), sorted(cfg["lora"].items()), sorted(train.items())))
+    lora = {**LORA_DEFAULTS, **cfg["lora"]}
+    if lora["method"] != "loraplus":
+        lora.pop("loraplus_ratio")
+    if lora["method"] == "full":   # nothing of the adapter's shape applies
+        lora = {"method": "full"}
+    return repr((cfg.get("model"), sorted(lora.items()), sorted(train.items())))
 
 
 def _label(rec: dict, varying: set[str]) -> str:
-    lora, train = rec["config"]["lora"], rec["config"]["train"]
-    parts = [f"r={lora['rank']}", "+".join(lora["targets"])]
-    for key in sorted(varying - {"rank", "targets"}):
+    lora, train = {**LORA_DEFAULTS, **rec["config"]["lora"]}, rec["config"]["train"]
+    if lora["method"] == "full":
+        parts = ["full fine-tuning"]
+    else:   # plain LoRA is named only when methods differ
+        named = lora["method"] != "lora" or "method" in varying
+        parts = ([lora["method"]] if named else []) + [f"r={lora['rank']}", "+".join(lora["targets"])]
+    for key in sorted(varying - {"rank", "targets", "method", "loraplus_ratio"}):
         value = lora.get(key, train.get(key))
         parts.append(f"{key}={value}")
     return " · ".join(parts)
@@ -147,8 +164,12 @@ def groups(records: list[dict]) -> list[dict]:
             "bleu": [v for r in rs if (v := _get(r, "quality", "lora", "bleu")) is not None],
             "chrf": [v for r in rs if (v := _get(r, "quality", "lora", "chrf")) is not None],
             "trainable": _get(rs[0], "params", "trainable"),
+            "method": rs[0]["config"]["lora"].get("method", "lora"),
+            "forget": [f - b for r in rs if (f := _get(r, "summary", "final_forget_loss")) is not None
+                       and (b := _get(r, "summary", "base_forget_loss")) is not None],
         })
-    return sorted(out, key=lambda g: (g["rank"], g["label"]))
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(out, key=lambda g: (order.get(g["method"], 0), g["rank"], g["label"]))
 
 
 def _mean(xs):
@@ -162,6 +183,7 @@ def _sd(xs):
 def group_table(gs: list[dict]) -> list[list]:
     return [[g["label"], len(g["seeds"]), _round(_mean(g["heldout"]), 4), _round(_sd(g["heldout"]), 4),
              _round(min(g["heldout"]), 4), _round(max(g["heldout"]), 4), _round(_mean(g["delta"]), 4),
+             _round(_mean(g["forget"]), 4),
              _round(_mean(g["val"]), 4), _round(_mean(g["bleu"]), 2), _round(_sd(g["bleu"]), 2),
              _round(_mean(g["chrf"]), 2), g["trainable"]] for g in gs]
 

@@ -103,11 +103,11 @@ def cache_key(model, run: RunConfig, train_spec: dict, eval_spec: dict) -> tuple
     tensorflow-addons optimisers keep state that a reset could not restore, e.g. Lookahead's slow
     weights)."""
     lora, cfg = run.lora, run.train
-    if cfg.optimizer != "adamw":
+    if cfg.optimizer != "adamw" or not lora.adapter:   # full fine-tuning trains a fresh copy each run
         return None
     shapes = tuple((k, tuple(v.shape), v.dtype.name) for s in (train_spec, eval_spec) for k, v in s.items())
     paths = tuple(select_paths([s.path for s in dense_sites(model)], lora))
-    return (paths, lora.rank, lora.dropout, cfg.optimizer, cfg.weight_decay, cfg.clip_norm, shapes,
+    return (paths, lora.rank, lora.dropout, lora.method, lora.loraplus_ratio, cfg.optimizer, cfg.weight_decay, cfg.clip_norm, shapes,
             model_precision(model))
 
 

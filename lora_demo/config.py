@@ -16,6 +16,21 @@ from .data import TRAIN_PAIRS
 MODULES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 SIDES = ("both", "encoder", "decoder")
 OPTIMIZERS = ("adamw", "radam", "lamb", "lookahead_adamw")
+# Run kinds. The adapters (lora.py) differ in scaling, initialisation or parametrisation; LoRA+ only in
+# its optimiser (B learns loraplus_ratio times faster than A); "full" trains every weight, no adapter.
+METHODS = ("lora", "rslora", "dora", "pissa", "loraplus", "full")
+# Learning rates the method comparison uses instead of the default (``python -m lora_demo methods``),
+# measured on the bundled tiny model at the default budget (README, "The LoRA family"): LoRA+ moves B
+# 16x faster and full fine-tuning moves every weight, so both want smaller rates than LoRA's 3e-3.
+METHOD_LR = {"loraplus": 1e-3, "full": 1e-3}
+METHOD_LABELS = {
+    "lora": "LoRA (Hu et al. 2021): ΔW = (alpha/r)·A·B, B starts at 0",
+    "rslora": "rsLoRA (Kalajdzievski 2023): scaled by alpha/√r instead of alpha/r",
+    "dora": "DoRA (Liu et al. 2024): a learned magnitude per output column over the direction of W + ΔW",
+    "pissa": "PiSSA (Meng et al. 2024): A and B start from the top-r singular vectors of W; W keeps the rest",
+    "loraplus": "LoRA+ (Hayou et al. 2024): B's learning rate is ratio × A's",
+    "full": "full fine-tuning: every weight trains, no adapter",
+}
 # Training data (data.py): pairs available for training in each, after the held-out slices.
 DATASETS = TRAIN_PAIRS
 # Sentences translated at every evaluation point of a run, base model first (news, like the default data).
@@ -122,9 +137,14 @@ class LoraConfig:
     side: str = "both"                          # which stack gets adapters: both, encoder or decoder
     layers: tuple[int, int] | None = None       # inclusive block range; None = every block
     dropout: float = 0.0                        # dropout on the LoRA path only (input to A)
+    method: str = "lora"                        # one of METHODS
+    loraplus_ratio: float = 16.0                # LoRA+ only: B's learning rate over A's (PEFT's loraplus_lr_ratio)
 
     def __post_init__(self):
         lim = limits()
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        object.__setattr__(self, "loraplus_ratio", _real("LoRA+ ratio", self.loraplus_ratio, 0.0, 1024.0, lo_open=True))
         object.__setattr__(self, "rank", _whole("rank", self.rank, 1, lim.max_rank))
         object.__setattr__(self, "alpha", _real("alpha", self.alpha, 0.0, 4096.0, lo_open=True))
         object.__setattr__(self, "targets", parse_targets(self.targets))
@@ -135,7 +155,13 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        """What A·B is multiplied by: alpha/r, or alpha/√r for rsLoRA (the update keeps its size as r grows)."""
+        return self.alpha / math.sqrt(self.rank) if self.method == "rslora" else self.alpha / self.rank
+
+    @property
+    def adapter(self) -> bool:
+        """False for full fine-tuning, which trains the model's own weights."""
+        return self.method != "full"
 
 
 def parse_ranks(text) -> list[int]:
@@ -227,6 +253,19 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         object.__setattr__(self, "samples", parse_samples(self.samples))
+
+
+def parse_methods(text) -> list[str]:
+    """'lora,dora,full' -> ['lora', 'dora', 'full'], each checked against METHODS, no repeats."""
+    parts = list(text) if isinstance(text, (list, tuple)) else [p for p in str(text or "").replace(" ", ",").split(",") if p]
+    if not parts:
+        raise ConfigError(f"give at least one method: {', '.join(METHODS)}")
+    unknown = [p for p in parts if p not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method {unknown[0]!r}; methods are {', '.join(METHODS)}")
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"each method once, got {text!r}")
+    return parts
 
 
 def parse_seeds(text, first: int = 0) -> list[int]:

@@ -35,14 +35,25 @@ TRAIN_PAIRS = {"news": NEWS_TRAIN_PAIRS, "europarl": EUROPARL_HELDOUT_START}
 HELDOUT_NAMES = {"news": NEWS_HELDOUT_SET, "europarl": f"europarl rows {EUROPARL_HELDOUT_START}+"}
 
 
+REVERSE_PROMPT = "translate German to English: "
+
+
 @dataclass(frozen=True)
 class Pair:
     en: str
     de: str
+    prompt: str = PROMPT   # ``en`` is the source and ``de`` the target whatever the prompt says
 
     @property
     def source(self) -> str:
-        return PROMPT + self.en
+        return self.prompt + self.en
+
+
+def reversed_pairs(pairs: "Pairs") -> "Pairs":
+    """The same sentences the other way, German -> English: the forgetting probe. A run trains only
+    English -> German, so how its loss here moves from the base model's is what it forgot (or gained)."""
+    return Pairs(tuple(Pair(p.de, p.en, REVERSE_PROMPT) for p in pairs.items), pairs.origin,
+                 f"{pairs.split}, de→en")
 
 
 @dataclass(frozen=True)

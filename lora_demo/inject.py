@@ -128,11 +128,18 @@ def apply_lora(model, cfg: LoraConfig, seed: int = 0, clock: DropoutClock | None
     chosen = select_paths(list(sites), cfg)
     # Every A is drawn from its own explicit seed. No global tf.random.set_seed here: it clears
     # TensorFlow's function caches, so compiled translate and train functions would be rebuilt.
+    if not cfg.adapter:
+        raise ConfigError("full fine-tuning adds no adapter; train the model's own weights instead")
     wrapped = []
     for i, path in enumerate(chosen):
         site = sites[path]
-        layer = LoraDense(getattr(site.owner, site.attr), cfg.rank, cfg.alpha, cfg.dropout, path=path,
-                          seed=_layer_seed(seed, i), clock=clock)
+        try:
+            layer = LoraDense(getattr(site.owner, site.attr), cfg.rank, cfg.alpha, cfg.dropout, path=path,
+                              seed=_layer_seed(seed, i), clock=clock, method=cfg.method)
+        except ValueError as exc:   # e.g. a PiSSA rank above the layer's smaller side
+            for done in wrapped:
+                setattr(sites[done.path].owner, sites[done.path].attr, done.base)
+            raise ConfigError(str(exc)) from None
         setattr(site.owner, site.attr, layer)
         wrapped.append(layer)
     freeze_base(model)

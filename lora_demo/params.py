@@ -91,12 +91,14 @@ def lora_specs(base: list[WeightSpec], cfg: LoraConfig) -> list[WeightSpec]:
         d_in, d_out = kernels[path]
         out += [WeightSpec(f"{path}.lora_A.weight", (d_in, cfg.rank), True),
                 WeightSpec(f"{path}.lora_B.weight", (cfg.rank, d_out), True)]
+        if cfg.method == "dora":
+            out.append(WeightSpec(f"{path}.lora_magnitude_vector.weight", (d_out,), True))
     return out
 
 
 def with_lora(base: list[WeightSpec], cfg: LoraConfig | None) -> list[WeightSpec]:
-    """Base frozen plus the LoRA weights; with no LoRA config, the base as given (full fine-tuning)."""
-    if cfg is None:
+    """Base frozen plus the LoRA weights; with no LoRA config or full fine-tuning, the base as given."""
+    if cfg is None or not cfg.adapter:
         return list(base)
     return [WeightSpec(s.path, s.shape, False) for s in base] + lora_specs(base, cfg)
 
@@ -128,6 +130,8 @@ def specs_from_model(model) -> list[WeightSpec]:
     for layer in lora_layers(model):
         lora_ids[id(layer.lora_A)] = f"{layer.path}.lora_A.weight"
         lora_ids[id(layer.lora_B)] = f"{layer.path}.lora_B.weight"
+        if layer.magnitude is not None:
+            lora_ids[id(layer.magnitude)] = f"{layer.path}.lora_magnitude_vector.weight"
     trainable = {id(v) for v in model.trainable_weights}
     return [WeightSpec(lora_ids.get(id(v)) or keras_name_to_path(v.name), tuple(v.shape), id(v) in trainable)
             for v in model.weights]

@@ -298,3 +298,83 @@ def similarity_figure(sim: dict | None) -> go.Figure:
     fig.update_yaxes(range=[0, 1.05])
     return _layout(fig, f"Subspace similarity φ, r={sim['ranks'][0]} vs r={sim['ranks'][1]} (1 = same directions)",
                    "layer", "φ", height=360)
+
+
+# ---------------------------------------------------------------------------
+# The LoRA family: learning against forgetting, rank truncation, intruder dimensions
+# ---------------------------------------------------------------------------
+
+METHOD_COLORS = {"lora": "#2563eb", "rslora": "#7c3aed", "dora": "#db2777", "pissa": "#ea580c",
+                 "loraplus": "#0891b2", "full": "#111827"}
+
+
+def method_of(rec: dict) -> str:
+    return rec["config"]["lora"].get("method", "lora")
+
+
+def forgetting_figure(records: list[dict], curves: dict[str, list[dict]] | None = None) -> go.Figure:
+    """Each finished run as a point: x = what it learned (held-out en→de loss, base minus final), y =
+    what it forgot (de→en loss on the same sentences, final minus base). The base model is the origin.
+    ``curves`` (run id -> analysis.scale_curve) draws a run's path as its LoRA scale goes 0 → 1."""
+    fig = go.Figure()
+    done = [r for r in records if (r.get("summary") or {}).get("final_forget_loss") is not None
+            and (r.get("summary") or {}).get("final_heldout_loss") is not None]
+    for method in dict.fromkeys(method_of(r) for r in done):
+        rs = [r for r in done if method_of(r) == method]
+        s = [r["summary"] for r in rs]
+        fig.add_trace(go.Scatter(
+            x=[x["base_heldout_loss"] - x["final_heldout_loss"] for x in s],
+            y=[x["final_forget_loss"] - x["base_forget_loss"] for x in s], mode="markers", name=method,
+            text=[f"{r['run_id']} · seed {r['config']['train']['seed']}" for r in rs],
+            marker=dict(size=11, color=METHOD_COLORS.get(method, "#64748b"))))
+    for run_id, curve in (curves or {}).items():
+        rec = next((r for r in done if r["run_id"] == run_id), None)
+        if rec is None or not curve:
+            continue
+        base = curve[0]
+        fig.add_trace(go.Scatter(x=[base["heldout"] - p["heldout"] for p in curve],
+                                 y=[p["forget"] - base["forget"] for p in curve], mode="lines+markers",
+                                 name=f"{method_of(rec)} scale 0→1", text=[f"scale {p['scale']:g}" for p in curve],
+                                 line=dict(dash="dot", color=METHOD_COLORS.get(method_of(rec), "#64748b")),
+                                 marker=dict(size=5)))
+    fig.add_trace(go.Scatter(x=[0], y=[0], mode="markers+text", name="base model", text=["base"],
+                             textposition="bottom right", marker=dict(size=12, symbol="x", color="#64748b")))
+    fig.add_hline(y=0, line=dict(color="#cbd5e1"))
+    fig.add_vline(x=0, line=dict(color="#cbd5e1"))
+    if not done:
+        _empty(fig, "finished runs appear here: right = learned more, up = forgot more")
+    names = {r["summary"].get("forget_name") for r in done} - {None}
+    _layout(fig, "Learning vs forgetting (base model at the origin)", "learned: held-out en→de loss, base − final",
+            "forgot: de→en loss, final − base" + (f"<br>({', '.join(sorted(names))})" if names else ""), height=440)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),
+                      margin=dict(l=70, r=20, t=50, b=40))
+    return fig
+
+
+def truncation_figure(curves: dict[str, list[dict]], labels: dict[str, str] | None = None) -> go.Figure:
+    """Held-out loss with each layer's update cut to its top-k singular directions, per run."""
+    fig = go.Figure()
+    for run_id, curve in curves.items():
+        label = (labels or {}).get(run_id, run_id)
+        fig.add_trace(go.Scatter(x=[p["k"] for p in curve], y=[p["heldout"] for p in curve], mode="lines+markers",
+                                 name=label, line=dict(color=METHOD_COLORS.get(label.split()[0], None))))
+    if not curves:
+        _empty(fig, "pick a run with an adapter and measure its truncation curve")
+    return _layout(fig, "Rank truncation: held-out loss keeping the top-k directions per layer",
+                   "k (singular directions kept per layer)", "held-out loss")
+
+
+def intruder_figure(reports: dict[str, dict]) -> go.Figure:
+    """Intruder dimensions per run, beside a random update of the same norm and rank (the control)."""
+    labels = list(reports)
+    fig = go.Figure([
+        go.Bar(x=labels, y=[reports[k]["intruders"] for k in labels], name="the run's update",
+               marker_color="#db2777"),
+        go.Bar(x=labels, y=[reports[k]["intruders_random"] for k in labels], name="random update, same norm and rank",
+               marker_color="#cbd5e1")])
+    if not labels:
+        _empty(fig, "no run measured yet")
+    k, eps = (next(iter(reports.values()))["k"], next(iter(reports.values()))["eps"]) if labels else (10, 0.5)
+    fig.update_layout(barmode="group")
+    return _layout(fig, f"Intruder dimensions (top {k} singular vectors with no match ≥ {eps} in W), all layers",
+                   "", "count")

@@ -24,6 +24,7 @@ training copy's base weights are never modified.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -197,7 +198,8 @@ def summary_row(job: Job, session: str | None = None) -> dict:
     for key in ("losses", "val_losses", "heldout_losses", "optim", "samples", "config", "owner"):
         rec.pop(key)
     rec["mine"] = job.owned_by(session)
-    rec.update(rank=job.config.lora.rank, alpha=job.config.lora.alpha, targets=list(job.config.lora.targets),
+    rec.update(method=job.config.lora.method, rank=job.config.lora.rank, alpha=job.config.lora.alpha,
+               targets=list(job.config.lora.targets),
                steps=job.config.train.steps, steps_done=len(job.losses))
     return rec
 
@@ -268,7 +270,19 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
     job.status, job.phase = "running", "training"
     job.save()
     notify()
+    full = not job.config.lora.adapter
     with MemoryMonitor() as mem:
+        if full:
+            # Full fine-tuning trains a float32 copy of the base (bf16 weights would round small
+            # updates away), so ``model`` and the translator stay the base for every later run.
+            remove_lora(model)
+            if translator is not None:
+                with translator.use() as base_model:
+                    model = copy_model(base_model, "fp32")
+            else:
+                if cfg.bleu_size > 0 and cfg.bleu_size not in base_cache:   # the base, before it changes
+                    base_cache[cfg.bleu_size] = score_translations(model, tokenizer, pairs_of("test", cfg.bleu_size))
+                model = copy_model(model, "fp32")
         train_pairs, val_pairs = pairs_of("train", cfg.train_size, cfg.data), pairs_of("validation", cfg.eval_size)
         heldout = pairs_of("heldout", cfg.heldout_size, cfg.data)
         for event in train(job.config, model, tokenizer, train_pairs, val_pairs, heldout, stop=job.stop,
@@ -277,11 +291,11 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
             job.apply(event)
             notify(event)
         outcome = job.outcome or "failed"
-        if lora_layers(model) and job.losses:
+        if (lora_layers(model) or full) and job.losses:
             # Kept on disk whatever the outcome; offered for translation only if the run did not fail.
-            adapters.save_adapter(model, job.config.lora, job.config.model, job.dir)
-            job.adapter_files = {"bytes": (job.dir / adapters.WEIGHTS_FILE).stat().st_size}
-            if outcome != "failed":
+            saved = adapters.save_run_state(model, job.config.lora, job.config.model, job.dir)
+            job.adapter_files = {"bytes": saved.stat().st_size}
+            if outcome != "failed" and not full:   # (full fine-tuning: every weight, read from disk when used)
                 job.adapter = adapters.adapter_state(model)
         if outcome == "completed" and cfg.bleu_size > 0:
             job.phase = "evaluating"
@@ -289,14 +303,14 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
             notify()
             test = pairs_of("test", cfg.bleu_size)
             if translator is not None:
-                with translator.use(job.config.lora, adapters.adapter_state(model)) as merged:
+                with translator.use(job.config.lora, adapters.run_state(model, job.config.lora)) as merged:
                     lora = score_translations(merged, tokenizer, test, job.stop)
                 if lora is not None and cfg.bleu_size not in base_cache:
                     with translator.use() as base_model:
                         base_cache[cfg.bleu_size] = score_translations(base_model, tokenizer, test)
             else:
                 lora = score_translations(model, tokenizer, test, job.stop)
-                if lora is not None and cfg.bleu_size not in base_cache:
+                if lora is not None and cfg.bleu_size not in base_cache:   # (full fine-tuning filled it before)
                     set_scale(model, 0.0)
                     try:
                         base_cache[cfg.bleu_size] = score_translations(model, tokenizer, test)
@@ -358,6 +372,7 @@ class Lab:
         self._pairs: dict[tuple, data.Pairs] = {}
         self._base_scores: dict[int, dict] = {}
         self._base_norms: dict[str, float] | None = None   # ‖W‖_F per kernel, for anatomy
+        self._kernels: dict | None = None                    # W per kernel (float64), for analysis
         self._connection_keys: OrderedDict[str, str] = OrderedDict()   # API connection -> its owner key
         self._load_records()
         self.workers = [threading.Thread(target=self._work, args=(model,), daemon=True, name=f"lora-train-{i}")
@@ -400,7 +415,23 @@ class Lab:
                               f"{have}; delete runs you no longer need (section 5, after downloading what you "
                               f"want to keep) to make room for {n} more")
 
+    def check(self, config: RunConfig) -> None:
+        """What only this model can tell about a config, before it is queued (ConfigError says what)."""
+        lora = config.lora
+        if lora.method == "loraplus" and config.train.optimizer != "adamw":
+            raise ConfigError("LoRA+ is built on AdamW here (as PEFT's loraplus optimiser usually is); choose adamw")
+        if not lora.adapter:
+            return
+        sites = {s.path: s for s in dense_sites(self.translator)}   # the translator never carries LoRA layers
+        chosen = select_paths(list(sites), lora)
+        if lora.method == "pissa":
+            small = min(min(getattr(sites[p].owner, sites[p].attr).kernel.shape) for p in chosen)
+            if lora.rank > small:
+                raise ConfigError(f"PiSSA takes r singular vectors of each weight; the smallest adapted weight here "
+                                  f"has {small}, so r can be at most {small}, got {lora.rank}")
+
     def submit(self, config: RunConfig, session: str = "", sweep: str = "") -> Job:
+        self.check(config)
         if not sweep:
             self._room_for(session, 1)
         job = Job.new(config, session, self.runs_dir, sweep=sweep)
@@ -415,14 +446,20 @@ class Lab:
         return job
 
     def submit_sweep(self, config: RunConfig, ranks: list[int], session: str = "",
-                     seeds: list[int] | None = None) -> list[Job]:
-        """The same config at each rank, once per seed (default: the config's own seed); queued back to
-        back, rank by rank. Runs with the same seed share the data order and A's initialisation."""
-        seeds = seeds or [config.train.seed]
-        self._room_for(session, len(ranks) * len(seeds))
+                     seeds: list[int] | None = None, methods: list[str] | None = None,
+                     lrs: dict[str, float] | None = None) -> list[Job]:
+        """The same config at each rank (and with each of ``methods``: full fine-tuning once, having no
+        rank), once per seed (default: the config's own seed); queued back to back, method by method,
+        rank by rank. ``lrs``: learning rates per method instead of the config's. Runs with the same
+        seed share the data order and A's initialisation."""
+        seeds, methods, lrs = seeds or [config.train.seed], methods or [config.lora.method], lrs or {}
+        configs = [replace(config, lora=replace(config.lora, rank=r, method=m),
+                           train=replace(config.train, seed=sd, lr=lrs.get(m, config.train.lr)))
+                   for m in methods for r in (ranks[:1] if m == "full" else ranks) for sd in seeds]
+        for c in configs:   # each config checked before any is queued (e.g. a PiSSA rank too large)
+            self.check(c)
+        self._room_for(session, len(configs))
         sweep = "sweep-" + time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
-        configs = [replace(config, lora=replace(config.lora, rank=r), train=replace(config.train, seed=sd))
-                   for r in ranks for sd in seeds]
         return [self.submit(c, session, sweep=sweep) for c in configs]
 
     def predict(self, config: RunConfig) -> dict:
@@ -487,7 +524,10 @@ class Lab:
     # -- translation ---------------------------------------------------------
     def adapter_of(self, job: Job) -> dict | None:
         if job.adapter is None and job.adapter_files and job.status != "failed":
-            job.adapter = adapters.load_state(job.dir)  # a run recorded before this server started
+            state = adapters.load_state(job.dir)  # a run recorded before this server started
+            if not job.config.lora.adapter:       # a whole model's weights: read from disk when needed
+                return state
+            job.adapter = state
         return job.adapter
 
     def _session_job(self, run_id: str, session: str | None) -> Job:
@@ -542,6 +582,9 @@ class Lab:
     def adapter_zip(self, run_id: str, session: str | None = None) -> Path:
         """A zip of the run's PEFT adapter directory (for download; upload it back to import it)."""
         job = self.owned(run_id, session)
+        if not job.config.lora.adapter:
+            raise ConfigError(f"run {job.id} is full fine-tuning: there is no adapter, only the whole model. "
+                              "Download the merged checkpoint instead")
         return adapters.zip_dir(job.dir, self._export_dir(job) / f"lora-lab-adapter-{job.id}.zip",
                                 only=(adapters.CONFIG_FILE, adapters.WEIGHTS_FILE))
 
@@ -571,6 +614,8 @@ class Lab:
                 return base, list(base)
             state = self.adapter_of(job)
             if keep:
+                if not job.config.lora.adapter:
+                    raise ConfigError("switching parts off works on adapters; full fine-tuning changed every weight")
                 state = anatomy.switch_off(state, **keep)
             with adapters.merged_into(self.translator, job.config.lora, state, scale):
                 return base, translate(self.translator, self.loaded.tokenizer, sentences)
@@ -579,9 +624,48 @@ class Lab:
     def inspect(self, run_id: str, session: str | None = None) -> dict:
         """anatomy.inspect of a run's adapter, with ‖W‖ from this server's base model."""
         job = self.owned(run_id, session)
+        if not job.config.lora.adapter:
+            raise ConfigError(f"run {job.id} is full fine-tuning: it has no low-rank factors to take apart. "
+                              "Measure what it learned and forgot (below) for its magnitude, direction and "
+                              "intruder figures")
         if self._base_norms is None:
             self._base_norms = anatomy.base_norms(self.translator)
         return {"run_id": job.id, **anatomy.inspect(job.config.lora, self.adapter_of(job), self._base_norms)}
+
+    def analyse(self, run_id: str, session: str | None = None) -> dict:
+        """What the run learned and forgot, from its weights (analysis.py): the held-out and de→en losses
+        as its scale goes 0 → 1, the truncation curve (adapters), and per layer ‖ΔW‖/‖W‖, magnitude and
+        direction change and intruder dimensions beside a random control. Measured once per run and
+        kept in its directory (analysis.json)."""
+        from . import analysis
+
+        job = self.owned(run_id, session)
+        path = job.dir / "analysis.json"
+        if path.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                return json.loads(path.read_text())
+        cfg = job.config
+        with self.translate_lock:   # the translator carries the update only inside each measurement
+            if self._kernels is None:
+                self._kernels = analysis.kernels(self.translator)
+            batches = analysis.probe_batches(self.loaded.tokenizer, cfg.train)
+            state = self.adapter_of(job)
+            result = {"run_id": job.id, "method": cfg.lora.method,
+                      "forget_name": f"{data.HELDOUT_NAMES[cfg.train.data]}, de→en",
+                      "scale_curve": analysis.scale_curve(self.translator, cfg.lora, state, batches),
+                      "truncation": (analysis.truncation_curve(self.translator, cfg.lora, state, batches)
+                                     if cfg.lora.adapter else []),
+                      "layers": analysis.layer_report(cfg.lora, state, self._kernels, seed=cfg.train.seed)}
+        path.write_text(json.dumps(result) + "\n")
+        return result
+
+    def analysed(self, job: Job) -> dict | None:
+        """The run's analysis if it has been measured."""
+        path = job.dir / "analysis.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (ValueError, OSError):
+            return None
 
     def similarity(self, run_a: str, run_b: str, session: str | None = None) -> dict:
         a, b = self.owned(run_a, session), self.owned(run_b, session)
@@ -614,13 +698,15 @@ class Lab:
     def adapted_layers(self, lora: LoraConfig) -> int:
         return len(select_paths([site.path for site in dense_sites(self.loaded.model)], lora))
 
-    def lora_config(self, rank, alpha, targets, side, first_layer, last_layer) -> LoraConfig:
+    def lora_config(self, rank, alpha, targets, side, first_layer, last_layer, method: str = "lora",
+                    loraplus_ratio: float = 16.0) -> LoraConfig:
         """A config from form values; a block range covering every block means all of them (None)."""
         last = self.depth - 1 if last_layer is None or last_layer == -1 else last_layer
         first = 0 if first_layer is None else first_layer
         layers = None if (first, last) == (0, self.depth - 1) else (first, last)
         return LoraConfig(rank=rank, alpha=alpha, targets=targets if targets is not None else (), side=side,
-                          layers=layers)
+                          layers=layers, method=method or "lora",
+                          loraplus_ratio=16.0 if loraplus_ratio is None else loraplus_ratio)
 
     def run_config(self, lora: LoraConfig, steps, batch_size, lr, train_size, seed, optimizer, bleu_size,
                    **more) -> RunConfig:
@@ -637,7 +723,8 @@ class Lab:
     def status(self, job: Job) -> dict:
         """Everything a client needs about a job, as plain values."""
         last = job.losses[-1] if job.losses else None
-        return {"run_id": job.id, "sweep": job.sweep, "rank": job.config.lora.rank, "status": job.status,
+        return {"run_id": job.id, "sweep": job.sweep, "method": job.config.lora.method, "rank": job.config.lora.rank,
+                "status": job.status,
                 "phase": job.phase, "queue_position": self.position(job), "total_steps": job.config.train.steps,
                 "step": last[0] if last else 0, "loss": last[1] if last else None,
                 "tokens_per_s": job.summary.get("last_tokens_per_s"), "elapsed_s": job.summary.get("elapsed_s", 0.0),

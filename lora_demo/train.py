@@ -24,7 +24,7 @@ from . import compiled, data
 from .config import ConfigError, RunConfig, TrainConfig
 from .distribute import make_strategy, topology  # noqa: F401  (make_strategy: re-exported)
 from .events import EvalLogged, Event, RunFailed, RunFinished, RunStarted, SamplesLogged, StepLogged
-from .inject import apply_lora, reattach, set_scale
+from .inject import apply_lora, lora_layers, reattach, set_scale
 from .lora import DropoutClock, step_dropout
 from .models import device_info, model_precision, variable_device
 from .params import breakdown, specs_from_model
@@ -71,12 +71,63 @@ class WarmupConstant(tf.keras.optimizers.schedules.LearningRateSchedule):
         return {"lr": float(self.lr.numpy()), "warmup": int(self.warmup.numpy())}
 
 
-def make_optimizer(cfg: TrainConfig):
-    """(optimiser, its learning-rate schedule)."""
+class ScaledSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """Another schedule times a fixed ratio (LoRA+'s rate for B)."""
+
+    def __init__(self, schedule, ratio: float):
+        self.schedule, self.ratio = schedule, float(ratio)
+
+    def __call__(self, step):
+        return self.schedule(step) * self.ratio
+
+    def get_config(self):
+        return {"ratio": self.ratio, **self.schedule.get_config()}
+
+
+class LoraPlus:
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B learns ``ratio`` times faster than A.
+
+    Two optimisers of the same kind, one per group, so each variable gets its own learning rate with
+    its own moments: PEFT's ``create_loraplus_optimizer`` does the same with two parameter groups.
+    (Scaling B's gradients instead would do nothing under Adam, which divides the scale out.)"""
+
+    def __init__(self, make, schedule, ratio: float, fast: list):
+        self.slow, self.fast = make(schedule), make(ScaledSchedule(schedule, ratio))
+        self.fast_ids = {id(v) for v in fast}
+
+    def _split(self, pairs):
+        pairs = list(pairs)
+        return ([(g, v) for g, v in pairs if id(v) not in self.fast_ids],
+                [(g, v) for g, v in pairs if id(v) in self.fast_ids])
+
+    def build(self, variables) -> None:
+        slow, fast = self._split((None, v) for v in variables)
+        self.slow.build([v for _, v in slow])
+        self.fast.build([v for _, v in fast])
+
+    def apply_gradients(self, grads_and_vars, **kwargs):
+        slow, fast = self._split(grads_and_vars)
+        self.slow.apply_gradients(slow, **kwargs)
+        return self.fast.apply_gradients(fast, **kwargs)
+
+    @property
+    def variables(self) -> list:
+        return list(self.slow.variables) + list(self.fast.variables)
+
+
+def make_optimizer(cfg: TrainConfig, lora=None, fast: list | None = None):
+    """(optimiser, its learning-rate schedule). With ``lora.method == "loraplus"`` the variables in
+    ``fast`` (the B factors) get ``lora.loraplus_ratio`` times the rate."""
     if cfg.optimizer not in available_optimizers():
         raise ConfigError(f"optimizer {cfg.optimizer!r} needs tensorflow-addons, which is not installed here; "
                           f"available: {', '.join(available_optimizers())}")
     lr = WarmupConstant(cfg.lr, cfg.warmup_steps)
+    if lora is not None and lora.method == "loraplus":
+        if cfg.optimizer != "adamw":
+            raise ConfigError("LoRA+ is built on AdamW here (as PEFT's loraplus optimiser usually is); "
+                              "choose the adamw optimizer")
+        return LoraPlus(lambda rate: tf.keras.optimizers.AdamW(rate, weight_decay=cfg.weight_decay), lr,
+                        lora.loraplus_ratio, fast or []), lr
     if cfg.optimizer == "adamw":
         opt = tf.keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "radam":
@@ -280,8 +331,11 @@ def _eval_loss(fn, batches) -> float:
     return float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0))
 
 
-def _base_and_lora(model, fn, batches) -> tuple[float, float]:
-    """The same loss with the adapter at scale 0 (the base model, exactly) and at scale 1."""
+def _base_and_lora(model, fn, batches, base: float | None = None) -> tuple[float, float]:
+    """The same loss with the adapter at scale 0 (the base model, exactly) and at scale 1. With
+    ``base`` (full fine-tuning: measured before the first step) only the second is measured."""
+    if base is not None:
+        return base, _eval_loss(fn, batches)
     set_scale(model, 0.0)
     try:
         base = _eval_loss(fn, batches)
@@ -311,6 +365,8 @@ class Prepared:
     heldout_pairs: int
     probe: list[dict]              # fixed training pairs, scored before and after
     probe_pairs: int
+    forget: list[dict]             # the held-out pairs reversed (de→en): the forgetting probe
+    forget_name: str
     train_pairs: int | None        # None for a stream
     shapes: dict
     dynamic: bool = False
@@ -333,12 +389,14 @@ def prepare(cfg: TrainConfig, tokenizer, train_pairs, val_pairs, heldout_pairs, 
     val = data.encode(tokenizer, val_pairs, cfg.max_source_len, cfg.max_target_len)
     held = data.encode(tokenizer, heldout_pairs if heldout_pairs else val_pairs, cfg.max_source_len,
                        cfg.max_target_len)   # (no held-out pairs: no held-out curve; the shapes stay as they were)
+    reverse = data.reversed_pairs(heldout_pairs if heldout_pairs else val_pairs)
+    back = data.encode(tokenizer, reverse, cfg.max_source_len, cfg.max_target_len)
     # With fixed shapes, one shape for train, validation, held-out and probe batches: each function is
     # traced once. (Trimmed batches are cut from these.)
     lengths = ((cfg.max_source_len, cfg.max_target_len) if streamed else
-               (max(a["input_ids"].shape[1] for a in (arrays, val, held)),
-                max(a["labels"].shape[1] for a in (arrays, val, held))))
-    arrays, val, held = (data.pad_to(a, *lengths, tokenizer.pad_token_id) for a in (arrays, val, held))
+               (max(a["input_ids"].shape[1] for a in (arrays, val, held, back)),
+                max(a["labels"].shape[1] for a in (arrays, val, held, back))))
+    arrays, val, held, back = (data.pad_to(a, *lengths, tokenizer.pad_token_id) for a in (arrays, val, held, back))
     probe = {k: v[:PROBE_PAIRS] for k, v in arrays.items()}
     if streamed:
         batches = data.stream_batches(tokenizer, itertools.chain(head, pairs_iter), cfg.batch_size, *lengths, cfg.seed,
@@ -352,6 +410,7 @@ def prepare(cfg: TrainConfig, tokenizer, train_pairs, val_pairs, heldout_pairs, 
                     heldout_name=getattr(heldout_pairs, "split", "held-out") if heldout_pairs else "",
                     heldout_pairs=len(held["input_ids"]) if heldout_pairs else 0,
                     probe=fixed(probe), probe_pairs=len(probe["input_ids"]),
+                    forget=fixed(back), forget_name=reverse.split,
                     train_pairs=None if streamed else len(arrays["input_ids"]),
                     shapes={"source_len": arrays["input_ids"].shape[1], "target_len": arrays["labels"].shape[1],
                             "batching": "length-grouped, each batch trimmed to its longest row" if dynamic else
@@ -415,9 +474,16 @@ def attach(model, run: RunConfig, clock: DropoutClock, prepared: Prepared, strat
             opt, schedule = cached.opt, cached.schedule
             reset_optimizer(opt, schedule, cfg)
         else:
-            layers = apply_lora(model, run.lora, seed=cfg.seed, clock=clock)
-            variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
-            opt, schedule = make_optimizer(cfg)
+            if run.lora.adapter:
+                layers = apply_lora(model, run.lora, seed=cfg.seed, clock=clock)
+                variables = [v for layer in layers for v in layer.trained]
+            else:   # full fine-tuning: every weight of the model (a copy made for the run: see runs.execute)
+                if lora_layers(model):
+                    raise ConfigError("full fine-tuning needs a model without LoRA layers")
+                layers, variables = [], list(model.trainable_weights)
+                if len(variables) < len(model.weights):
+                    raise ConfigError("full fine-tuning needs a model whose weights are all trainable (a fresh copy)")
+            opt, schedule = make_optimizer(cfg, run.lora, [layer.lora_B for layer in layers])
             build_optimizer_state(opt, variables)
     step = (make_step(model, opt, variables, cfg.clip_norm, clock) if strategy is None else   # traced on first call
             make_distributed_step(strategy, model, opt, variables, cfg.clip_norm, clock))
@@ -446,6 +512,7 @@ class Progress:
     eager_steps: int = 0
     first_loss_s: float | None = None
     stopped: bool = False
+    base: dict = field(default_factory=dict)   # full fine-tuning: the base model's losses, before step 1
 
 
 def loop(run: RunConfig, model, prepared: Prepared, att: Attached, progress: Progress, t0: float,
@@ -521,8 +588,8 @@ def _evaluate(model, att: Attached, prepared: Prepared, progress: Progress, step
     """Held-out and validation loss now; the first time also the base model's (step 0)."""
     fn, held = att.eval_fn(), prepared.heldout
     if not progress.val_losses:   # the base model's point: the adapter at scale 0 is the base exactly
-        base_val, now_val = _base_and_lora(model, fn, prepared.val)
-        base_held, now_held = _base_and_lora(model, fn, held) if held else (None, None)
+        base_val, now_val = _base_and_lora(model, fn, prepared.val, progress.base.get("val"))
+        base_held, now_held = _base_and_lora(model, fn, held, progress.base.get("held")) if held else (None, None)
         progress.val_losses.append((0, base_val))
         if held:
             progress.heldout_losses.append((0, base_held))
@@ -556,11 +623,11 @@ class Samples:
         self.logged_base = False
 
     def _generate(self, base: bool):
-        from .adapters import adapter_state
+        from .adapters import run_state
         from .evaluate import generate_ids
 
         if self.translator is not None:
-            with self.translator.use(self.lora, None if base else adapter_state(self.model)) as model:
+            with self.translator.use(self.lora, None if base else run_state(self.model, self.lora)) as model:
                 return generate_ids(model, self.ids, self.mask, SAMPLE_TOKENS)
         if not base:
             return generate_ids(self.model, self.ids, self.mask, SAMPLE_TOKENS)
@@ -589,12 +656,17 @@ class Samples:
         self.thread = threading.Thread(target=run, daemon=True, name="samples-compile")
         self.thread.start()
 
-    def log(self, step: int, t0: float):
-        self.finish()
+    def log_base(self, t0: float):
+        """The base model's German (step 0). Full fine-tuning without a translator logs it before the
+        first step: later the training model is no longer the base."""
         if not self.logged_base:
             base = self._translate(base=True)
             self.logged_base = True
             yield SamplesLogged(0, base, time.perf_counter() - t0)
+
+    def log(self, step: int, t0: float):
+        self.finish()
+        yield from self.log_base(t0)
         yield SamplesLogged(step, self._translate(), time.perf_counter() - t0)
 
     def finish(self) -> None:
@@ -604,7 +676,10 @@ class Samples:
 
 def summarise(model, prepared: Prepared, att: Attached, p: Progress, t0: float, cfg: TrainConfig,
               data_origin: str, strategy) -> dict:
-    probe_base, probe_final = _base_and_lora(model, att.eval_fn(), prepared.probe) if p.losses else (None, None)
+    probe_base, probe_final = (_base_and_lora(model, att.eval_fn(), prepared.probe, p.base.get("probe"))
+                               if p.losses else (None, None))
+    forget_base, forget_final = (_base_and_lora(model, att.eval_fn(), prepared.forget, p.base.get("forget"))
+                                 if p.losses else (None, None))
     elapsed = time.perf_counter() - t0
     return {
         "steps_done": len(p.losses),
@@ -612,6 +687,8 @@ def summarise(model, prepared: Prepared, att: Attached, p: Progress, t0: float, 
         "final_loss": float(np.mean(p.losses[-5:])) if p.losses else None,  # mean of the last 5 steps
         # the honest "did it learn": one fixed set of training pairs, base vs LoRA, token-weighted
         "probe_pairs": prepared.probe_pairs, "probe_loss_base": probe_base, "probe_loss_final": probe_final,
+        # what it forgot: the held-out sentences translated the other way (de→en), never trained on
+        "forget_name": prepared.forget_name, "base_forget_loss": forget_base, "final_forget_loss": forget_final,
         "base_val_loss": p.val_losses[0][1] if p.val_losses else None,
         "final_val_loss": p.val_losses[-1][1] if len(p.val_losses) > 1 else None,
         # the learning signal: a fixed held-out slice of the training distribution, never trained on
@@ -652,6 +729,10 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pair
         prepared = prepare(run.train, tokenizer, train_pairs, val_pairs, heldout_pairs,
                            dynamic=strategy is None and run.train.batching == "grouped")
         att = attach(model, run, clock, prepared, strategy)
+        if not run.lora.adapter:   # no scale 0 to switch to later: the base model's losses now
+            progress.base = {name: _eval_loss(att.eval, batches) for name, batches in
+                             (("val", prepared.val), ("held", prepared.heldout), ("probe", prepared.probe),
+                              ("forget", prepared.forget)) if batches}
         if run.train.first_step == "compiled":   # no eager step: wait for the trace (less memory, later first loss)
             att.start_trace(strategy)
         if run.train.samples and strategy is None:
@@ -659,6 +740,8 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pair
         yield RunStarted(config=run.to_dict(), params=breakdown(specs_from_model(model)).to_dict(),
                          device=f"{device_info()['name']}, {model_precision(model)}", data_origin=data_origin,
                          train_pairs=prepared.train_pairs, shapes=prepared.shapes)
+        if samples is not None and not run.lora.adapter and translator is None:
+            yield from samples.log_base(t0)
         for event in loop(run, model, prepared, att, progress, t0, stop, strategy, fault, samples):
             yield event
             if isinstance(event, RunFailed):

@@ -275,3 +275,44 @@ def test_inside_the_adapter_through_the_api(client):
     assert any(p != full["lora"] for p in partial)       # parts of the adapter matter differently
     with pytest.raises(Exception, match="unknown module type"):
         client.predict(text=text, modules=["attn"], api_name="/translate")
+
+
+def test_methods_through_the_api_train_analyse_translate_and_refuse_what_does_not_apply(client, app):
+    """A one-request method comparison (DoRA and full fine-tuning), each run's analysis, translation at
+    scale 0 (the base, for full fine-tuning too) and an adapter download that full fine-tuning cannot give."""
+    with pytest.raises(Exception, match="unknown method 'qlora'"):
+        client.predict(ranks="2", methods="dora,qlora", api_name="/sweep")
+    with pytest.raises(Exception, match="LoRA\\+ is built on AdamW"):
+        client.predict(method="loraplus", optimizer="lamb", steps=2, api_name="/train")
+    final = client.submit(ranks="2", methods="dora,full", steps=4, lr=1e-3, train_size=16, bleu_size=0, samples=[],
+                          api_name="/sweep").result()
+    dora, full = final["runs"]
+    assert (dora["status"], full["status"]) == ("completed", "completed"), final
+    assert [g["method"] for g in final["groups"]] == ["dora", "full"]
+    assert final["groups"][1]["label"] == "full fine-tuning"
+    conf = (app[1] / "runs" / dora["run_id"] / "adapter_config.json").read_text()
+    assert '"use_dora": true' in conf
+    rec_full = final_row(app[0], full["run_id"])
+    assert rec_full["method"] == "full" and rec_full["params"]["trainable"] == rec_full["params"]["total"]
+    for run in (dora, full):
+        a = client.predict(run_id=run["run_id"], api_name="/analyse")
+        row = final_row(app[0], run["run_id"])
+        curve = a["scale_curve"]
+        assert [p["scale"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+        # the analysis measures in float32 on the translator; the run measured on its trainer, which computes
+        # in bf16 where the CPU does it fast (full fine-tuning trains a float32 copy): rounding apart, equal
+        tol = 1e-5 if run is full else 1e-3
+        s = row["summary"]
+        for got, want in ((curve[0]["heldout"], s["base_heldout_loss"]), (curve[-1]["heldout"], s["final_heldout_loss"]),
+                          (curve[0]["forget"], s["base_forget_loss"]), (curve[-1]["forget"], s["final_forget_loss"])):
+            assert got == pytest.approx(want, rel=tol)
+        assert curve[0]["heldout"] != curve[-1]["heldout"]
+        assert a["layers"]["layers"] and all(x["intruders_random"] >= 0 for x in a["layers"]["layers"])
+        assert (len(a["truncation"]) == 2) == (run is dora)   # k = 1..r for an adapter; none for full
+        text = "The session is resumed."
+        zero = client.predict(text=text, run_id=run["run_id"], scale=0.0, api_name="/translate")
+        assert zero["lora"] == zero["base"]
+    with pytest.raises(Exception, match="full fine-tuning: there is no adapter"):
+        client.predict(run_id=full["run_id"], api_name="/download_adapter")
+    with pytest.raises(Exception, match="no low-rank factors"):
+        client.predict(run_id=full["run_id"], api_name="/inspect")

@@ -49,6 +49,15 @@ def _trace_points(page, name_part: str) -> int:
     }""", name_part)
 
 
+def _figure_points(page, selector: str) -> int:
+    """Points drawn by every trace of the Plotly figure under ``selector``."""
+    return page.evaluate("""(sel) => {
+        const el = document.querySelector(sel + ' .js-plotly-plot');
+        if (!el || !el.data) return 0;
+        return el.data.reduce((n, t) => n + (t.x ? t.x.length : 0), 0);
+    }""", selector)
+
+
 def test_the_app_in_a_real_browser(tmp_path):
     SHOTS.mkdir(parents=True, exist_ok=True)
     proc, url = launch(tmp_path)   # the default model: offline it falls back to tiny, and the page says so
@@ -127,6 +136,34 @@ def test_the_app_in_a_real_browser(tmp_path):
             expect(page.locator("#inspect-summary")).to_contain_text("predicted", timeout=30_000)
             page.locator("#delta-heatmap").scroll_into_view_if_needed()
             page.screenshot(path=str(SHOTS / "4-inside-the-adapter.png"), full_page=True)
+
+            # What it learned and forgot: the scale curve, the truncation curve and intruder dimensions
+            page.locator("#measure-btn").click()
+            expect(page.locator("#measured")).to_contain_text("intruder dimensions", timeout=120_000)
+            assert _figure_points(page, "#truncation") == 32       # k = 1..32 for the r=32 run
+            assert _figure_points(page, "#run-forgetting") >= 5    # the scale curve's five points (+ the run)
+            page.locator("#truncation").scroll_into_view_if_needed()
+            page.screenshot(path=str(SHOTS / "5-learned-and-forgot.png"))
+
+            # Compare methods in one click: LoRA, DoRA and full fine-tuning, short runs
+            for box, value in (("#steps", "12"), ("#bleu-size", "0"), ("#rank", "4")):
+                field = page.locator(f"{box} input[type=number]")
+                field.fill(value)
+                field.press("Enter")
+            page.locator("#methods textarea").fill("lora,dora,full")
+            page.locator("#methods-btn").click()
+            expect(page.locator("#status")).to_contain_text("Method comparison", timeout=60_000)
+            expect(page.locator("#groups-table")).to_contain_text("full fine-tuning", timeout=300_000)
+            expect(page.locator("#groups-table")).to_contain_text("dora · r=4")
+            page.wait_for_function("""() => {
+                const el = document.querySelector('#forgetting-plot .js-plotly-plot');
+                const names = el && el.data ? el.data.map(t => t.name) : [];
+                return ['lora', 'dora', 'full'].every(n => names.includes(n));
+            }""", timeout=60_000)
+            page.locator("#groups-table").scroll_into_view_if_needed()
+            page.screenshot(path=str(SHOTS / "6-methods.png"), full_page=False)
+            page.locator("#forgetting-plot").scroll_into_view_if_needed()
+            page.screenshot(path=str(SHOTS / "7-forgetting.png"), full_page=False)
             browser.close()
     finally:
         proc.terminate()

@@ -162,3 +162,75 @@ def test_adapter_made_by_peft_imports_with_the_same_logits(tf_tiny, pt_dir, tmp_
     cfg = load_into_tf(tf_tiny, tmp_path)
     assert (cfg.rank, cfg.targets, cfg.side, cfg.layers) == (4, ("q", "v", "wi_1"), "both", (0, 1))
     np.testing.assert_allclose(tf_logits(tf_tiny.model, tf_tiny.tokenizer), theirs, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------
+# The LoRA family: every adapter kind out to PEFT and back in, with the same logits
+# ---------------------------------------------------------------------------
+
+def _train_like(model, seed=0):
+    """Give every trained variable of the adapter values, as training would, so the match means something."""
+    for i, layer in enumerate(lora_layers(model)):
+        for j, var in enumerate(layer.trained):
+            var.assign_add(tf.random.stateless_normal(var.shape, seed=(seed, 10 * i + j)) * 0.2)
+
+
+@pytest.mark.parametrize("method", ["rslora", "dora", "pissa", "loraplus"])
+def test_each_adapter_kind_runs_in_peft_with_the_same_logits(tf_tiny, pt_dir, tmp_path, method):
+    cfg = LoraConfig(rank=4, alpha=8, targets=("q", "v", "wo"), method=method)
+    remove_lora(tf_tiny.model)
+    base = tf_logits(tf_tiny.model, tf_tiny.tokenizer)
+    apply_lora(tf_tiny.model, cfg, seed=2)
+    np.testing.assert_array_equal(tf_logits(tf_tiny.model, tf_tiny.tokenizer), base)   # step 0 is the base
+    _train_like(tf_tiny.model)
+    ours = tf_logits(tf_tiny.model, tf_tiny.tokenizer)
+    assert np.abs(ours - base).max() > 100 * ATOL
+    adapters.save_adapter(tf_tiny.model, cfg, "micro", tmp_path)
+    conf = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert conf["use_rslora"] == (method == "rslora") and conf["use_dora"] == (method == "dora")
+    assert conf["r"] == (8 if method == "pissa" else 4)   # PiSSA leaves converted: rank 2r on the original base
+    model = peft.PeftModel.from_pretrained(pt_tiny(pt_dir), str(tmp_path)).eval()
+    np.testing.assert_allclose(pt_logits(model, tf_tiny.tokenizer), ours, atol=ATOL)
+    # and back: our import of our own file gives the same logits (DoRA through its magnitude vector)
+    remove_lora(tf_tiny.model)
+    back = load_into_tf(tf_tiny, tmp_path)
+    assert back.method == {"rslora": "rslora", "dora": "dora"}.get(method, "lora")
+    np.testing.assert_allclose(tf_logits(tf_tiny.model, tf_tiny.tokenizer), ours, atol=ATOL)
+
+
+def test_peft_dora_and_converted_pissa_adapters_import_with_the_same_logits(tf_tiny, pt_dir, tmp_path):
+    torch.manual_seed(1)
+    model = peft.get_peft_model(pt_tiny(pt_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "wi_0"],
+                                                                  use_dora=True, task_type="SEQ_2_SEQ_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(str(tmp_path / "dora"))
+    theirs = pt_logits(model.eval(), tf_tiny.tokenizer)
+    remove_lora(tf_tiny.model)
+    cfg = load_into_tf(tf_tiny, tmp_path / "dora")
+    assert cfg.method == "dora" and all(layer.magnitude is not None for layer in lora_layers(tf_tiny.model))
+    np.testing.assert_allclose(tf_logits(tf_tiny.model, tf_tiny.tokenizer), theirs, atol=ATOL)
+
+    # PiSSA in PEFT: initialised from W's singular vectors, W replaced by the residual; saved converted
+    # (against the untouched base) it is a plain rank-2r LoRA, which imports; saved unconverted it is refused.
+    init_dir = tmp_path / "pissa-init"
+    model = peft.get_peft_model(pt_tiny(pt_dir), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q", "v"],
+                                                                  init_lora_weights="pissa", task_type="SEQ_2_SEQ_LM"))
+    model.peft_config["default"].init_lora_weights = True
+    model.save_pretrained(str(init_dir))
+    model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    theirs = pt_logits(model.eval(), tf_tiny.tokenizer)
+    model.save_pretrained(str(tmp_path / "pissa-raw"))
+    with pytest.raises(adapters.AdapterError, match="unconverted"):
+        adapters.read_adapter(tmp_path / "pissa-raw")
+    model.save_pretrained(str(tmp_path / "pissa"), path_initial_model_for_weight_conversion=str(init_dir))
+    remove_lora(tf_tiny.model)
+    cfg = load_into_tf(tf_tiny, tmp_path / "pissa")
+    assert (cfg.rank, cfg.method) == (8, "lora")
+    np.testing.assert_allclose(tf_logits(tf_tiny.model, tf_tiny.tokenizer), theirs, atol=ATOL)

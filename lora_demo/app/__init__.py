@@ -51,8 +51,8 @@ def build_demo(lab: Lab) -> gr.Blocks:
         # on load: restore this browser's key and newest run, refresh the lists, follow a run still going
         loaded = demo.load(partial(configure.ui_restore, lab), [shared.session],
                            [shared.session, shared.run_id, *config["views"]], **PRIVATE)
-        refresh = runs.connect(lab, shared, listing, after=[config["trained"], config["swept"], files["deleted"],
-                                                            files["imported"]],
+        refresh = runs.connect(lab, shared, listing, after=[config["trained"], config["swept"], config["compared"],
+                                                            files["deleted"], files["imported"]],
                                pickers={words["run_pick"]: "newest", files["pick"]: "newest",
                                         inside["pick"]: "newest", inside["compare_pick"]: "second"})
         loaded.then(**refresh).then(partial(configure.ui_follow, lab), [shared.run_id],

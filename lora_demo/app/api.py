@@ -14,7 +14,7 @@ from typing import Iterator
 import gradio as gr
 
 from .. import anatomy, compare
-from ..config import ConfigError, TrainConfig, parse_ranks, parse_seeds
+from ..config import ConfigError, TrainConfig, parse_methods, parse_ranks, parse_seeds
 from ..params import preview
 from ..runs import Lab, summary_row
 from .common import DEFAULT_RANKS, errors, key_of
@@ -30,7 +30,7 @@ class Api:
     def register(self) -> None:
         """Declare every endpoint inside the current gr.Blocks."""
         for name in ("params", "train", "sweep", "stop", "runs", "translate", "delete_run", "inspect", "similarity",
-                     "budget"):
+                     "budget", "analyse"):
             gr.api(getattr(self, name), api_name=name, concurrency_limit=None)
         # endpoints with file inputs or outputs go through hidden components
         hidden = gr.Button(visible=False)
@@ -44,19 +44,19 @@ class Api:
     def _key(self, request, presented) -> str:
         return key_of(self.lab, request, presented)
 
-    def _lora(self, rank, alpha, targets, side, first_layer, last_layer):
+    def _lora(self, rank, alpha, targets, side, first_layer, last_layer, method="lora", loraplus_ratio=16.0):
         return self.lab.lora_config(rank, alpha, ["q", "v"] if targets is None else targets, side, first_layer,
-                                    last_layer)
+                                    last_layer, method=method, loraplus_ratio=loraplus_ratio)
 
     @errors
     def params(self, rank: int = 8, alpha: float = 16.0, targets: list[str] | None = None, side: str = "both",
-               first_layer: int = 0, last_layer: int = -1) -> dict:
+               first_layer: int = 0, last_layer: int = -1, method: str = "lora") -> dict:
         """Exact parameter breakdown for a LoRA config on the loaded model (no training needed)."""
-        cfg = self._lora(rank, alpha, targets, side, first_layer, last_layer)
+        cfg = self._lora(rank, alpha, targets, side, first_layer, last_layer, method)
         b = preview(self.lab.loaded.model.config, cfg)
         return {**b.to_dict(), "rows": b.rows(), "config": {"rank": cfg.rank, "alpha": cfg.alpha,
                                                            "targets": list(cfg.targets), "side": cfg.side,
-                                                           "layers": cfg.layers}}
+                                                           "layers": cfg.layers, "method": cfg.method}}
 
     @errors
     def train(self, rank: int = 8, alpha: float = 16.0, targets: list[str] | None = None, side: str = "both",
@@ -64,13 +64,15 @@ class Api:
               lr: float = _T.lr, train_size: int = _T.train_size, seed: int = _T.seed, optimizer: str = _T.optimizer,
               bleu_size: int = _T.bleu_size, data: str = _T.data, eval_every: int = _T.eval_every,
               early_stop: int = _T.early_stop, samples: list[str] | None = None, owner_key: str = "",
-              request: gr.Request = None) -> Iterator[dict]:
+              method: str = "lora", loraplus_ratio: float = 16.0, request: gr.Request = None) -> Iterator[dict]:
         """Queue a training run and stream its progress; the last message carries the summary and BLEU/chrF.
         ``data``: "news" or "europarl"; ``samples``: sentences translated at every evaluation (default
-        none; the page uses three); ``early_stop``: patience in evaluations (0 = off).
+        none; the page uses three); ``early_stop``: patience in evaluations (0 = off); ``method``: lora,
+        rslora, dora, pissa, loraplus (with ``loraplus_ratio``) or full.
         Every message carries ``owner_key``: with it, any client may stop, use or delete the run."""
         key = self._key(request, owner_key)
-        cfg = self.lab.run_config(self._lora(rank, alpha, targets, side, first_layer, last_layer), steps,
+        cfg = self.lab.run_config(self._lora(rank, alpha, targets, side, first_layer, last_layer, method,
+                                             loraplus_ratio), steps,
                                   batch_size, lr, train_size, seed, optimizer, bleu_size, data=data,
                                   eval_every=eval_every, early_stop=early_stop, samples=samples or ())
         job = self.lab.submit(cfg, key)
@@ -83,23 +85,28 @@ class Api:
               batch_size: int = _T.batch_size, lr: float = _T.lr, train_size: int = _T.train_size,
               seed: int = _T.seed, optimizer: str = _T.optimizer, bleu_size: int = _T.bleu_size,
               seeds: str = "", data: str = _T.data, eval_every: int = _T.eval_every, early_stop: int = _T.early_stop,
-              samples: list[str] | None = None, owner_key: str = "", request: gr.Request = None) -> Iterator[dict]:
-        """Train the same config at each rank, once per seed (``seeds`` "0,1,2"; default: ``seed`` alone);
-        runs with the same seed share the data order. Streams every run's status; the last message also
-        has ``groups`` (each config's held-out mean and spread over seeds) and ``verdicts`` between ranks."""
+              samples: list[str] | None = None, owner_key: str = "", methods: str = "",
+              loraplus_ratio: float = 16.0, request: gr.Request = None) -> Iterator[dict]:
+        """Train the same config at each rank, once per seed (``seeds`` "0,1,2"; default: ``seed`` alone),
+        and with each of ``methods`` ("lora,dora,full"; default: lora); runs with the same seed share the
+        data order. Streams every run's status; the last message also has ``groups`` (each config's
+        held-out mean and spread over seeds) and ``verdicts`` between neighbouring configs."""
         key = self._key(request, owner_key)
         ranks_list = parse_ranks(ranks)
         seed_list = parse_seeds(seeds) if str(seeds or "").strip() else [seed]
-        cfg = self.lab.run_config(self._lora(ranks_list[0], alpha, targets, side, first_layer, last_layer), steps,
+        method_list = parse_methods(methods) if str(methods or "").strip() else ["lora"]
+        cfg = self.lab.run_config(self._lora(ranks_list[0], alpha, targets, side, first_layer, last_layer,
+                                             method_list[0], loraplus_ratio), steps,
                                   batch_size, lr, train_size, seed, optimizer, bleu_size, data=data,
                                   eval_every=eval_every, early_stop=early_stop, samples=samples or ())
-        jobs = self.lab.submit_sweep(cfg, ranks_list, key, seed_list)
+        jobs = self.lab.submit_sweep(cfg, ranks_list, key, seed_list, method_list)
         for job in jobs:
             for _ in self.lab.watch(job):
                 yield {"sweep": job.sweep, "runs": [self.lab.status(j) for j in jobs], "owner_key": key}
         gs = compare.groups([j.record() for j in jobs])
         yield {"sweep": jobs[0].sweep, "runs": [self.lab.status(j) for j in jobs], "owner_key": key,
-               "groups": [{k: g[k] for k in ("label", "rank", "seeds", "heldout", "delta", "bleu")} for g in gs],
+               "groups": [{k: g[k] for k in ("label", "method", "rank", "seeds", "heldout", "delta", "forget", "bleu")}
+                          for g in gs],
                "verdicts": [compare.verdict(a, b) for a, b in zip(gs, gs[1:])], "rule": compare.RULE}
 
     @errors
@@ -144,6 +151,13 @@ class Api:
     def inspect(self, run_id: str, owner_key: str = "", request: gr.Request = None) -> dict:
         """ΔW of each adapted layer: ‖ΔW‖_F, ‖ΔW‖/‖W‖, singular values, effective rank; the heatmap grid."""
         return self.lab.inspect(run_id, self._key(request, owner_key))
+
+    @errors
+    def analyse(self, run_id: str, owner_key: str = "", request: gr.Request = None) -> dict:
+        """What a run learned and forgot, from its weights: held-out (en→de) and de→en loss as its scale
+        goes 0 → 1, the rank-truncation curve, and per layer ‖ΔW‖/‖W‖, magnitude and direction change and
+        intruder dimensions beside a random update of the same norm and rank."""
+        return self.lab.analyse(run_id, self._key(request, owner_key))
 
     @errors
     def similarity(self, run_a: str, run_b: str, owner_key: str = "", request: gr.Request = None) -> dict:

@@ -85,8 +85,10 @@ class Form:
     early_stop: gr.Slider
     samples: gr.Textbox
     seeds: gr.Slider          # "repeat with N seeds": not part of a run's config
+    method: gr.Dropdown
+    ratio: gr.Number          # LoRA+: B's learning rate over A's
 
-    LORA = ("rank", "alpha", "targets", "side", "first", "last")
+    LORA = ("rank", "alpha", "targets", "side", "first", "last", "method", "ratio")
 
     @property
     def components(self) -> set:
@@ -96,12 +98,13 @@ class Form:
     def lora_components(self) -> set:
         return {getattr(self, name) for name in self.LORA}
 
-    def lora(self, lab: Lab, v: dict, rank=None):
+    def lora(self, lab: Lab, v: dict, rank=None, method=None):
         return lab.lora_config(v[self.rank] if rank is None else rank, v[self.alpha], v[self.targets], v[self.side],
-                               v[self.first], v[self.last])
+                               v[self.first], v[self.last], method=method or v[self.method],
+                               loraplus_ratio=v[self.ratio])
 
-    def run(self, lab: Lab, v: dict, rank=None) -> RunConfig:
-        return lab.run_config(self.lora(lab, v, rank), v[self.steps], v[self.batch], v[self.lr], v[self.train_size],
+    def run(self, lab: Lab, v: dict, rank=None, method=None) -> RunConfig:
+        return lab.run_config(self.lora(lab, v, rank, method), v[self.steps], v[self.batch], v[self.lr], v[self.train_size],
                               v[self.seed], v[self.optimizer], v[self.bleu_size], data=v[self.data],
                               eval_every=v[self.eval_every], early_stop=v[self.early_stop],
                               samples=v[self.samples] or "")
@@ -190,7 +193,9 @@ def samples_frame(job: Job | None):
 def run_label(job: Job) -> str:
     lora = job.config.lora
     q = f", BLEU {job.quality['lora']['bleu']:.1f}" if job.quality else ""
-    return f"r={lora.rank} {'+'.join(lora.targets)} · {job.status}{q} · {job.id}"
+    what = ("full fine-tuning" if not lora.adapter else
+            ("" if lora.method == "lora" else f"{lora.method} ") + f"r={lora.rank} {'+'.join(lora.targets)}")
+    return f"{what} · {job.status}{q} · {job.id}"
 
 
 PRIVATE = dict(api_visibility="private")   # UI events: not part of the public API

@@ -9,7 +9,8 @@ from functools import partial
 import gradio as gr
 
 from ... import plots
-from ...config import MAX_SAMPLES, ConfigError, defaults_for, limits, parse_ranks
+from ...config import (MAX_SAMPLES, METHOD_LABELS, METHOD_LR, METHODS, ConfigError, defaults_for, limits, parse_methods,
+                       parse_ranks)
 from ...models import is_gpu
 from ...params import preview
 from ...runs import Lab
@@ -23,6 +24,11 @@ def build(lab: Lab, shared: Shared) -> dict:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             gr.Markdown("### 1 · LoRA config")
+            with gr.Row():
+                method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="lora", label="method",
+                                     elem_id="method", scale=3)
+                ratio = gr.Number(value=16, minimum=1, maximum=1024, label="LoRA+ ratio (B's rate / A's)",
+                                  visible=False, elem_id="loraplus-ratio", scale=1)
             rank = gr.Slider(1, 64, value=8, step=1, label="rank r", elem_id="rank")
             alpha = gr.Slider(1, 128, value=16, step=1, label="alpha (update scaled by alpha / r)")
             targets = gr.CheckboxGroup(modules, value=[m for m in ("q", "v") if m in modules],
@@ -44,7 +50,8 @@ def build(lab: Lab, shared: Shared) -> dict:
                                         value="adamw", label="optimizer")
                 seed = gr.Number(value=0, precision=0, label="seed")
             bleu_size = gr.Slider(0, 500, value=dflt.bleu_size, step=10,
-                                  label="BLEU/chrF sentences after the run (newstest2016; 0 = skip)")
+                                  label="BLEU/chrF sentences after the run (newstest2016; 0 = skip)",
+                                  elem_id="bleu-size")
             with gr.Row():
                 data = gr.Dropdown([("news (newstest2008–2013; held-out: newstest2014)", "news"),
                                     ("Europarl (WMT16 train; held-out: rows 19,500+)", "europarl")],
@@ -67,6 +74,12 @@ def build(lab: Lab, shared: Shared) -> dict:
                 ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks (each repeated with the N seeds)",
                                    scale=2)
                 sweep_btn = gr.Button("Sweep ranks", scale=1)
+            with gr.Row(equal_height=True):
+                methods = gr.Textbox(",".join(METHODS), label="compare methods at this rank (each repeated with "
+                                     "the N seeds; LoRA+ and full fine-tuning at their own measured learning "
+                                     f"rates: {', '.join(f'{m} {r:g}' for m, r in METHOD_LR.items())})", scale=2,
+                                     elem_id="methods")
+                methods_btn = gr.Button("Compare methods", scale=1, elem_id="methods-btn")
         with gr.Column(scale=3, min_width=420):
             status = gr.Markdown(READY, elem_classes=["status"], elem_id="status")
             loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False, elem_id="loss-plot")
@@ -86,7 +99,7 @@ def build(lab: Lab, shared: Shared) -> dict:
             budget_md = gr.Markdown(elem_id="budget")
 
     form = Form(rank, alpha, targets, side, first, last, steps, batch, lr, train_size, optimizer, seed, bleu_size,
-                data, eval_every, early_stop, samples, seeds)
+                data, eval_every, early_stop, samples, seeds, method, ratio)
     shows = dict(status=status, loss_plot=loss_plot, summary=summary, table=table, params_plot=params_plot,
                  budget_md=budget_md)
     breakdown = dict(fn=partial(ui_params, lab, form, shows), inputs=form.lora_components,
@@ -103,13 +116,20 @@ def build(lab: Lab, shared: Shared) -> dict:
     swept = sweep_btn.click(partial(ui_sweep, lab, form, shared, ranks, smoothing),
                             form.components | {shared.session, ranks, smoothing}, run_outputs, concurrency_limit=None,
                             **PRIVATE)
+    compared = methods_btn.click(partial(ui_methods, lab, form, shared, methods, smoothing),
+                                 form.components | {shared.session, methods, smoothing}, run_outputs,
+                                 concurrency_limit=None, **PRIVATE)
+    # each method's measured learning rate fills in (LoRA+ and full fine-tuning want smaller ones); editable
+    method.input(lambda m: (gr.update(visible=m == "loraplus"), METHOD_LR.get(m, dflt.lr)), [method], [ratio, lr],
+                 show_progress="hidden", **PRIVATE)
     stop_btn.click(partial(ui_stop, lab), [shared.run_id], [status], concurrency_limit=None, **PRIVATE)
     smoothing.change(partial(ui_redraw, lab), [shared.run_id, smoothing], [loss_plot], show_progress="hidden",
                      **PRIVATE)
     show_optim.change(lambda on: gr.update(visible=bool(on)), [show_optim], [optim_plot], show_progress="hidden",
                       **PRIVATE)
     return dict(form=form, status=status, loss_plot=loss_plot, views=[status, loss_plot, samples_tbl, optim_plot],
-                smoothing=smoothing, breakdown=breakdown, budget=budgeted, trained=trained, swept=swept)
+                smoothing=smoothing, breakdown=breakdown, budget=budgeted, trained=trained, swept=swept,
+                compared=compared)
 
 
 # ---------------------------------------------------------------------------
@@ -155,6 +175,20 @@ def ui_sweep(lab: Lab, form: Form, shared: Shared, ranks, smoothing, v: dict):
     yield from _stream(lab, jobs, session, v[smoothing],
                        f"**Rank sweep** (ranks {', '.join(map(str, ranks_list))}"
                        + (f"; seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "") + ")")
+
+
+@errors
+def ui_methods(lab: Lab, form: Form, shared: Shared, methods, smoothing, v: dict):
+    """The form's config with each listed method, once per seed: one click for the comparison."""
+    session = browser_key(v[shared.session])
+    method_list, seeds = parse_methods(v[methods]), form.seed_list(v)
+    jobs = lab.submit_sweep(form.run(lab, v, method=method_list[0]), [v[form.rank]], session, seeds, method_list,
+                            lrs=METHOD_LR)
+    rates = "; ".join(f"{m} at lr {METHOD_LR[m]:g}" for m in method_list if m in METHOD_LR)
+    yield from _stream(lab, jobs, session, v[smoothing],
+                       f"**Method comparison** ({', '.join(method_list)} at r={int(v[form.rank])}"
+                       + (f"; seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
+                       + (f"; {rates}, the rest at the form's" if rates else "") + ")")
 
 
 def _stream(lab: Lab, jobs, session: str, smoothing: float, title: str):

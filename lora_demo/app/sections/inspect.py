@@ -18,7 +18,9 @@ INTRO = ("### 6 · Inside the adapter: what it learned, where, and what it cost\
          "‖ΔW‖_F per block and module: *where* the model changed. The spectra show how much of the "
          "rank you paid for was used (effective rank: singular values holding 90% of ‖ΔW‖²). φ compares "
          "two runs' top directions per layer (Hu et al. 2021, section 7): does r=8 learn what r=64 "
-         "learns?")
+         "learns? For rsLoRA the update is scaled by alpha/√r; for PiSSA it is the change from W, "
+         "c·(A·B − A0·B0), of rank up to 2r; for DoRA these views show the low-rank part c·A·B, and its "
+         "learned magnitudes rescale the columns on top (see ΔM and ΔD below).")
 
 
 def build(lab: Lab, shared: Shared) -> dict:
@@ -38,7 +40,55 @@ def build(lab: Lab, shared: Shared) -> dict:
     outputs = [heatmap, spectra, layers, summary, sim_plot, sim_md]
     for trigger in (inspect_btn.click, pick.input, compare_pick.input):
         trigger(partial(ui_inspect, lab), [pick, compare_pick, shared.session], outputs, **PRIVATE)
+    gr.Markdown(LEARNED)
+    measure_btn = gr.Button("Measure what the picked run learned and forgot", elem_id="measure-btn")
+    measured = gr.Markdown(elem_id="measured")
+    with gr.Row(equal_height=False):
+        forget_plot = gr.Plot(plots.forgetting_figure([]), show_label=False, elem_id="run-forgetting")
+        trunc_plot = gr.Plot(plots.truncation_figure({}), show_label=False, elem_id="truncation")
+    intruder_plot = gr.Plot(plots.intruder_figure({}), show_label=False, elem_id="intruders")
+    measure_btn.click(partial(ui_measure, lab), [pick, shared.session],
+                      [measured, forget_plot, trunc_plot, intruder_plot], **PRIVATE)
     return dict(pick=pick, compare_pick=compare_pick)
+
+
+LEARNED = ("#### What it learned and what it forgot\n"
+           "Measured from the run's weights on its held-out slice (en→de) and on the same sentences the other "
+           "way (de→en), which no run trains on: the **scale curve** moves the update from 0 (the base model, "
+           "exactly) to 1 (as trained); **rank truncation** keeps only the top-k singular directions of each "
+           "layer's update; **magnitude and direction change** (ΔM, ΔD, as in the DoRA paper) and **intruder "
+           "dimensions** (top-10 singular vectors of W + ΔW with no match of |cos| ≥ 0.5 among W's; "
+           "Shuttleworth et al. 2024) beside a random update of the same norm and rank, because random "
+           "directions count as intruders too. Full fine-tuning runs have no factors to truncate. The bundled "
+           "offline model was pre-trained on en→de only, so its de→en loss starts high and can fall: there the "
+           "probe shows transfer more than forgetting; FLAN-T5 translates both ways.")
+
+
+def ui_measure(lab: Lab, run_id, session):
+    if not run_id:
+        return ("Pick a run above first.", plots.forgetting_figure([]), plots.truncation_figure({}),
+                plots.intruder_figure({}))
+    try:
+        a = lab.analyse(run_id, session or "")
+        job = lab.owned(run_id, session or "")
+    except ConfigError as exc:
+        return (f"⚠️ {html.escape(str(exc))}", plots.forgetting_figure([]), plots.truncation_figure({}),
+                plots.intruder_figure({}))
+    curve, rep = a["scale_curve"], a["layers"]
+    base, end = curve[0], curve[-1]
+    text = (f"**{a['method']}**, run `{job.id}`: held-out en→de loss {base['heldout']:.4f} → {end['heldout']:.4f} "
+            f"(learned {base['heldout'] - end['heldout']:+.4f}); de→en {base['forget']:.4f} → {end['forget']:.4f} "
+            f"(forgot {end['forget'] - base['forget']:+.4f}). Over {len(rep['layers'])} layers: ΔM "
+            f"{rep['magnitude_change']:.3g}, ΔD {rep['direction_change']:.3g}, intruder dimensions "
+            f"**{rep['intruders']}** (a random update of the same norm and rank: {rep['intruders_random']}).")
+    if a["truncation"]:
+        best = min(a["truncation"], key=lambda p: p["heldout"])
+        text += (f" Truncation: the best held-out loss, {best['heldout']:.4f}, keeps k = {best['k']} of "
+                 f"{a['truncation'][-1]['k']} directions per layer.")
+    label = f"{a['method']} {job.id[-6:]}"
+    return (text, plots.forgetting_figure([job.record()], {job.id: curve}),
+            plots.truncation_figure({job.id: a["truncation"]} if a["truncation"] else {}, {job.id: label}),
+            plots.intruder_figure({label: rep}))
 
 
 def budget_rows_markdown(b: dict) -> str:

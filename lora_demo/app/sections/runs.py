@@ -34,6 +34,7 @@ class Runs:
     config_a: gr.Dropdown
     config_b: gr.Dropdown
     verdict: gr.Markdown
+    forgetting: gr.Plot
 
 
 def build(lab: Lab, shared: Shared) -> Runs:
@@ -65,9 +66,14 @@ def build(lab: Lab, shared: Shared) -> Runs:
         config_b = gr.Dropdown([], label="config B", elem_id="config-b")
     verdict = gr.Markdown(elem_id="verdict")
     gr.Markdown(compare.RULE)
+    gr.Markdown("#### Learning vs forgetting\nEach finished run: right = it learned more en→de (held-out loss "
+                "fell), up = it forgot more (de→en loss on the same sentences rose). The base model is the origin. "
+                "A run measured in section 6 also shows its path as its LoRA scale goes from 0 to 1. Compare "
+                "methods in one click with *Compare methods* (section 2).")
+    forgetting = gr.Plot(plots.forgetting_figure([]), show_label=False, elem_id="forgetting-plot")
     export_btn.click(partial(ui_export, lab), [shared.session, show_all], [export_file], **PRIVATE)
     return Runs(show_all, table, picked, curves, log_y, x_axis, metric, overlay, quality, refresh_btn, groups,
-                seeds_plot, config_a, config_b, verdict)
+                seeds_plot, config_a, config_b, verdict, forgetting)
 
 
 def connect(lab: Lab, shared: Shared, runs: Runs, pickers: dict, after: list) -> dict:
@@ -77,7 +83,7 @@ def connect(lab: Lab, shared: Shared, runs: Runs, pickers: dict, after: list) ->
     inputs = {shared.session, shared.seen, runs.show_all, runs.picked, runs.curves, runs.log_y, runs.x_axis,
               runs.metric, runs.config_a, runs.config_b}
     outputs = [runs.table, runs.picked, runs.overlay, runs.quality, shared.seen, runs.groups, runs.seeds_plot,
-               runs.config_a, runs.config_b, runs.verdict, *pickers]
+               runs.config_a, runs.config_b, runs.verdict, runs.forgetting, *pickers]
     refresh = dict(fn=partial(ui_runs, lab, shared, runs, pickers), inputs=inputs, outputs=outputs, **PRIVATE)
     for c in (runs.show_all, runs.curves, runs.log_y, runs.x_axis, runs.metric):
         c.change(show_progress="hidden", **refresh)
@@ -125,6 +131,8 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, v: dict, force:
             runs.config_b: gr.update(choices=labels, value=b),
             runs.verdict: verdict_markdown(gs, a, b),
             runs.quality: plots.quality_figure(shown, "chrf" if v[runs.metric] == "chrF" else "bleu"),
+            runs.forgetting: plots.forgetting_figure(shown, {j.id: a["scale_curve"] for j in jobs if j.id in chosen
+                                                             and (a := lab.analysed(j))}),
             shared.seen: key,
             # one update per dropdown: Gradio may consume an update dict as it applies it
             **{picker: gr.update(choices=choices, value=preselect[which]) for picker, which in pickers.items()}}
@@ -137,7 +145,8 @@ def verdict_markdown(gs: list[dict], a: str | None, b: str | None) -> str:
         return "Finish runs of two configs (ideally 3 seeds each) to compare them here."
     if a == b:
         return "Pick two different configs."
-    return "**" + ("✅ " if (v := compare.verdict(by_label[a], by_label[b]))["resolved"] else "➖ ") + "**" + v["text"]
+    v = compare.verdict(by_label[a], by_label[b])
+    return ("✅ **Resolved.** " if v["resolved"] else "➖ **Not resolved.** ") + v["text"]
 
 
 def _visible(lab: Lab, session, show_all) -> list[Job]:
