@@ -1,4 +1,4 @@
-"""Command line: ``python -m lora_demo params|train|sweep|translate|export|bench ...``.
+"""Command line: ``python -m lora_demo params|train|sweep|methods|translate|export|inspect|report|bench ...``.
 
 The CLI calls the same functions as the app, so its numbers are the app's numbers.
 """
@@ -74,6 +74,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="compute precision of training (auto: bf16 where the hardware does it fast; "
                         "weights, LoRA factors and the loss stay float32)")
+    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, metavar="N",
+                   help="save a checkpoint (adapter, optimiser state, data position, dropout clock) every N "
+                        "steps and at the end, in the run's checkpoints/ directory (0 = off)")
     p.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"),
                    help="tf.distribute strategy: one device, all local GPUs (mirrored), or the workers in "
                         "TF_CONFIG (multiworker)")
@@ -151,7 +154,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (or an adapter directory or zip)")
     p.add_argument("--compare", help="a second run: subspace similarity φ per shared layer")
     p.add_argument("--model", help="base model (default: the run's own, from metrics.json)")
+    p = sub.add_parser("report", help="one self-contained HTML file of runs (comparison table, interactive loss "
+                                      "and quality charts, parameter breakdown, budget, sample translations, "
+                                      "seeds and software versions) that opens with no network")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or a sweep's output directory")
+    p.add_argument("--out", default="report.html", help="the HTML file to write")
+    p.add_argument("--title", default="LoRA Lab report")
     return ap
+
+
+def cmd_report(a) -> int:
+    from . import report
+
+    out = report.write(a.run_dirs, a.out, a.title)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser, offline)")
+    return 0
 
 
 def cmd_inspect(a) -> int:
@@ -219,7 +236,7 @@ def _run_config(a, rank=None, seed=None, method=None) -> RunConfig:
                                        eval_every=a.eval_every, eval_size=a.eval_size, bleu_size=a.bleu_size,
                                        data=a.dataset, heldout_size=a.heldout_size, early_stop=a.early_stop,
                                        samples=a.samples.replace("|", "\n"), batching=a.batching,
-                                       first_step=a.first_step))
+                                       first_step=a.first_step, checkpoint_every=a.checkpoint_every))
 
 
 def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict] | None = None) -> None:
@@ -443,7 +460,7 @@ def main(argv=None) -> None:
     a = _parser().parse_args(argv)
     try:
         code = {"params": cmd_params, "train": cmd_train, "sweep": cmd_sweep, "methods": cmd_sweep,
-                "translate": cmd_translate, "export": cmd_export, "inspect": cmd_inspect,
+                "translate": cmd_translate, "export": cmd_export, "inspect": cmd_inspect, "report": cmd_report,
                 "bench": cmd_bench}[a.command](a)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

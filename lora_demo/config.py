@@ -70,6 +70,9 @@ class Limits:
     max_upload_mb: int = 64      # LORA_LAB_MAX_UPLOAD_MB: an uploaded adapter (zip or files), unpacked size
     max_runs_per_session: int = 50  # LORA_LAB_MAX_RUNS_PER_SESSION: runs (incl. imports) one browser keeps
     train_slots: int = 1         # LORA_LAB_TRAIN_SLOTS: training jobs at once (each holds a model copy)
+    max_checkpoint_mb: int = 1024   # LORA_LAB_MAX_CHECKPOINT_MB: checkpoints one session keeps on disk (the
+                                    # oldest are pruned, with a notice); a tiny LoRA checkpoint is ~1 MB,
+                                    # full fine-tuning of flan-t5-small ~0.9 GB (weights and Adam moments)
 
 
 def limits() -> Limits:
@@ -231,6 +234,8 @@ class TrainConfig:
                                     # faster, but a noisier training curve (README, "Training speed")
     first_step: str = "eager"       # "eager": step 1 runs eagerly while the step is traced (first loss soon);
                                     # "compiled": wait for the trace (BENCHMARKS.md: an eager step's peak memory)
+    checkpoint_every: int = 20      # save adapter, optimiser state, data position and dropout clock every N
+                                    # steps (and at the end), so the run can be resumed; 0 = off
 
     def __post_init__(self):
         lim = limits()
@@ -241,7 +246,8 @@ class TrainConfig:
                              ("seed", 0, 2**31 - 1),
                              ("warmup_steps", 0, lim.max_steps), ("eval_every", 1, 100_000),
                              ("eval_size", 1, 2169), ("max_source_len", 8, 512), ("max_target_len", 8, 512),
-                             ("bleu_size", 0, 2999), ("heldout_size", 1, 500), ("early_stop", 0, 1000)):
+                             ("bleu_size", 0, 2999), ("heldout_size", 1, 500), ("early_stop", 0, 1000),
+                             ("checkpoint_every", 0, lim.max_steps)):
             object.__setattr__(self, name, _whole(name.replace("_", " "), getattr(self, name), lo, hi))
         object.__setattr__(self, "lr", _real("learning rate", self.lr, 0.0, 1.0, lo_open=True))
         object.__setattr__(self, "weight_decay", _real("weight decay", self.weight_decay, 0.0, 1.0))

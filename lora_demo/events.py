@@ -55,7 +55,21 @@ class RunFailed:
     hint: str              # what to change
 
 
-Event = RunStarted | StepLogged | EvalLogged | SamplesLogged | RunFinished | RunFailed
+@dataclass(frozen=True)
+class CheckpointSaved:
+    step: int              # the steps done when it was saved: a resumed run continues with step + 1
+    file: str              # its file name in the run's checkpoints/ directory
+    bytes: int
+
+
+@dataclass(frozen=True)
+class RunResumed:
+    step: int              # the checkpoint it continues from: what was logged after it is measured again
+    was: str               # the record's status before (stopped, interrupted, completed, failed)
+    steps: int             # the steps it now runs to
+
+
+Event = RunStarted | StepLogged | EvalLogged | SamplesLogged | RunFinished | RunFailed | CheckpointSaved | RunResumed
 
 
 def to_dict(event: Event) -> dict:

@@ -136,6 +136,10 @@ def loss_figure(record: dict | None, total_steps: int | None = None, title: str 
     if held or vals:
         fig.add_annotation(text="step 0 = base model", x=0, y=1.0, xref="x", yref="paper", showarrow=False,
                            xanchor="left", font=dict(size=11, color="#64748b"))
+    for r in rec.get("resumes") or []:   # where a stopped or interrupted run continued from its checkpoint
+        fig.add_vline(x=r["from_step"], line=dict(color="#64748b", width=1, dash="dash"))
+        fig.add_annotation(text=f"resumed at step {r['from_step']}", x=r["from_step"], y=0.92, xref="x", yref="paper",
+                           showarrow=False, xanchor="left", font=dict(size=11, color="#64748b"))
     if total_steps:
         fig.update_xaxes(range=[0, total_steps + 0.5])
     if not fig.data:

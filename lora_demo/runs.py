@@ -6,7 +6,10 @@ and, on disk in ``RUNS_DIR/<run_id>/``:
 - ``config.json``, written when the run is queued;
 - ``events.jsonl``, one line per event, appended as they arrive;
 - ``metrics.json``, the whole record, rewritten when the status changes and at the end;
-- ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) once the run has steps.
+- ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) once the run has steps;
+- ``checkpoints/step-NNNNNN.npz|json`` every ``checkpoint_every`` steps and at the end (checkpoints.py):
+  a stopped, interrupted or finished run continues from its newest one (``Lab.resume``), and each
+  session's checkpoints stay under ``LORA_LAB_MAX_CHECKPOINT_MB``, the oldest pruned with a notice.
 
 A record never silently disappears. A server killed mid-run leaves a record whose
 status is still queued or running; the next start replays its events.jsonl and
@@ -36,10 +39,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from . import adapters, anatomy, budget, data, owners
+from . import adapters, anatomy, budget, checkpoints, data, owners
 from .config import MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, clean_sentences, limits
 from .evaluate import scores, sentence_chrf, translate
-from .events import EvalLogged, RunFailed, RunFinished, RunStarted, SamplesLogged, StepLogged, to_dict
+from .events import (CheckpointSaved, EvalLogged, RunFailed, RunFinished, RunResumed, RunStarted, SamplesLogged,
+                     StepLogged, to_dict)
 from .inject import MODULE_PATH, dense_sites, lora_layers, remove_lora, select_paths, set_scale
 from .models import LoadedModel, copy_model, model_precision, peak_gpu_mb, reset_gpu_peak, resolve_precision
 from .params import preview
@@ -87,10 +91,13 @@ class Job:
     adapter_files: dict | None = field(default=None, metadata={"record": "adapter"})   # {"bytes": n} once written
     origin: dict = field(default_factory=dict)   # for an imported adapter: file name, base model, notices
     prediction: dict = field(default_factory=dict)   # budget.predict() at submit time, shown beside the measured
+    resumes: list = field(default_factory=list)      # {"from_step", "was", "steps"} each time it was resumed
+    notices: list = field(default_factory=list)      # what happened to the run's files (checkpoints pruned)
     outcome: str = field(default="", metadata=LIVE)   # how training ended; the status once the record is complete
     version: int = field(default=0, metadata=LIVE)     # bumped on every change, for streaming handlers
     recent: list = field(default_factory=list, repr=False, metadata=LIVE)   # last (step, elapsed_s), for the ETA
     adapter: dict | None = field(default=None, repr=False, metadata=LIVE)   # PEFT arrays, loaded lazily
+    resume_from: checkpoints.Checkpoint | None = field(default=None, repr=False, metadata=LIVE)
     stop: threading.Event = field(default_factory=threading.Event, repr=False, metadata=LIVE)
     done: threading.Event = field(default_factory=threading.Event, repr=False, metadata=LIVE)
 
@@ -126,6 +133,15 @@ class Job:
             self.outcome, self.summary = event.status, {**self.summary, **event.summary}
         elif isinstance(event, RunFailed):
             self.outcome, self.error = "failed", f"{event.reason}. {event.hint}."
+        elif isinstance(event, RunResumed):   # what was logged after the checkpoint is measured again
+            k = event.step
+            self.losses = [x for x in self.losses if x[0] <= k]
+            self.optim = [x for x in self.optim if x[0] <= k]
+            self.val_losses = [x for x in self.val_losses if x[0] <= k]
+            self.heldout_losses = [x for x in self.heldout_losses if x[0] <= k]
+            self.samples = [x for x in self.samples if x[0] <= k]
+            self.resumes.append({"from_step": k, "was": event.was, "steps": event.steps})
+            self.recent = []
         self.version += 1
 
     # -- persistence ---------------------------------------------------------
@@ -168,8 +184,10 @@ class Job:
         if job.status not in FINAL:
             job._replay()
             job.status = "interrupted"
+            ckpt = checkpoints.latest(job.dir)
             job.error = ("the server stopped during this run; every step logged before that is kept"
-                         + (", and so is the adapter" if job.adapter_files else ""))
+                         + (", and so is the adapter" if job.adapter_files else "")
+                         + (f"; resume it from its checkpoint at step {ckpt.step}" if ckpt else ""))
             job.save()
         job.done.set()
         return job
@@ -179,8 +197,9 @@ class Job:
         if not path.exists():
             return
         self.losses, self.val_losses, self.heldout_losses, self.optim, self.samples = [], [], [], [], []
+        self.resumes = []
         kinds = {"RunStarted": RunStarted, "StepLogged": StepLogged, "EvalLogged": EvalLogged,
-                 "SamplesLogged": SamplesLogged}
+                 "SamplesLogged": SamplesLogged, "RunResumed": RunResumed}
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 d = json.loads(line)
@@ -200,7 +219,8 @@ def summary_row(job: Job, session: str | None = None) -> dict:
     rec["mine"] = job.owned_by(session)
     rec.update(method=job.config.lora.method, rank=job.config.lora.rank, alpha=job.config.lora.alpha,
                targets=list(job.config.lora.targets),
-               steps=job.config.train.steps, steps_done=len(job.losses))
+               steps=job.config.train.steps, steps_done=len(job.losses),
+               checkpoint_steps=[c.step for c in checkpoints.listed(job.dir)])
     return rec
 
 
@@ -252,7 +272,7 @@ def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Even
 
 
 def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=None, strategy=None,
-            translator=None) -> None:
+            translator=None, on_checkpoint=None) -> None:
     """Run ``job`` to the end on ``model`` and leave a complete record in ``job.dir``.
 
     ``pairs_of(split, n, dataset)`` supplies data (data.pairs_for); ``base_cache`` maps n to the base model's
@@ -261,12 +281,15 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
     with each train() event, and with None when the phase changes. Shared by the
     app's worker and the CLI, so both write the same record. With a ``translator``
     (adapters.MergedTranslator: the app's) the sample sentences and BLEU/chrF are translated by it,
-    with the adapter merged in; without one, by the training model.
+    with the adapter merged in; without one, by the training model. A job with ``resume_from`` (Lab.resume)
+    continues from that checkpoint; ``on_checkpoint(job)`` is called after each checkpoint is saved (by
+    default the run's own checkpoints are kept under LORA_LAB_MAX_CHECKPOINT_MB).
     """
     def notify(event=None):
         if on_change is not None:
             on_change(event)
     cfg = job.config.train
+    resume, job.resume_from = job.resume_from, None
     job.status, job.phase = "running", "training"
     job.save()
     notify()
@@ -286,9 +309,12 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
         train_pairs, val_pairs = pairs_of("train", cfg.train_size, cfg.data), pairs_of("validation", cfg.eval_size)
         heldout = pairs_of("heldout", cfg.heldout_size, cfg.data)
         for event in train(job.config, model, tokenizer, train_pairs, val_pairs, heldout, stop=job.stop,
-                           data_origin=train_pairs.origin, strategy=strategy, translator=translator):
+                           data_origin=train_pairs.origin, strategy=strategy, translator=translator,
+                           checkpoint_dir=job.dir, resume=resume):
             job.log_event(event)
             job.apply(event)
+            if isinstance(event, CheckpointSaved):
+                (on_checkpoint or (lambda j: prune_checkpoints([j], j)))(job)
             notify(event)
         outcome = job.outcome or "failed"
         if (lora_layers(model) or full) and job.losses:
@@ -324,6 +350,36 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
     job.version += 1
     job.save()
     notify()
+
+
+def prune_checkpoints(jobs: list[Job], job: Job) -> None:
+    """Keep the checkpoints of ``jobs`` (oldest run first) under LORA_LAB_MAX_CHECKPOINT_MB: the oldest
+    (oldest run first, then lowest step) are removed, never ``job``'s newest, and every run that lost
+    one says so in its record."""
+    limit = limits().max_checkpoint_mb * 2**20
+    found = [(c, j) for j in jobs for c in checkpoints.listed(j.dir)]
+    total, newest = sum(c.bytes for c, _ in found), checkpoints.latest(job.dir)
+    removed: dict[str, list] = {}
+    for ckpt, owner in found:
+        if total <= limit:
+            break
+        if newest is not None and ckpt.meta == newest.meta:
+            continue
+        total -= ckpt.bytes
+        checkpoints.remove(ckpt)
+        removed.setdefault(owner.id, [owner]).append(ckpt.step)
+    for run_id, (owner, *steps) in removed.items():
+        where = "" if owner is job else f" (to make room for run {job.id})"
+        note = (f"checkpoint{'s' if len(steps) > 1 else ''} of step {', '.join(map(str, steps))} removed{where}: "
+                f"at most {limits().max_checkpoint_mb} MB of checkpoints are kept per session (per run on the "
+                "command line; LORA_LAB_MAX_CHECKPOINT_MB), the oldest go first")
+        owner.notices.append(note)
+        if owner is not job:
+            owner.version += 1
+            owner.save()
+            job.notices.append(f"run {run_id}: {note}")
+    if removed:
+        job.save()   # (called between steps of job's own thread) the notice survives a killed server
 
 
 # ---------------------------------------------------------------------------
@@ -462,6 +518,47 @@ class Lab:
         sweep = "sweep-" + time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
         return [self.submit(c, session, sweep=sweep) for c in configs]
 
+    def resume(self, run_id: str, session: str | None, steps: int | None = None) -> Job:
+        """Queue a stopped, interrupted or ended run of ``session`` again, from its newest checkpoint to
+        ``steps`` (default: its planned steps; more goes beyond them). The record keeps every step up to
+        the checkpoint and notes where it resumed; the steps after it are trained again."""
+        job = self.session_job(run_id, session)
+        if job.status not in ("stopped", "interrupted", "completed", "failed") or not job.done.is_set():
+            raise ConfigError(f"run {job.id} is {job.status}: only a stopped, interrupted or ended run can be resumed")
+        if job.config.model != self.loaded.name:
+            raise ConfigError(f"run {job.id} was trained on {job.config.model}; this server runs {self.loaded.name}")
+        ckpt = checkpoints.latest(job.dir)
+        if ckpt is None:
+            every = job.config.train.checkpoint_every
+            raise ConfigError(f"run {job.id} has no checkpoint to resume from ("
+                              + (f"it saves one every {every} steps and ended before its first, or they were pruned"
+                                 if every else "it was trained with checkpoints off") + "); train it again instead")
+        planned = job.config.train.steps
+        steps = planned if steps is None or steps == 0 else steps
+        if steps <= ckpt.step:
+            raise ConfigError(f"run {job.id}'s newest checkpoint is at step {ckpt.step}: resume to more steps than "
+                              f"that (it planned {planned})")
+        config = replace(job.config, train=replace(job.config.train, steps=steps))   # checks the step limit
+        with self.lock:
+            was = job.status
+            job.config, job.resume_from = config, ckpt
+            job.stop, job.done = threading.Event(), threading.Event()
+            job.status, job.phase, job.outcome, job.error, job.quality, job.adapter = "queued", "", "", "", None, None
+            event = RunResumed(ckpt.step, was, steps)
+            job.log_event(event)
+            job.apply(event)
+            (job.dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            job.save()
+            self.waiting.append(job.id)
+        self.pending.put(job)
+        return job
+
+    def prune_checkpoints(self, job: Job) -> None:
+        """Keep the checkpoints of ``job``'s session under LORA_LAB_MAX_CHECKPOINT_MB (prune_checkpoints)."""
+        with self.lock:
+            owned = sorted((j for j in self.jobs.values() if j.owner == job.owner), key=lambda j: j.created)
+        prune_checkpoints(owned, job)
+
     def predict(self, config: RunConfig) -> dict:
         """The budget of ``config`` on this server's model, step time from its latest finished run."""
         with self.lock:
@@ -491,7 +588,7 @@ class Lab:
         """Remove a finished run of ``session`` and its directory (an explicit user action)."""
         import shutil
 
-        job = self._session_job(run_id, session)
+        job = self.session_job(run_id, session)
         if not job.done.is_set() and job.status in ("queued", "running"):
             raise ConfigError(f"run {run_id!r} is still {job.status}; stop it first")
         with self.lock:
@@ -511,7 +608,7 @@ class Lab:
                     job.save()
                 else:
                     execute(job, trainer, self.loaded.tokenizer, self.pairs, self._base_scores,
-                            strategy=self.strategy, translator=self.merged)
+                            strategy=self.strategy, translator=self.merged, on_checkpoint=self.prune_checkpoints)
             except Exception as exc:  # never let one job kill the worker; the record says what happened
                 log.exception("job %s crashed", job.id)
                 job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -530,7 +627,7 @@ class Lab:
             job.adapter = state
         return job.adapter
 
-    def _session_job(self, run_id: str, session: str | None) -> Job:
+    def session_job(self, run_id: str, session: str | None) -> Job:
         """Run ``run_id`` if it exists and belongs to ``session`` (any session with None)."""
         job = self.jobs.get(run_id or "")
         if job is None:
@@ -541,7 +638,7 @@ class Lab:
 
     def owned(self, run_id: str, session: str | None) -> Job:
         """A run of ``session`` (any session with None) that has an adapter this server can use."""
-        job = self._session_job(run_id, session)
+        job = self.session_job(run_id, session)
         if job.config.model != self.loaded.name:
             raise ConfigError(f"run {run_id!r} was trained on {job.config.model}; this server runs "
                               f"{self.loaded.name}")
@@ -733,7 +830,10 @@ class Lab:
                 "seed": job.config.train.seed,
                 "samples": {"english": list(job.config.train.samples), "by_step": job.samples},
                 "summary": {k: v for k, v in job.summary.items() if k != "last_tokens_per_s"},
-                "quality": job.quality, "memory": job.memory, "error": job.error}
+                "quality": job.quality, "memory": job.memory, "error": job.error,
+                "checkpoint_every": job.config.train.checkpoint_every,
+                "checkpoint_steps": [c.step for c in checkpoints.listed(job.dir)],
+                "resumes": job.resumes, "notices": job.notices[-3:]}
 
     def watch(self, job: Job, poll_s: float = 0.4):
         """Poll a job until it ends, yielding its status whenever something changed."""

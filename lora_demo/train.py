@@ -20,10 +20,11 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from . import compiled, data
+from . import checkpoints, compiled, data
 from .config import ConfigError, RunConfig, TrainConfig
 from .distribute import make_strategy, topology  # noqa: F401  (make_strategy: re-exported)
-from .events import EvalLogged, Event, RunFailed, RunFinished, RunStarted, SamplesLogged, StepLogged
+from .events import (CheckpointSaved, EvalLogged, Event, RunFailed, RunFinished, RunStarted, SamplesLogged,
+                     StepLogged)
 from .inject import apply_lora, lora_layers, reattach, set_scale
 from .lora import DropoutClock, step_dropout
 from .models import device_info, model_precision, variable_device
@@ -267,8 +268,8 @@ def reset_optimizer(opt, schedule: WarmupConstant, cfg: TrainConfig) -> None:
 
 def optimizer_state_bytes(opt) -> int:
     """Bytes of the optimiser's per-weight state (moments, slow weights); scalar counters excluded."""
-    variables = opt.variables() if callable(opt.variables) else opt.variables
-    return int(sum(v.shape.num_elements() * v.dtype.size for v in variables if v.shape.rank))
+    return int(sum(v.shape.num_elements() * v.dtype.size for v in checkpoints.optimizer_variables(opt)
+                   if v.shape.rank))
 
 
 def _tokens(batch: dict) -> int:
@@ -513,15 +514,33 @@ class Progress:
     first_loss_s: float | None = None
     stopped: bool = False
     base: dict = field(default_factory=dict)   # full fine-tuning: the base model's losses, before step 1
+    start: int = 0                 # the checkpoint step a resumed run continues from (0: from the start)
+    saved: int = 0                 # the step of the newest checkpoint
+
+    KEPT = ("losses", "val_losses", "heldout_losses", "step_times", "tokens", "slots", "eager_steps", "base")
+
+    def state(self, elapsed_s: float) -> dict:
+        """What a checkpoint keeps of the loop's measurements."""
+        return {**{k: getattr(self, k) for k in self.KEPT}, "elapsed_s": elapsed_s}
+
+    @classmethod
+    def resumed(cls, state: dict) -> "Progress":
+        p = cls(**{k: state[k] for k in cls.KEPT})
+        p.val_losses = [tuple(x) for x in p.val_losses]
+        p.heldout_losses = [tuple(x) for x in p.heldout_losses]
+        p.start = p.saved = p.step = state["step"]
+        return p
 
 
 def loop(run: RunConfig, model, prepared: Prepared, att: Attached, progress: Progress, t0: float,
          stop: threading.Event | None, strategy, fault: tuple[str, int] | None,
-         samples: "Samples | None" = None) -> Iterator[Event]:
-    """The steps: stop checks, the step, faults, the loss event, and every eval_every the held-out
-    and validation losses, the sample translations and the early-stopping rule."""
-    cfg, batch = run.train, prepared.first
-    for step in range(1, cfg.steps + 1):
+         samples: "Samples | None" = None, batch: dict | None = None, checkpoint=None) -> Iterator[Event]:
+    """The steps: stop checks, the step, faults, the loss event, every eval_every the held-out and
+    validation losses, the sample translations and the early-stopping rule, and every checkpoint_every
+    a checkpoint (``checkpoint(step)``, which yields its event). A resumed run starts after
+    ``progress.start`` with ``batch``, the batch of that step."""
+    cfg, batch = run.train, prepared.first if batch is None else batch
+    for step in range(progress.start + 1, cfg.steps + 1):
         progress.step = step
         fn = None if _stopping(stop) else att.compiled_step(strategy, stop)
         if _stopping(stop):
@@ -554,16 +573,19 @@ def loop(run: RunConfig, model, prepared: Prepared, att: Attached, progress: Pro
                     samples.warm_up()
         yield StepLogged(step, loss, float(att.schedule(step - 1)), n_tok, n_tok / dt, elapsed, is_compiled,
                          grad_norm)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+        if evaluating:
             yield from _evaluate(model, att, prepared, progress, step, t0)
             if samples is not None:
                 yield from samples.log(step, t0)
-            if _no_longer_improving(progress, cfg.early_stop) and step < cfg.steps:
-                best_step, best = min((progress.heldout_losses or progress.val_losses)[1:], key=lambda x: x[1])
-                progress.stop_reason = (f"early stopping after step {step}: the held-out loss has not improved "
-                                        f"for {cfg.early_stop} evaluations (best {best:.4f} at step {best_step}; "
-                                        "the adapter is the one of the last step)")
-                return
+        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            yield from checkpoint(step)   # after the evaluation: a resumed run does not repeat it
+        if evaluating and _no_longer_improving(progress, cfg.early_stop) and step < cfg.steps:
+            best_step, best = min((progress.heldout_losses or progress.val_losses)[1:], key=lambda x: x[1])
+            progress.stop_reason = (f"early stopping after step {step}: the held-out loss has not improved "
+                                    f"for {cfg.early_stop} evaluations (best {best:.4f} at step {best_step}; "
+                                    "the adapter is the one of the last step)")
+            return
         if step < cfg.steps:
             batch = next(prepared.batches, None)
             if batch is None:   # a finite stream ran out: the run ends here, complete
@@ -705,21 +727,35 @@ def summarise(model, prepared: Prepared, att: Attached, p: Progress, t0: float, 
         "padding_pct": 100.0 * (1 - p.tokens / p.slots) if p.slots else None,   # of the positions computed
         "pairs_seen": len(p.losses) * cfg.batch_size,
         "optimizer_state_bytes": optimizer_state_bytes(att.opt),
+        "resumed_from": p.start or None, "checkpoint_every": cfg.checkpoint_every,
         **topology(strategy),   # strategy, workers and replicas that took part
     }
 
 
 def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pairs=None,
           stop: threading.Event | None = None, data_origin: str = "bundled", strategy=None,
-          translator=None) -> Iterator[Event]:
+          translator=None, checkpoint_dir=None, resume: "checkpoints.Checkpoint | None" = None) -> Iterator[Event]:
     """Add a fresh adapter to ``model`` as ``run.lora`` says and train it; yield events as it goes.
 
     Ends with exactly one RunFinished (completed or stopped) or RunFailed. The base weights are
     never changed; the trained adapter stays in ``model``. With a ``strategy`` (distribute.py) the
     adapter and optimiser state are mirrored and each step splits the global batch across replicas.
     ``translator`` (adapters.MergedTranslator) translates the sample sentences, if given.
+    With ``checkpoint_dir``, a checkpoint is saved there every ``checkpoint_every`` steps and at the end;
+    with ``resume`` (one of them), the run continues after its step with the same losses as a run that
+    was never interrupted (the adapter, optimiser, data position and dropout clock are restored).
     """
     t0, progress, att, samples = time.perf_counter(), Progress(), None, None
+    if resume is not None:
+        state = resume.state()
+        progress = Progress.resumed(state)
+        t0 -= state["elapsed_s"]
+
+    def checkpoint(step: int):
+        ckpt = checkpoints.save(checkpoint_dir, step, att.variables, att.opt,
+                                progress.state(time.perf_counter() - t0))
+        progress.saved = step
+        yield CheckpointSaved(step, ckpt.arrays.name, ckpt.bytes)
     try:
         fault = injected_fault(run.train.seed)
         clock = step_dropout(model)   # dropout masks keyed on (seed, step): a fresh clock per run
@@ -729,7 +765,17 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pair
         prepared = prepare(run.train, tokenizer, train_pairs, val_pairs, heldout_pairs,
                            dynamic=strategy is None and run.train.batching == "grouped")
         att = attach(model, run, clock, prepared, strategy)
-        if not run.lora.adapter:   # no scale 0 to switch to later: the base model's losses now
+        batch = None
+        if resume is not None:   # the adapter, the optimiser, the data position and the dropout clock
+            checkpoints.restore(resume, att.variables, att.opt)
+            clock.step.assign(resume.step)
+            batch = prepared.first
+            for _ in range(resume.step):
+                batch = next(prepared.batches, None)
+                if batch is None:
+                    raise ConfigError(f"the training data ends before step {resume.step + 1}; it cannot resume")
+            att.start_trace(strategy)   # every resumed step compiled, as the uninterrupted run's after step 1
+        elif not run.lora.adapter:   # no scale 0 to switch to later: the base model's losses now
             progress.base = {name: _eval_loss(att.eval, batches) for name, batches in
                              (("val", prepared.val), ("held", prepared.heldout), ("probe", prepared.probe),
                               ("forget", prepared.forget)) if batches}
@@ -740,12 +786,18 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pair
         yield RunStarted(config=run.to_dict(), params=breakdown(specs_from_model(model)).to_dict(),
                          device=f"{device_info()['name']}, {model_precision(model)}", data_origin=data_origin,
                          train_pairs=prepared.train_pairs, shapes=prepared.shapes)
-        if samples is not None and not run.lora.adapter and translator is None:
+        if samples is not None and resume is not None:
+            samples.logged_base = True   # the record has the base model's German from the first start
+        if samples is not None and not run.lora.adapter and translator is None and resume is None:
             yield from samples.log_base(t0)
-        for event in loop(run, model, prepared, att, progress, t0, stop, strategy, fault, samples):
+        saving = checkpoint if checkpoint_dir is not None else None
+        for event in loop(run, model, prepared, att, progress, t0, stop, strategy, fault, samples, batch, saving):
             yield event
             if isinstance(event, RunFailed):
                 return
+        if saving is not None and run.train.checkpoint_every and progress.losses \
+                and progress.saved != len(progress.losses):   # the end too: a finished run can go on
+            yield from saving(len(progress.losses))
         if samples is not None:
             samples.finish()
         yield RunFinished("stopped" if progress.stopped else "completed",

@@ -8,9 +8,13 @@ laptop-sized window go to artifacts/browser/. CI installs Chromium, so there thi
 machine without Chromium or Playwright it is skipped.
 """
 
+import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT, launch
@@ -164,7 +168,98 @@ def test_the_app_in_a_real_browser(tmp_path):
             page.screenshot(path=str(SHOTS / "6-methods.png"), full_page=False)
             page.locator("#forgetting-plot").scroll_into_view_if_needed()
             page.screenshot(path=str(SHOTS / "7-forgetting.png"), full_page=False)
+            _share_resume_duplicate_report(browser, url, tmp_path)
             browser.close()
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _number(page, box: str) -> str:
+    return page.locator(f"{box} input[type=number]").input_value()
+
+
+def _share_resume_duplicate_report(browser, url, tmp_path):
+    """A shared link restores the controls (nothing starts) and hides an instructor's choice of them; the
+    copied link is the page's address; the command line it prints reproduces the page's run; the run goes
+    on beyond its steps from its checkpoint; its settings are duplicated into the controls; and the report
+    it hands in opens offline with its figures drawn."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900}, permissions=["clipboard-read", "clipboard-write"])
+    page = ctx.new_page()   # a new browser profile: a new session with no runs
+    page.goto(url + "?rank=4&steps=8&bleu=0&seed=5&eval=4&ckpt=4&lr=0.005&targets=q,k,v&hide=optimizer,seed",
+              wait_until="domcontentloaded")
+    expect(page.locator("#share-note")).to_contain_text("Restored 8 setting(s)", timeout=60_000)
+    assert _number(page, "#rank") == "4" and _number(page, "#steps") == "8"
+    expect(page.locator("#optimizer")).to_be_hidden()
+    expect(page.locator("#seed")).to_be_hidden()
+    expect(page.locator("#status")).to_contain_text("Press **Train**".replace("**", ""))   # nothing started
+    page.locator("#share").get_by_text("Share this setup").click()
+    link = page.locator("#share-link textarea, #share-link input").first
+    expect(link).to_have_value(re.compile(r"rank=4&.*targets=q,k,v.*&hide=optimizer,seed"), timeout=30_000)
+    assert page.url == link.input_value()
+    page.locator("#copy-link").click()
+    page.wait_for_function("(want) => navigator.clipboard.readText().then(t => t === want)", arg=link.input_value())
+    cli_box = page.locator("#cli-command textarea")
+    expect(cli_box).to_have_value(re.compile("python -m lora_demo train .*--rank 4 --seed 5 .*--checkpoint-every 4"),
+                                  timeout=30_000)
+    line = cli_box.input_value().splitlines()[1]
+    page.locator("#share").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "8-shared-link.png"))
+
+    # Train, then the printed command line: the same losses
+    page.locator("#train-btn").click()
+    expect(page.locator("#status")).to_contain_text("✅ completed", timeout=180_000)
+    expect(page.locator("#status")).to_contain_text("kept: step 4, 8")
+    record = max((json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/metrics.json")),
+                 key=lambda r: r["created"])
+    assert record["config"]["lora"]["targets"] == ["q", "k", "v"] and record["config"]["train"]["seed"] == 5
+    args = shlex.split(line)
+    args[args.index("--out") + 1] = str(tmp_path / "cli-run")
+    done = subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    cli_losses = json.loads((tmp_path / "cli-run" / "metrics.json").read_text())["losses"]
+    assert [s for s, _, _ in cli_losses] == [s for s, _, _ in record["losses"]] == list(range(1, 9))
+    assert max(abs(a[1] - b[1]) for a, b in zip(cli_losses, record["losses"])) < 1e-5
+
+    # Resume beyond the planned steps, from the checkpoint at the end
+    expect(page.locator("#run-pick input")).to_have_value(re.compile(record["run_id"]), timeout=30_000)
+    steps_to = page.locator("#resume-steps input[type=number]")
+    steps_to.fill("14")
+    steps_to.press("Enter")
+    page.locator("#resume-btn").click()
+    expect(page.locator("#status")).to_contain_text("resumed from its checkpoint at step 8", timeout=60_000)
+    expect(page.locator("#status")).to_contain_text("✅ completed · r=4 · seed 5 · step 14/14", timeout=180_000)
+    assert _trace_points(page, "each batch") == 14
+    page.locator("#loss-plot").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "9-resumed.png"))
+
+    # Duplicate: the run's settings back into the controls after editing them
+    rank_box = page.locator("#rank input[type=number]")
+    rank_box.fill("16")
+    rank_box.press("Enter")
+    page.locator("#duplicate-btn").click()
+    expect(page.locator("#status")).to_contain_text(f"settings of run {record['run_id']}", timeout=30_000)
+    expect(rank_box).to_have_value("4")
+    assert _number(page, "#steps") == "14"   # as it now stands: resumed to 14 steps
+
+    # The report: a download that opens with no network, its charts drawn by the plotly.js inside it
+    page.locator("#report-btn").click()
+    with page.expect_download(timeout=60_000) as got:
+        page.locator("#report-file a").first.click()
+    path = tmp_path / "report.html"
+    got.value.save_as(path)
+    offline = browser.new_context(viewport={"width": 1280, "height": 900}, offline=True)
+    view = offline.new_page()
+    view.goto(path.as_uri())
+    for fig in ("#report-curves", "#report-quality"):
+        view.wait_for_function("(sel) => { const el = document.querySelector(sel); return el && el.data && "
+                               "el.querySelector('.main-svg'); }", arg=fig, timeout=30_000)
+    assert view.evaluate("document.querySelector('#report-curves').data.length") >= 3   # train, held-out, val
+    text = view.locator("body").inner_text()
+    for part in ("Comparison", "Parameter breakdown", "Budget", "Sample translations", "resumed from its checkpoint",
+                 "Seeds and software", "tensorflow", record["run_id"]):
+        assert part.lower() in text.lower(), part
+    view.screenshot(path=str(SHOTS / "10-report.png"), full_page=True)
+    offline.close()
+    ctx.close()

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -145,3 +146,21 @@ def test_sweep_writes_one_record_per_rank_and_seed_and_a_summary_over_seeds(cli_
     # two seeds each can never resolve a difference under the rule (chance 1 in 6 > 1 in 20)
     assert "r=2 · q+v vs r=8 · q+v" in md.replace("r=8 · q+v vs r=2 · q+v", "r=2 · q+v vs r=8 · q+v")
     assert "above seed noise:" not in md and "| run |" in stdout
+
+
+def test_report_writes_one_self_contained_html_file_of_a_sweep(cli_sweep, capsys, tmp_path):
+    """The report of the four sweep runs: every run, the verdict between the two ranks, the interactive
+    figures with plotly.js inside the file, and nothing fetched from the network to view it."""
+    _, sweep = cli_sweep
+    out = cli_here(capsys, "report", str(sweep), "--out", str(tmp_path / "r.html"), "--title", "Homework 3")
+    assert out.returncode == 0, out.stderr
+    assert "self-contained" in out.stdout
+    page = (tmp_path / "r.html").read_text()
+    records = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
+    assert len(records) == 4 and all(r["run_id"] in page for r in records)
+    assert "<h1>Homework 3</h1>" in page and re.search("(✅ Resolved|➖ Not resolved): ", page) and "BLEU base" in page
+    assert 'id="report-curves"' in page and 'id="report-quality"' in page and "Plotly.newPlot" in page
+    assert "plotly.js v" in page and not re.search(r"<script[^>]+src=", page)   # plotly.js inlined, no fetch
+    assert "tensorflow" in page and "transformers" in page and "seeds: 0, 1".lower() in page.lower()
+    bad = cli_here(capsys, "report", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.html"))
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr

@@ -5,6 +5,7 @@ turns NaN, at a chosen step (``LORA_LAB_FAULT``, read from the server's environm
 disconnects mid-run, and the server is killed with SIGKILL mid-run.
 """
 
+import json
 import threading
 import time
 
@@ -184,25 +185,57 @@ def test_odd_text_is_cleaned_cut_and_translated(app):
     assert any("cut to 2000 characters" in n for n in out["notices"])
 
 
-def test_killing_the_server_mid_run_keeps_what_was_recorded(tmp_path):
-    proc, url = launch(tmp_path, "--model", "micro")
+def _losses(tmp_path, run_id) -> dict[int, float]:
+    """A run's losses by step, from the record the server wrote."""
+    return {s: v for s, v, _ in json.loads((tmp_path / "runs" / run_id / "metrics.json").read_text())["losses"]}
+
+
+def test_a_server_killed_mid_run_keeps_the_record_and_the_run_resumes_with_the_same_losses(tmp_path):
+    """SIGKILL mid-run; the restarted app lists the run as interrupted with its checkpoints (the session's
+    checkpoint limit pruned the oldest, with a notice); /resume continues it from the newest, and its losses
+    from there on equal those of the same run trained without a break (float32, to 1e-5)."""
+    setup = dict(steps=400, train_size=64, bleu_size=0, seed=4, checkpoint_every=3, eval_every=5)
+    limit = {"LORA_LAB_MAX_CHECKPOINT_MB": "1"}   # a micro r=8 checkpoint is ~0.4 MB: the fourth goes over
+    proc, url = launch(tmp_path, "--model", "micro", "--precision", "fp32", env=limit)
     try:
         c = Client(url, verbose=False)
-        job = c.submit(steps=2000, train_size=32, bleu_size=0, api_name="/train")
+        job = c.submit(**setup, api_name="/train")
         for update in job:
-            if update["step"] >= 3:
-                run_id = update["run_id"]
+            if update["step"] >= 14:
+                run_id, key = update["run_id"], update["owner_key"]
                 break
         proc.kill()                   # SIGKILL: no chance to tidy up
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    proc, url = launch(tmp_path, "--model", "micro")
+    proc, url = launch(tmp_path, "--model", "micro", "--precision", "fp32", env=limit)
     try:
-        row = next(r for r in Client(url, verbose=False).predict(all_runs=True, api_name="/runs")
-                   if r["run_id"] == run_id)
-        assert row["status"] == "interrupted" and row["steps_done"] >= 3, row
+        c = Client(url, verbose=False)
+        row = next(r for r in c.predict(owner_key=key, api_name="/runs") if r["run_id"] == run_id)
+        assert row["status"] == "interrupted" and row["steps_done"] >= 14, row
+        kept = row["checkpoint_steps"]
+        assert kept and kept[-1] >= 12 and 3 not in kept, kept          # the oldest went first
+        assert any("removed" in n and "LORA_LAB_MAX_CHECKPOINT_MB" in n for n in row["notices"]), row["notices"]
+        assert f"checkpoint at step {kept[-1]}" in row["error"]
+        with pytest.raises(Exception, match="resume to more steps than that"):
+            c.predict(run_id=run_id, steps=kept[-1], owner_key=key, api_name="/resume")
+        # resume to 24 steps; then the same run, never interrupted, for comparison
+        last = None
+        for last in c.submit(run_id=run_id, steps=24, owner_key=key, api_name="/resume"):
+            pass
+        assert last["status"] == "completed" and last["step"] == 24, last
+        assert last["resumes"] == [{"from_step": kept[-1], "was": "interrupted", "steps": 24}]
+        with pytest.raises(Exception, match="no run"):
+            c.predict(run_id="nope", owner_key=key, api_name="/resume")
+        whole = None
+        for whole in c.submit(**{**setup, "steps": 24}, owner_key=key, api_name="/train"):
+            pass
+        resumed, expected = _losses(tmp_path, run_id), _losses(tmp_path, whole["run_id"])
+        assert sorted(resumed) == list(range(1, 25))
+        after = range(kept[-1] + 1, 25)
+        assert max(abs(resumed[s] - expected[s]) for s in after) < 1e-5, (resumed, expected)
+        assert last["summary"]["final_heldout_loss"] == pytest.approx(whole["summary"]["final_heldout_loss"], abs=1e-5)
     finally:
         proc.terminate()
         proc.wait(30)

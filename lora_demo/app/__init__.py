@@ -52,11 +52,14 @@ def build_demo(lab: Lab) -> gr.Blocks:
         loaded = demo.load(partial(configure.ui_restore, lab), [shared.session],
                            [shared.session, shared.run_id, *config["views"]], **PRIVATE)
         refresh = runs.connect(lab, shared, listing, after=[config["trained"], config["swept"], config["compared"],
-                                                            files["deleted"], files["imported"]],
+                                                            config["resumed"], files["deleted"], files["imported"]],
                                pickers={words["run_pick"]: "newest", files["pick"]: "newest",
-                                        inside["pick"]: "newest", inside["compare_pick"]: "second"})
+                                        inside["pick"]: "newest", inside["compare_pick"]: "second",
+                                        config["run_pick"]: "any"})
         loaded.then(**refresh).then(partial(configure.ui_follow, lab), [shared.run_id],
                                     config["views"], concurrency_limit=None, **PRIVATE)
+        # a shared link: its settings into the controls (nothing starts), then the link and command lines
+        demo.load(**config["from_url"]).then(**config["sharing"]).then(**config["address"])
         demo.load(**config["breakdown"])
         demo.load(**config["budget"])
     return demo

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import gradio as gr
 
-from .. import anatomy, compare
+from .. import anatomy, compare, report, share
 from ..config import ConfigError, TrainConfig, parse_methods, parse_ranks, parse_seeds
 from ..params import preview
 from ..runs import Lab, summary_row
@@ -30,7 +30,7 @@ class Api:
     def register(self) -> None:
         """Declare every endpoint inside the current gr.Blocks."""
         for name in ("params", "train", "sweep", "stop", "runs", "translate", "delete_run", "inspect", "similarity",
-                     "budget", "analyse"):
+                     "budget", "analyse", "resume", "settings"):
             gr.api(getattr(self, name), api_name=name, concurrency_limit=None)
         # endpoints with file inputs or outputs go through hidden components
         hidden = gr.Button(visible=False)
@@ -40,6 +40,7 @@ class Api:
         hidden.click(self.import_adapter, [files, key], [answer], api_name="import_adapter")
         hidden.click(self.download_adapter, [run, key], [file_out], api_name="download_adapter")
         hidden.click(self.download_merged, [run, key], [file_out], api_name="download_merged")
+        hidden.click(self.report, [run, key], [file_out], api_name="report")
 
     def _key(self, request, presented) -> str:
         return key_of(self.lab, request, presented)
@@ -64,17 +65,20 @@ class Api:
               lr: float = _T.lr, train_size: int = _T.train_size, seed: int = _T.seed, optimizer: str = _T.optimizer,
               bleu_size: int = _T.bleu_size, data: str = _T.data, eval_every: int = _T.eval_every,
               early_stop: int = _T.early_stop, samples: list[str] | None = None, owner_key: str = "",
-              method: str = "lora", loraplus_ratio: float = 16.0, request: gr.Request = None) -> Iterator[dict]:
+              method: str = "lora", loraplus_ratio: float = 16.0, checkpoint_every: int = _T.checkpoint_every,
+              request: gr.Request = None) -> Iterator[dict]:
         """Queue a training run and stream its progress; the last message carries the summary and BLEU/chrF.
         ``data``: "news" or "europarl"; ``samples``: sentences translated at every evaluation (default
         none; the page uses three); ``early_stop``: patience in evaluations (0 = off); ``method``: lora,
-        rslora, dora, pissa, loraplus (with ``loraplus_ratio``) or full.
+        rslora, dora, pissa, loraplus (with ``loraplus_ratio``) or full; ``checkpoint_every``: steps between
+        checkpoints (0 = off), which /resume continues from.
         Every message carries ``owner_key``: with it, any client may stop, use or delete the run."""
         key = self._key(request, owner_key)
         cfg = self.lab.run_config(self._lora(rank, alpha, targets, side, first_layer, last_layer, method,
                                              loraplus_ratio), steps,
                                   batch_size, lr, train_size, seed, optimizer, bleu_size, data=data,
-                                  eval_every=eval_every, early_stop=early_stop, samples=samples or ())
+                                  eval_every=eval_every, early_stop=early_stop, samples=samples or (),
+                                  checkpoint_every=checkpoint_every)
         job = self.lab.submit(cfg, key)
         for status in self.lab.watch(job):
             yield {**status, "owner_key": key}
@@ -86,7 +90,8 @@ class Api:
               seed: int = _T.seed, optimizer: str = _T.optimizer, bleu_size: int = _T.bleu_size,
               seeds: str = "", data: str = _T.data, eval_every: int = _T.eval_every, early_stop: int = _T.early_stop,
               samples: list[str] | None = None, owner_key: str = "", methods: str = "",
-              loraplus_ratio: float = 16.0, request: gr.Request = None) -> Iterator[dict]:
+              loraplus_ratio: float = 16.0, checkpoint_every: int = _T.checkpoint_every,
+              request: gr.Request = None) -> Iterator[dict]:
         """Train the same config at each rank, once per seed (``seeds`` "0,1,2"; default: ``seed`` alone),
         and with each of ``methods`` ("lora,dora,full"; default: lora); runs with the same seed share the
         data order. Streams every run's status; the last message also has ``groups`` (each config's
@@ -98,7 +103,8 @@ class Api:
         cfg = self.lab.run_config(self._lora(ranks_list[0], alpha, targets, side, first_layer, last_layer,
                                              method_list[0], loraplus_ratio), steps,
                                   batch_size, lr, train_size, seed, optimizer, bleu_size, data=data,
-                                  eval_every=eval_every, early_stop=early_stop, samples=samples or ())
+                                  eval_every=eval_every, early_stop=early_stop, samples=samples or (),
+                                  checkpoint_every=checkpoint_every)
         jobs = self.lab.submit_sweep(cfg, ranks_list, key, seed_list, method_list)
         for job in jobs:
             for _ in self.lab.watch(job):
@@ -108,6 +114,27 @@ class Api:
                "groups": [{k: g[k] for k in ("label", "method", "rank", "seeds", "heldout", "delta", "forget", "bleu")}
                           for g in gs],
                "verdicts": [compare.verdict(a, b) for a, b in zip(gs, gs[1:])], "rule": compare.RULE}
+
+    @errors
+    def resume(self, run_id: str, steps: int = 0, owner_key: str = "", request: gr.Request = None) -> Iterator[dict]:
+        """Continue a stopped, interrupted or ended run from its newest checkpoint, to ``steps`` (0: the
+        steps it planned; more goes beyond them). Streams its status as /train does; the status's
+        ``resumes`` says where it resumed, ``checkpoint_steps`` which checkpoints it keeps."""
+        key = self._key(request, owner_key)
+        job = self.lab.resume(run_id, key, int(steps) if steps else None)
+        for status in self.lab.watch(job):
+            yield {**status, "owner_key": key}
+
+    @errors
+    def settings(self, run_id: str, owner_key: str = "", request: gr.Request = None) -> dict:
+        """A run's settings as the page's controls (``values``), the page link's query and the
+        ``python -m lora_demo`` command lines that train the same run."""
+        job = self.lab.session_job(run_id, self._key(request, owner_key))
+        values = share.values_of(job.config, self.lab.depth)
+        full = {**values, "ranks": str(values["rank"]), "methods": values["method"]}
+        return {"values": values, "query": share.to_query(values),
+                "cli": share.cli_lines(full, self.lab.loaded.name, self.lab.precision, self.lab.data_source,
+                                       self.lab.depth, job.config.train.samples)}
 
     @errors
     def stop(self, run_id: str = "", owner_key: str = "", request: gr.Request = None) -> dict:
@@ -185,6 +212,19 @@ class Api:
     def download_adapter(self, run_id, owner_key: str | None = None, request: gr.Request = None) -> str:
         """This session's run ``run_id`` as a zip of its PEFT adapter directory."""
         return str(self.lab.adapter_zip(run_id, self._key(request, owner_key)))
+
+    @errors
+    def report(self, run_ids, owner_key: str | None = None, request: gr.Request = None) -> str:
+        """A self-contained HTML report of this session's runs ``run_ids`` (comma-separated; default: all)."""
+        import tempfile
+        from pathlib import Path
+
+        key = self._key(request, owner_key)
+        ids = [i for i in str(run_ids or "").replace(" ", ",").split(",") if i]
+        jobs = [self.lab.session_job(i, key) for i in ids] if ids else self.lab.runs(key)
+        if not jobs:
+            raise ConfigError("no runs in this session to report")
+        return str(report.write([j.dir for j in jobs], Path(tempfile.mkdtemp(prefix="lora-lab-")) / "lora_lab_report.html"))
 
     @errors
     def download_merged(self, run_id, owner_key: str | None = None, request: gr.Request = None) -> str:

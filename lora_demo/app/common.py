@@ -87,8 +87,23 @@ class Form:
     seeds: gr.Slider          # "repeat with N seeds": not part of a run's config
     method: gr.Dropdown
     ratio: gr.Number          # LoRA+: B's learning rate over A's
+    checkpoint: gr.Slider     # checkpoint every N steps (0 = off)
 
     LORA = ("rank", "alpha", "targets", "side", "first", "last", "method", "ratio")
+    # share.NAMES -> the form field(s) behind each (blocks: first and last)
+    SHARED = {"method": ("method",), "ratio": ("ratio",), "rank": ("rank",), "alpha": ("alpha",),
+              "targets": ("targets",), "stacks": ("side",), "blocks": ("first", "last"), "steps": ("steps",),
+              "batch": ("batch",), "lr": ("lr",), "pairs": ("train_size",), "optimizer": ("optimizer",),
+              "seed": ("seed",), "seeds": ("seeds",), "data": ("data",), "bleu": ("bleu_size",),
+              "eval": ("eval_every",), "patience": ("early_stop",), "ckpt": ("checkpoint",)}
+
+    def shared(self) -> dict[str, tuple]:
+        """share.NAMES of the form -> its components."""
+        return {name: tuple(getattr(self, f) for f in fs) for name, fs in self.SHARED.items()}
+
+    def named(self, v: dict) -> dict:
+        """The form's values under share.NAMES."""
+        return {name: (v[c[0]], v[c[1]]) if len(c) == 2 else v[c[0]] for name, c in self.shared().items()}
 
     @property
     def components(self) -> set:
@@ -107,7 +122,7 @@ class Form:
         return lab.run_config(self.lora(lab, v, rank, method), v[self.steps], v[self.batch], v[self.lr], v[self.train_size],
                               v[self.seed], v[self.optimizer], v[self.bleu_size], data=v[self.data],
                               eval_every=v[self.eval_every], early_stop=v[self.early_stop],
-                              samples=v[self.samples] or "")
+                              samples=v[self.samples] or "", checkpoint_every=v[self.checkpoint])
 
     def seed_list(self, v: dict) -> list[int]:
         """The seeds to repeat with: N seeds from the form's seed."""
@@ -149,6 +164,14 @@ def status_line(lab: Lab, s: dict) -> str:
     if q:
         line += (f"  \nBLEU base {q['base']['bleu']:.2f} → LoRA {q['lora']['bleu']:.2f} · chrF base "
                  f"{q['base']['chrf']:.2f} → LoRA {q['lora']['chrf']:.2f} ({q['n']} newstest2016 sentences)")
+    for r in s.get("resumes") or []:
+        line += f"  \n⏯️ resumed from its checkpoint at step {r['from_step']} (it was {r['was']}), to {r['steps']} steps"
+    if s.get("checkpoint_every"):
+        saved = s.get("checkpoint_steps") or []
+        line += (f"  \n💾 checkpoint every {s['checkpoint_every']} steps"
+                 + (f"; kept: step {', '.join(map(str, saved[-4:]))}" if saved else "; none yet"))
+    for note in s.get("notices") or []:
+        line += f"  \n🧹 {note}"
     if s["error"]:
         line += f"  \n**{s['error']}**"
     return line

@@ -8,14 +8,15 @@ from functools import partial
 
 import gradio as gr
 
-from ... import plots
+from ... import plots, share
 from ...config import (MAX_SAMPLES, METHOD_LABELS, METHOD_LR, METHODS, ConfigError, defaults_for, limits, parse_methods,
                        parse_ranks)
 from ...models import is_gpu
 from ...params import preview
 from ...runs import Lab
 from ...train import OPTIMIZER_LABELS, available_optimizers
-from ..common import DEFAULT_RANKS, PRIVATE, READY, Form, Shared, browser_key, errors, live, loss_of, samples_frame
+from ..common import (DEFAULT_RANKS, PRIVATE, READY, Form, Shared, browser_key, errors, live, loss_of, run_label,
+                      samples_frame)
 
 
 def build(lab: Lab, shared: Shared) -> dict:
@@ -30,25 +31,26 @@ def build(lab: Lab, shared: Shared) -> dict:
                 ratio = gr.Number(value=16, minimum=1, maximum=1024, label="LoRA+ ratio (B's rate / A's)",
                                   visible=False, elem_id="loraplus-ratio", scale=1)
             rank = gr.Slider(1, 64, value=8, step=1, label="rank r", elem_id="rank")
-            alpha = gr.Slider(1, 128, value=16, step=1, label="alpha (update scaled by alpha / r)")
+            alpha = gr.Slider(1, 128, value=16, step=1, label="alpha (update scaled by alpha / r)", elem_id="alpha")
             targets = gr.CheckboxGroup(modules, value=[m for m in ("q", "v") if m in modules],
-                                       label="target modules (attention q/k/v/o, FFN wi*/wo)")
-            side = gr.Radio(["both", "encoder", "decoder"], value="both", label="stacks")
+                                       label="target modules (attention q/k/v/o, FFN wi*/wo)", elem_id="targets")
+            side = gr.Radio(["both", "encoder", "decoder"], value="both", label="stacks", elem_id="stacks")
             with gr.Row():
-                first = gr.Slider(0, depth - 1, value=0, step=1, label="first block")
-                last = gr.Slider(0, depth - 1, value=depth - 1, step=1, label="last block")
+                first = gr.Slider(0, depth - 1, value=0, step=1, label="first block", elem_id="first-block")
+                last = gr.Slider(0, depth - 1, value=depth - 1, step=1, label="last block", elem_id="last-block")
             gr.Markdown("### 2 · Training")
             with gr.Row():
                 steps = gr.Slider(1, lim.max_steps, value=dflt.steps, step=1, label="steps", elem_id="steps")
-                batch = gr.Slider(1, lim.max_batch_size, value=dflt.batch_size, step=1, label="batch size")
+                batch = gr.Slider(1, lim.max_batch_size, value=dflt.batch_size, step=1, label="batch size",
+                                  elem_id="batch")
             with gr.Row():
-                lr = gr.Number(value=dflt.lr, label="learning rate", minimum=1e-6, maximum=1.0)
+                lr = gr.Number(value=dflt.lr, label="learning rate", minimum=1e-6, maximum=1.0, elem_id="lr")
                 train_size = gr.Slider(8, lim.max_train_size, value=dflt.train_size, step=8,
-                                       label="training pairs")
+                                       label="training pairs", elem_id="pairs")
             with gr.Row():
                 optimizer = gr.Dropdown([(OPTIMIZER_LABELS[o], o) for o in available_optimizers()],
-                                        value="adamw", label="optimizer")
-                seed = gr.Number(value=0, precision=0, label="seed")
+                                        value="adamw", label="optimizer", elem_id="optimizer")
+                seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=2**31 - 1, elem_id="seed")
             bleu_size = gr.Slider(0, 500, value=dflt.bleu_size, step=10,
                                   label="BLEU/chrF sentences after the run (newstest2016; 0 = skip)",
                                   elem_id="bleu-size")
@@ -63,13 +65,21 @@ def build(lab: Lab, shared: Shared) -> dict:
                     eval_every = gr.Slider(1, 200, value=dflt.eval_every, step=1,
                                            label="evaluate every N steps (held-out loss, samples)",
                                            elem_id="eval-every")
-                    early_stop = gr.Slider(0, 20, value=dflt.early_stop, step=1,
+                    early_stop = gr.Slider(0, 20, value=dflt.early_stop, step=1, elem_id="patience",
                                            label="early stopping patience (evaluations; 0 = off)")
+                    checkpoint = gr.Slider(0, 200, value=dflt.checkpoint_every, step=1, elem_id="ckpt-every",
+                                           label="checkpoint every N steps, and at the end (resume from it; 0 = off)")
                 samples = gr.Textbox("\n".join(dflt.samples), lines=3, max_lines=MAX_SAMPLES,
                                      label=f"sample sentences translated at every evaluation (up to {MAX_SAMPLES})")
             with gr.Row():
                 train_btn = gr.Button("▶ Train", variant="primary", elem_id="train-btn")
                 stop_btn = gr.Button("⏹ Stop", variant="stop", elem_id="stop-btn")
+            with gr.Row(equal_height=True):
+                run_pick = gr.Dropdown([], label="a run of this browser", elem_id="run-pick", scale=3)
+                dup_btn = gr.Button("⧉ Duplicate settings", elem_id="duplicate-btn", scale=1, size="sm")
+                resume_steps = gr.Number(0, precision=0, minimum=0, label="resume to step (0 = as planned)",
+                                         elem_id="resume-steps", scale=1)
+                resume_btn = gr.Button("⏯ Resume", elem_id="resume-btn", scale=1, size="sm")
             with gr.Row(equal_height=True):
                 ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks (each repeated with the N seeds)",
                                    scale=2)
@@ -80,6 +90,17 @@ def build(lab: Lab, shared: Shared) -> dict:
                                      f"rates: {', '.join(f'{m} {r:g}' for m, r in METHOD_LR.items())})", scale=2,
                                      elem_id="methods")
                 methods_btn = gr.Button("Compare methods", scale=1, elem_id="methods-btn")
+            with gr.Accordion("🔗 Share this setup, or run it from a terminal", open=False, elem_id="share"):
+                gr.Markdown("The page's address holds every control: opening the link restores them (nothing "
+                            "starts). For a class, add `&hide=optimizer,seed` (any controls) to hide them.")
+                with gr.Row(equal_height=True):
+                    link = gr.Textbox(label="link to this setup", elem_id="share-link", interactive=False, scale=4,
+                                      buttons=["copy"])
+                    copy_btn = gr.Button("🔗 Copy link", elem_id="copy-link", scale=1, size="sm")
+                cli = gr.Textbox(label="the same runs from a terminal (python -m lora_demo; the same seed gives the "
+                                       "same losses)", lines=6, interactive=False, elem_id="cli-command",
+                                 buttons=["copy"])
+            share_note = gr.Markdown(elem_id="share-note")   # what a shared link restored, hid or could not use
         with gr.Column(scale=3, min_width=420):
             status = gr.Markdown(READY, elem_classes=["status"], elem_id="status")
             loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False, elem_id="loss-plot")
@@ -99,7 +120,9 @@ def build(lab: Lab, shared: Shared) -> dict:
             budget_md = gr.Markdown(elem_id="budget")
 
     form = Form(rank, alpha, targets, side, first, last, steps, batch, lr, train_size, optimizer, seed, bleu_size,
-                data, eval_every, early_stop, samples, seeds, method, ratio)
+                data, eval_every, early_stop, samples, seeds, method, ratio, checkpoint)
+    controls = {**form.shared(), "ranks": (ranks,), "methods": (methods,)}   # share.NAMES -> components
+    buttons = {"ranks": (sweep_btn,), "methods": (methods_btn,)}             # hidden with their lists
     shows = dict(status=status, loss_plot=loss_plot, summary=summary, table=table, params_plot=params_plot,
                  budget_md=budget_md)
     breakdown = dict(fn=partial(ui_params, lab, form, shows), inputs=form.lora_components,
@@ -123,13 +146,29 @@ def build(lab: Lab, shared: Shared) -> dict:
     method.input(lambda m: (gr.update(visible=m == "loraplus"), METHOD_LR.get(m, dflt.lr)), [method], [ratio, lr],
                  show_progress="hidden", **PRIVATE)
     stop_btn.click(partial(ui_stop, lab), [shared.run_id], [status], concurrency_limit=None, **PRIVATE)
+    resumed = resume_btn.click(partial(ui_resume, lab, shared, smoothing, run_pick, resume_steps),
+                               {shared.session, smoothing, run_pick, resume_steps}, run_outputs,
+                               concurrency_limit=None, **PRIVATE)
+    dup_btn.click(partial(ui_duplicate, lab, form, shared, run_pick, status), {shared.session, run_pick},
+                  [*form.components, status], **PRIVATE)
+    # the link and the command lines follow every control; the page's address follows the link
+    sharing = dict(fn=partial(ui_share, lab, form, ranks, methods), inputs=form.components | {ranks, methods},
+                   outputs=[link, cli], show_progress="hidden", **PRIVATE)
+    address = dict(fn=None, inputs=[link], outputs=[link], js=ADDRESS_JS, show_progress="hidden", **PRIVATE)
+    for c in form.components | {ranks, methods}:
+        c.change(**sharing).then(**address)
+    copy_btn.click(None, [link], None, js=COPY_JS, **PRIVATE)
+    from_url = dict(fn=partial(ui_from_url, lab, controls, buttons, ratio, share_note), inputs=[link],
+                    outputs=[c for cs in (*controls.values(), *buttons.values()) for c in cs] + [share_note],
+                    js="(link) => [window.location.search]", **PRIVATE)
     smoothing.change(partial(ui_redraw, lab), [shared.run_id, smoothing], [loss_plot], show_progress="hidden",
                      **PRIVATE)
     show_optim.change(lambda on: gr.update(visible=bool(on)), [show_optim], [optim_plot], show_progress="hidden",
                       **PRIVATE)
     return dict(form=form, status=status, loss_plot=loss_plot, views=[status, loss_plot, samples_tbl, optim_plot],
                 smoothing=smoothing, breakdown=breakdown, budget=budgeted, trained=trained, swept=swept,
-                compared=compared)
+                compared=compared, resumed=resumed, run_pick=run_pick, from_url=from_url, sharing=sharing,
+                address=address)
 
 
 # ---------------------------------------------------------------------------
@@ -205,6 +244,88 @@ def ui_redraw(lab: Lab, run_id: str, smoothing: float):
     if not started:
         return plots.loss_figure(None, smoothing=smoothing)
     return loss_of(started[-1], lab.status(started[-1]), smoothing)
+
+
+# The page's address becomes the link (keeping an instructor's hide=), and the link the full address.
+ADDRESS_JS = """(link) => {
+    const here = new URL(window.location.href);
+    const hide = here.searchParams.get('hide');
+    const params = new URLSearchParams(link.includes('?') ? link.slice(link.indexOf('?') + 1) : link);
+    if (hide) params.set('hide', hide);
+    const query = params.toString().replace(/%2C/g, ',');
+    window.history.replaceState(null, '', here.pathname + (query ? '?' + query : ''));
+    return window.location.href;
+}"""
+COPY_JS = """(link) => {
+    navigator.clipboard.writeText(link).catch(() => {});
+}"""
+
+
+def _limit(comp) -> share.Limit:
+    choices = tuple(c[1] if isinstance(c, (tuple, list)) else c for c in (getattr(comp, "choices", None) or ()))
+    return share.Limit(getattr(comp, "minimum", None), getattr(comp, "maximum", None),
+                       comp.step if isinstance(comp, gr.Slider) else None, choices)
+
+
+def ui_share(lab: Lab, form: Form, ranks, methods, v: dict) -> tuple[str, str]:
+    """(the link's query, the command lines) of the controls as they stand."""
+    named = {**form.named(v), "ranks": v[ranks], "methods": v[methods]}
+    query = "?" + share.to_query(named)
+    try:
+        samples = form.run(lab, v).train.samples
+        lines = share.cli_lines(named, lab.loaded.name, lab.precision, lab.data_source, lab.depth, samples)
+    except (ConfigError, ValueError, TypeError) as exc:
+        return query, f"# fix the setup first: {exc}"
+    return query, "\n".join(f"# {title}\n{lines[key]}" for key, title in (
+        ("train", "Train (this setup)"), ("sweep", "Sweep ranks"), ("methods", "Compare methods")))
+
+
+def ui_from_url(lab: Lab, controls: dict, buttons: dict, ratio, note, search: str) -> dict:
+    """On page load: the controls the address names (checked against each control's limits), and an
+    instructor's hide= list. Nothing starts."""
+    limits_ = {name: _limit(comps[0]) for name, comps in controls.items()}
+    values, notes = share.from_query(search or "", limits_)
+    hide, more = share.hidden(search or "")
+    out: dict = {}
+    for name, comps in controls.items():
+        if name in values:
+            parts = values[name] if len(comps) == 2 else (values[name],)
+            for comp, value in zip(comps, parts):
+                out[comp] = gr.update(value=value)
+        if name in hide:
+            for comp in comps + buttons.get(name, ()):
+                out[comp] = gr.update(**{**(out[comp] if comp in out else {}), "visible": False})
+    if values.get("method") == "loraplus" and "ratio" not in hide:
+        out[ratio] = gr.update(**{**(out[ratio] if ratio in out else {}), "visible": True})
+    said = [f"🔗 Restored {len(values)} setting(s) from the link (nothing started)."] if values else []
+    said += [f"Hidden by this link: {', '.join(sorted(hide))}."] if hide else []
+    said += [f"⚠️ {n}" for n in notes + more]
+    out[note] = "  \n".join(said)
+    return out
+
+
+@errors
+def ui_duplicate(lab: Lab, form: Form, shared: Shared, run_pick, status, v: dict) -> dict:
+    """A run's settings into the controls (edit them, then Train): nothing starts."""
+    job = lab.session_job(v[run_pick], browser_key(v[shared.session]))
+    values = share.values_of(job.config, lab.depth)
+    out: dict = {comp: (values[name][i] if len(comps) == 2 else values[name])
+                 for name, comps in form.shared().items() for i, comp in enumerate(comps)}
+    out[form.samples] = "\n".join(job.config.train.samples)
+    out[form.ratio] = gr.update(value=values["ratio"], visible=values["method"] == "loraplus")
+    out[status] = (f"⧉ The settings of run {job.id} ({run_label(job)}) are in the controls: edit them, then "
+                   "press **Train**.")
+    return out
+
+
+@errors
+def ui_resume(lab: Lab, shared: Shared, smoothing, run_pick, resume_steps, v: dict):
+    """Continue the chosen run from its newest checkpoint, and follow it."""
+    session = browser_key(v[shared.session])
+    steps = int(v[resume_steps] or 0)
+    job = lab.resume(v[run_pick], session, steps or None)
+    for s in lab.watch(job):
+        yield *live(lab, job, s, v[smoothing]), job.id, session
 
 
 def ui_stop(lab: Lab, run_id: str) -> str:

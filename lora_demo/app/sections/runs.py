@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ... import compare, plots
+from ... import compare, plots, report
 from ...runs import Job, Lab
 from ..common import PRIVATE, Shared, run_label
 
@@ -43,7 +43,10 @@ def build(lab: Lab, shared: Shared) -> Runs:
         show_all = gr.Checkbox(False, label="show all runs on this server (not only this browser's)")
         refresh_btn = gr.Button("↻ Refresh", size="sm")
         export_btn = gr.Button("Export CSV", size="sm")
+        report_btn = gr.Button("📄 Report to hand in (HTML)", size="sm", elem_id="report-btn")
     export_file = gr.File(label="comparison CSV", visible=False)
+    report_file = gr.File(label="report: one HTML file (the runs in the charts), opens offline in any browser",
+                          visible=False, elem_id="report-file")
     table = gr.Dataframe(headers=compare.COLUMNS, interactive=False, wrap=True, max_height=320,
                          column_widths=compare.WIDTHS)
     picked = gr.CheckboxGroup([], label="runs in the charts")
@@ -72,6 +75,7 @@ def build(lab: Lab, shared: Shared) -> Runs:
                 "methods in one click with *Compare methods* (section 2).")
     forgetting = gr.Plot(plots.forgetting_figure([]), show_label=False, elem_id="forgetting-plot")
     export_btn.click(partial(ui_export, lab), [shared.session, show_all], [export_file], **PRIVATE)
+    report_btn.click(partial(ui_report, lab), [shared.session, show_all, picked], [report_file], **PRIVATE)
     return Runs(show_all, table, picked, curves, log_y, x_axis, metric, overlay, quality, refresh_btn, groups,
                 seeds_plot, config_a, config_b, verdict, forgetting)
 
@@ -79,9 +83,10 @@ def build(lab: Lab, shared: Shared) -> Runs:
 def connect(lab: Lab, shared: Shared, runs: Runs, pickers: dict, after: list) -> dict:
     """Wire the refresh of the run list, the charts and every run picker: on its own controls, on a
     timer, and after each event in ``after`` (train, sweep, import, delete, page load).
-    ``pickers`` maps a dropdown to "newest" or "second" (the run it preselects)."""
+    ``pickers`` maps a dropdown to "newest" or "second" (the usable run it preselects), or "any" (every
+    run of the browser, the newest preselected)."""
     inputs = {shared.session, shared.seen, runs.show_all, runs.picked, runs.curves, runs.log_y, runs.x_axis,
-              runs.metric, runs.config_a, runs.config_b}
+              runs.metric, runs.config_a, runs.config_b, *pickers}
     outputs = [runs.table, runs.picked, runs.overlay, runs.quality, shared.seen, runs.groups, runs.seeds_plot,
                runs.config_a, runs.config_b, runs.verdict, runs.forgetting, *pickers]
     refresh = dict(fn=partial(ui_runs, lab, shared, runs, pickers), inputs=inputs, outputs=outputs, **PRIVATE)
@@ -108,12 +113,16 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, v: dict, force:
     ids = [j.id for j in jobs]
     known = {part.split(":")[0] for part in (seen or "").split("|")[0].split(",") if part}
     kept = [i for i in (v[runs.picked] or []) if i in ids]
-    chosen = kept + [i for i in ids if i not in known and i not in kept][-AUTO_PLOT:]   # new runs join the charts
+    fresh = [i for i in ids if i not in known]
+    chosen = kept + [i for i in fresh if i not in kept][-AUTO_PLOT:]   # new runs join the charts
     records = [j.record() for j in jobs]
     shown = [r for r in records if r["run_id"] in chosen]
-    mine = [j for j in lab.runs(session or "") if lab.usable(j)]
-    choices = [(run_label(j), j.id) for j in mine]
-    preselect = {"newest": mine[-1].id if mine else None, "second": mine[-2].id if len(mine) > 1 else None}
+    every = lab.runs(session or "")
+    mine = [j for j in every if lab.usable(j)]
+    choices = {"newest": [(run_label(j), j.id) for j in mine], "any": [(run_label(j), j.id) for j in every]}
+    choices["second"] = choices["newest"]
+    preselect = {"newest": mine[-1].id if mine else None, "second": mine[-2].id if len(mine) > 1 else None,
+                 "any": every[-1].id if every else None}
     curves = v[runs.curves] or []
     gs = compare.groups(records)
     labels = [g["label"] for g in gs]
@@ -134,8 +143,11 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, v: dict, force:
             runs.forgetting: plots.forgetting_figure(shown, {j.id: a["scale_curve"] for j in jobs if j.id in chosen
                                                              and (a := lab.analysed(j))}),
             shared.seen: key,
-            # one update per dropdown: Gradio may consume an update dict as it applies it
-            **{picker: gr.update(choices=choices, value=preselect[which]) for picker, which in pickers.items()}}
+            # one update per dropdown: Gradio may consume an update dict as it applies it. The newest usable run
+            # is preselected (ready to translate or inspect); on an "any" picker the user's pick stays until a
+            # new run appears
+            **{picker: gr.update(choices=choices[which], value=v[picker] if which == "any" and not fresh and v[picker]
+                                 in ids else preselect[which]) for picker, which in pickers.items()}}
 
 
 def verdict_markdown(gs: list[dict], a: str | None, b: str | None) -> str:
@@ -159,4 +171,14 @@ def ui_export(lab: Lab, session, show_all):
         raise gr.Error("no runs to export yet")
     path = Path(tempfile.mkdtemp(prefix="lora-lab-")) / "lora_lab_runs.csv"
     path.write_text(compare.to_csv(records), encoding="utf-8")
+    return gr.update(value=str(path), visible=True)
+
+
+def ui_report(lab: Lab, session, show_all, picked):
+    """The report of the runs in the charts (all shown runs if none is picked), as a download."""
+    jobs = [j for j in _visible(lab, session, show_all) if not picked or j.id in picked]
+    if not jobs:
+        raise gr.Error("no runs to report yet: train one first")
+    path = Path(tempfile.mkdtemp(prefix="lora-lab-")) / "lora_lab_report.html"
+    report.write([j.dir for j in jobs], path)
     return gr.update(value=str(path), visible=True)

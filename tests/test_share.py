@@ -1,0 +1,63 @@
+"""A setup as a link and as a command line (share.py): what the page writes into its address reads back to
+the same controls, bad links are refused value by value, and the command lines parse, through the CLI's own
+parser, into exactly the config the page's Train button makes."""
+
+import shlex
+
+import pytest
+
+from lora_demo import share
+from lora_demo.cli import _parser, _run_config
+from lora_demo.config import METHODS, LoraConfig, RunConfig, TrainConfig
+
+LIMITS = {"rank": share.Limit(1, 64, 1), "alpha": share.Limit(1, 128, 1), "steps": share.Limit(1, 2000, 1),
+          "pairs": share.Limit(8, 20000, 8), "lr": share.Limit(1e-6, 1.0), "seed": share.Limit(0, 2**31 - 1),
+          "method": share.Limit(choices=METHODS), "targets": share.Limit(choices=("q", "k", "v", "o")),
+          "blocks": share.Limit(0, 7, 1), "optimizer": share.Limit(choices=("adamw", "radam"))}
+
+
+def test_the_link_reads_back_to_the_same_controls():
+    values = {"method": "dora", "rank": 4, "alpha": 32.0, "targets": ["q", "v"], "blocks": (2, 5), "steps": 60,
+              "lr": 0.003, "pairs": 512, "seed": 7, "optimizer": "radam", "ranks": "1,4,16"}
+    query = share.to_query(values)
+    assert "targets=q,v" in query and "blocks=2-5" in query and "lr=0.003" in query
+    back, notes = share.from_query(query, LIMITS)
+    assert notes == [] and back == {**values, "blocks": (2, 5), "alpha": 32.0}
+
+
+@pytest.mark.parametrize("query, says", [
+    ("rank=0", "outside 1–64"), ("rank=4.5", "not a whole number"), ("rank=abc", "not a number"),
+    ("pairs=100", "multiple of 8"), ("lr=nan", "finite"), ("method=lorax", "not one of"),
+    ("targets=q,zz", "choose from"), ("blocks=5-2", "first block comes after"), ("colour=red", "unknown setting"),
+])
+def test_a_bad_value_is_left_out_with_a_notice(query, says):
+    back, notes = share.from_query(query + "&steps=30", LIMITS)
+    assert back == {"steps": 30} and len(notes) == 1 and says in notes[0], notes
+
+
+def test_an_instructor_link_hides_controls_and_names_unknown_ones():
+    hide, notes = share.hidden("?rank=4&hide=optimizer,seed,colour")
+    assert hide == {"optimizer", "seed"} and "colour" in notes[0]
+    assert share.from_query("?rank=4&hide=optimizer", LIMITS) == ({"rank": 4}, [])
+
+
+@pytest.mark.parametrize("method, layers, seeds", [("lora", None, 1), ("loraplus", (1, 4), 1), ("full", None, 3)])
+def test_the_command_line_makes_the_pages_config(method, layers, seeds):
+    """What the CLI builds from the printed line equals the run the page queues (the same values)."""
+    page = RunConfig(model="tiny", lora=LoraConfig(rank=4, alpha=8, targets=("q", "k", "v"), side="decoder",
+                                                   layers=layers, method=method, loraplus_ratio=8),
+                     train=TrainConfig(steps=30, batch_size=4, lr=2e-3, train_size=256, seed=3, eval_every=10,
+                                       early_stop=2, bleu_size=20, checkpoint_every=5, data="europarl",
+                                       samples=("One sentence.", "Another one.")))
+    values = {**share.values_of(page, depth=6), "seeds": seeds, "ranks": "4", "methods": method}
+    lines = share.cli_lines(values, "tiny", "fp32", "bundled", depth=6, samples=page.train.samples)
+    args = _parser().parse_args(shlex.split(lines["train"])[3:])
+    assert args.command == ("train" if seeds == 1 else "sweep")
+    cli = _run_config(args, rank=4, seed=3, method=method)
+    assert cli.lora == page.lora and cli.train == page.train and args.precision == "fp32" and args.data == "bundled"
+    if seeds > 1:
+        assert args.seeds == "3,4,5"
+    # the sweep line keeps the page's learning rate (no per-method override), the methods line lists them
+    sweep = _parser().parse_args(shlex.split(lines["sweep"])[3:])
+    assert _run_config(sweep, rank=4, seed=3, method=method).train.lr == page.train.lr
+    assert f"--methods {method}" in lines["methods"]
