@@ -746,10 +746,6 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pair
     was never interrupted (the adapter, optimiser, data position and dropout clock are restored).
     """
     t0, progress, att, samples = time.perf_counter(), Progress(), None, None
-    if resume is not None:
-        state = resume.state()
-        progress = Progress.resumed(state)
-        t0 -= state["elapsed_s"]
 
     def checkpoint(step: int):
         ckpt = checkpoints.save(checkpoint_dir, step, att.variables, att.opt,
@@ -757,6 +753,10 @@ def train(run: RunConfig, model, tokenizer, train_pairs, val_pairs, heldout_pair
         progress.saved = step
         yield CheckpointSaved(step, ckpt.arrays.name, ckpt.bytes)
     try:
+        if resume is not None:   # what the loop had measured (its losses, evaluations, the time it took)
+            state = resume.state()
+            progress = Progress.resumed(state)
+            t0 -= state["elapsed_s"]
         fault = injected_fault(run.train.seed)
         clock = step_dropout(model)   # dropout masks keyed on (seed, step): a fresh clock per run
         clock.seed.assign(run.train.seed)
