@@ -170,7 +170,7 @@ def test_two_training_slots_train_two_jobs_at_once_on_separate_models(bundled_ti
     deadline = time.time() + 180
     while time.time() < deadline and not all(j.losses for j in jobs):
         time.sleep(0.2)
-    assert all(j.losses and j.status == "running" for j in jobs), [j.status for j in jobs]   # both at once
+    assert all(j.losses and j.status == "running" for j in jobs), [(j.status, j.error) for j in jobs]   # both at once
     assert lab.position(jobs[1]) == 0
     for j in jobs:
         lab.stop(j.id)
