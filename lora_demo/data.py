@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 PROMPT = "translate English to German: "
 HUB_DATASET = ("wmt/wmt16", "de-en")
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "wmt16_de_en"
+# Multi30k (short image captions): what the bundled tiny base first learns to translate on.
+MULTI30K_DIR = BUNDLED_DIR.parent / "multi30k_en_de"
+MULTI30K_SPLITS = ("train", "validation", "test_2016_flickr")
 SPLITS = ("train", "validation", "test", "news")
 # The bundled news split (newstest2008-2014, not part of the hub's wmt16) by year: LoRA trains on
 # 2008-2013 and the held-out curve scores the first pairs of 2014.
@@ -82,19 +85,53 @@ def _read_bundled(split: str, limit: int | None, sets: tuple[str, ...] | None = 
     return out
 
 
+def multi30k_pairs(split: str, limit: int | None = None) -> Pairs:
+    """Bundled Multi30k pairs (assets/multi30k_en_de/SOURCE.md): "train", "validation" or
+    "test_2016_flickr"."""
+    if split not in MULTI30K_SPLITS:
+        raise ValueError(f"Multi30k split must be one of {MULTI30K_SPLITS}, got {split!r}")
+    out: list[Pair] = []
+    with gzip.open(MULTI30K_DIR / f"{split}.jsonl.gz", "rt", encoding="utf-8") as fh:
+        for line in fh:
+            if limit is not None and len(out) >= limit:
+                break
+            tr = json.loads(line)["translation"]
+            out.append(Pair(en=tr["en"], de=tr["de"]))
+    return Pairs(tuple(out), "bundled", f"multi30k {split}")
+
+
 def _read_hub(split: str, limit: int | None) -> list[Pair]:
+    """The first ``limit`` rows of a hub split, streamed when the hub answers: ``split[:n]`` would download and
+    prepare every split of wmt/wmt16 de-en first (827 MB to read 100 sentences). Offline, the local cache
+    answers or nothing does. A whole split (``limit`` None) is downloaded."""
+    import itertools
+
     import datasets  # imported lazily: it is slow to import and unused offline
 
-    sel = split if limit is None else f"{split}[:{limit}]"
-    ds = datasets.load_dataset(*HUB_DATASET, split=sel)
-    return [Pair(en=r["translation"]["en"], de=r["translation"]["de"]) for r in ds]
+    if limit is None:
+        rows = datasets.load_dataset(*HUB_DATASET, split=split)
+    elif hub_reachable():
+        rows = itertools.islice(datasets.load_dataset(*HUB_DATASET, split=split, streaming=True), limit)
+    else:   # offline: only a copy already in the local cache can answer (it cannot stream)
+        rows = datasets.load_dataset(*HUB_DATASET, split=f"{split}[:{limit}]")
+    return [Pair(en=r["translation"]["en"], de=r["translation"]["de"]) for r in rows]
+
+
+def hub_cached() -> bool:
+    """Does the local datasets cache hold wmt/wmt16 de-en (left by an earlier online load, or by
+    scripts/hub_standin.py)? Offline, that copy is what ``datasets`` reads."""
+    import os
+
+    root = os.environ.get("HF_DATASETS_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "datasets")
+    return any(Path(root, "wmt___wmt16", HUB_DATASET[1]).glob("*/*/dataset_info.json"))
 
 
 def load_pairs(split: str, limit: int | None = None, source: str = "auto") -> Pairs:
     """First ``limit`` pairs of ``split``; ``source`` is "auto", "hub" or "bundled".
 
-    "auto" tries the hub only when it answers, and falls back to the bundled
-    copy (the same rows: see assets/wmt16_de_en/SOURCE.md) with a log line.
+    "auto" reads the hub when it answers, or its copy in the local cache when it does not, and
+    otherwise the bundled copy (the same rows: see assets/wmt16_de_en/SOURCE.md), with a log line.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -104,7 +141,7 @@ def load_pairs(split: str, limit: int | None = None, source: str = "auto") -> Pa
         if source == "hub":
             raise ValueError("the news split (newstest2008-2014) is bundled only; use source='bundled' or 'auto'")
         return Pairs(tuple(_read_bundled(split, limit)), "bundled", split)
-    if source == "hub" or (source == "auto" and hub_reachable()):
+    if source == "hub" or (source == "auto" and (hub_reachable() or hub_cached())):
         try:
             return Pairs(tuple(_read_hub(split, limit)), "hub", split)
         except Exception as exc:  # network, cache or schema trouble: the bundled copy still works

@@ -27,8 +27,8 @@ TINY_DIR = ASSETS / "tiny"
 BUNDLED = {"tiny": TINY_DIR, "micro": ASSETS / "micro"}
 DEFAULT_MODEL = "google/flan-t5-small"
 SHIPPED_CONFIGS = {"google/flan-t5-small": "flan-t5-small.json", "google/flan-t5-base": "flan-t5-base.json"}
-TINY_LABEL = ("tiny (bundled offline model: a 10M-parameter T5 pre-trained on Europarl only, a weak translator; "
-              "see assets/tiny/build_info.json)")
+TINY_LABEL = ("tiny (bundled offline model: a 10M-parameter T5 pre-trained from scratch on Multi30k captions and "
+              "Europarl; see assets/tiny/build_info.json)")
 MICRO_LABEL = "micro (bundled test model: a 2.5M-parameter T5, not a translator)"
 
 
@@ -43,6 +43,20 @@ class LoadedModel:
     @property
     def label(self) -> str:
         return {"tiny": TINY_LABEL, "micro": MICRO_LABEL}.get(self.kind, self.name)
+
+
+def base_scores(kind: str) -> str:
+    """The bundled model's own scores, as its build measured them (build_info.json), in one line; "" if none."""
+    import json
+
+    path = BUNDLED.get(kind, Path("/nonexistent")) / "build_info.json"
+    try:
+        scored = json.loads(path.read_text())["scores_greedy_64_tokens"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    parts = [f"{name.split(' (')[0]}: BLEU {s['bleu']:.1f} / chrF {s['chrf']:.1f} ({s['pairs']} pairs)"
+             for name, s in scored.items() if s]
+    return "base model, greedy: " + " · ".join(parts) if parts else ""
 
 
 def shipped_config(name: str) -> T5Config | None:
@@ -71,24 +85,59 @@ def build_random(name: str, seed: int = 0) -> TFT5ForConditionalGeneration:
     return model
 
 
+def from_pytorch_safetensors(config: T5Config, weights_file) -> TFT5ForConditionalGeneration:
+    """A TF T5 from a PyTorch-format ``model.safetensors`` (what the hub ships for FLAN-T5 today), no torch.
+
+    transformers 4.57's own TF path for such a file iterates a ``safe_open`` handle, which safetensors does
+    not support ("'builtins.safe_open' object is not iterable", transformers issue 40028), so a plain
+    ``from_pretrained`` of ``google/flan-t5-small`` fails when it picks that file. Here the tensors are read
+    as numpy and handed to the same converter, and every TF weight must be found (PyTorch's tied
+    ``embed_tokens`` copies of ``shared`` are the only keys the TF model does not use)."""
+    from safetensors.numpy import load_file
+    from transformers.modeling_tf_pytorch_utils import load_pytorch_state_dict_in_tf2_model
+
+    model = TFT5ForConditionalGeneration(config)
+    model(model.dummy_inputs)
+    state = load_file(str(weights_file))
+    _, info = load_pytorch_state_dict_in_tf2_model(model, state, allow_missing_keys=True, output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise ValueError(f"{weights_file} does not fit {config.name_or_path or 'the config'}: missing "
+                         f"{info['missing_keys'][:3]}, mismatched {info['mismatched_keys'][:3]}")
+    return model
+
+
 def _load_dir(path: Path):
     has_tf = (path / "tf_model.h5").exists()
-    has_pt = any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin"))
-    if not (has_tf or has_pt):
+    has_safe = (path / "model.safetensors").exists()
+    if not (has_tf or has_safe or (path / "pytorch_model.bin").exists()):
         raise FileNotFoundError(f"{path} has no tf_model.h5, model.safetensors or pytorch_model.bin")
-    model = TFT5ForConditionalGeneration.from_pretrained(str(path), from_pt=not has_tf)
+    if has_tf:
+        model = TFT5ForConditionalGeneration.from_pretrained(str(path), use_safetensors=False)
+    elif has_safe:
+        model = from_pytorch_safetensors(T5Config.from_pretrained(str(path)), path / "model.safetensors")
+    else:   # pytorch_model.bin: transformers converts it (needs torch installed)
+        model = TFT5ForConditionalGeneration.from_pretrained(str(path), from_pt=True)
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
 def _load_hub(name: str):
+    """A hub model, from the local cache when the hub is offline: its tf_model.h5 where the repo has one,
+    else its PyTorch-format model.safetensors (read without torch), else pytorch_model.bin (with torch)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
     local_only = not hub_reachable()  # offline: use the cache if it has the model, fail fast if not
     try:
-        model = TFT5ForConditionalGeneration.from_pretrained(name, local_files_only=local_only)
+        model = TFT5ForConditionalGeneration.from_pretrained(name, local_files_only=local_only, use_safetensors=False)
     except OSError as exc:
         if "tf_model.h5" not in str(exc):
             raise
-        # A repo with PyTorch weights only: convert them (needs torch installed).
-        model = TFT5ForConditionalGeneration.from_pretrained(name, local_files_only=local_only, from_pt=True)
+        try:
+            weights = hf_hub_download(name, "model.safetensors", local_files_only=local_only)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            model = TFT5ForConditionalGeneration.from_pretrained(name, local_files_only=local_only, from_pt=True)
+        else:
+            model = from_pytorch_safetensors(T5Config.from_pretrained(name, local_files_only=local_only), weights)
     return model, AutoTokenizer.from_pretrained(name, local_files_only=local_only)
 
 

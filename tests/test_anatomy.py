@@ -159,6 +159,7 @@ def test_the_teaching_point_flan_t5_base():
     assert pred["full"]["pct_trainable"] == 100.0
 
 
+@pytest.mark.slow
 def test_cli_inspect_prints_the_figures_as_json(cli_sweep):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = [sys.executable, "-m", "lora_demo"]

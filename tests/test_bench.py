@@ -8,6 +8,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 KEYS = ["lora_step_s", "plain_step_s", "first_loss_s", "plain_first_loss_s", "full_step_s", "peak_rss_lora_mb",
@@ -15,6 +17,7 @@ KEYS = ["lora_step_s", "plain_step_s", "first_loss_s", "plain_first_loss_s", "fu
         "peft_real_tokens_per_s"]
 
 
+@pytest.mark.slow
 def test_bench_quick_json_emits_every_figure():
     proc = subprocess.run([sys.executable, "-m", "lora_demo", "bench", "--quick", "--json", "--model", "micro",
                            "--precision", "fp32"],   # fp32 also skips the fp32 reference step

@@ -62,6 +62,7 @@ def _figure_points(page, selector: str) -> int:
     }""", selector)
 
 
+@pytest.mark.slow
 def test_the_app_in_a_real_browser(tmp_path):
     SHOTS.mkdir(parents=True, exist_ok=True)
     proc, url = launch(tmp_path)   # the default model: offline it falls back to tiny, and the page says so

@@ -66,8 +66,24 @@ def test_bad_split_and_source_are_refused():
 
 
 def test_hub_source_fails_loudly_offline():
-    with pytest.raises(Exception):
+    """The offline error itself: not an ImportError of datasets or pyarrow, which a bare Exception hid."""
+    with pytest.raises(ConnectionError, match="OfflineModeIsEnabled"):
         data.load_pairs("test", 3, source="hub")
+
+
+def test_the_locked_stack_imports_datasets_with_its_pyarrow_and_pandas():
+    """pip's resolution of requirements.txt once pulled pyarrow 26, which needs NumPy 2 while TensorFlow 2.15
+    needs NumPy 1: ``import datasets`` then failed. requirements.txt pins pyarrow below 22."""
+    import datasets
+    import numpy
+    import pandas
+    import pyarrow
+
+    assert numpy.__version__.startswith("1."), numpy.__version__
+    assert int(pyarrow.__version__.split(".")[0]) < 22, pyarrow.__version__
+    table = pyarrow.table({"en": ["a"], "de": ["b"]})
+    assert datasets.Dataset(table)[0] == {"en": "a", "de": "b"}
+    assert pandas.DataFrame(table.to_pydict()).shape == (1, 2)
 
 
 def test_encode_shapes_and_label_padding(bundled_tiny):

@@ -49,6 +49,7 @@ def run_case(*strategies: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_logical_cpus_and_multiworker_give_the_one_device_losses():
     out = run_case("mirrored", "multiworker")   # one interpreter: TF starts once
     assert out["default"]["replicas"] == 1 and out["mirrored"]["replicas"] == 2
@@ -83,6 +84,7 @@ def _losses(run_dir) -> list[float]:
     return [loss for _, loss, _ in json.loads((run_dir / "metrics.json").read_text())["losses"]]
 
 
+@pytest.mark.slow
 def test_two_worker_processes_over_loopback_train_with_the_one_process_losses(tmp_path):
     from conftest import free_port
 

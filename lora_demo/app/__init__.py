@@ -13,7 +13,7 @@ from functools import partial
 import gradio as gr
 
 from ..config import limits
-from ..models import device_info
+from ..models import base_scores, device_info
 from ..runs import Lab
 from . import api
 from .common import PRIVATE, Shared
@@ -33,6 +33,10 @@ def header(lab: Lab) -> None:
                 f"Pick a rank and target layers, train for a minute, compare runs, and compare base and "
                 f"LoRA translations.  \nModel: **{lab.loaded.label}** · device: **{info['name']}** · "
                 f"training in **{lab.precision}** · TensorFlow {info['tensorflow']}")
+    scores = base_scores(lab.loaded.kind)
+    if scores:
+        gr.Markdown(f"<small>{scores} (sacreBLEU, measured when it was built: assets/{lab.loaded.kind}/"
+                    f"build_info.json)</small>", elem_id="base-scores")
     if lab.loaded.notice:
         gr.Markdown(f"⚠️ {lab.loaded.notice}", elem_classes=["notice"])
 

@@ -350,6 +350,11 @@ def ui_restore(lab: Lab, session: str):
 def ui_follow(lab: Lab, run_id: str):
     """After a reload: keep streaming a run (or the current run of a sweep) that is still going."""
     jobs = [j for j in lab.jobs.values() if run_id and run_id in (j.id, j.sweep) and not j.done.is_set()]
+    if not jobs:
+        # Nothing to follow: say so with one skip. A generator that yields nothing ends with None for every
+        # output, which would blank the status, the loss chart and the sample table ui_restore just filled.
+        yield gr.skip()
+        return
     for job in sorted(jobs, key=lambda j: j.created):
         for s in lab.watch(job):
             yield live(lab, job, s)

@@ -109,7 +109,7 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, v: dict, force:
     jobs = _visible(lab, session, show_all)
     key = ",".join(f"{j.id}:{j.version}" for j in jobs) + f"|{show_all}"
     if not force and key == seen:
-        return {}
+        return gr.skip()   # one skip leaves every output as it is (an empty dict is an error in Gradio 6)
     ids = [j.id for j in jobs]
     known = {part.split(":")[0] for part in (seen or "").split("|")[0].split(",") if part}
     kept = [i for i in (v[runs.picked] or []) if i in ids]
