@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                             "no rank), e.g. lora,rslora,dora,pissa,loraplus,full (default: --method alone)")
         p.add_argument("--method-lr", default=",".join(f"{k}={v:g}" for k, v in METHOD_LR.items()),
                        help="learning rates per method that override --lr, e.g. loraplus=1e-3,full=1e-4 (the "
-                            "defaults were measured on the bundled tiny model: README, 'The LoRA family')")
+                            "defaults were measured on the bundled tiny model: docs/lora.md)")
         p.add_argument("--seeds", default=seeds,
                        help="comma-separated seeds: every rank is trained once per seed, and summary.md gives "
                             "each config's mean and spread and says which differences are above seed noise "

@@ -20,7 +20,7 @@ OPTIMIZERS = ("adamw", "radam", "lamb", "lookahead_adamw")
 # its optimiser (B learns loraplus_ratio times faster than A); "full" trains every weight, no adapter.
 METHODS = ("lora", "rslora", "dora", "pissa", "loraplus", "full")
 # Learning rates the method comparison uses instead of the default (``python -m lora_demo methods``),
-# measured on the bundled tiny model at the default budget (README, "The LoRA family"): LoRA+ moves B
+# measured on the bundled tiny model at the default budget (docs/lora.md): LoRA+ moves B
 # 16x faster and full fine-tuning moves every weight, so both want smaller rates than LoRA's 3e-3.
 METHOD_LR = {"loraplus": 1e-3, "full": 1e-3}
 METHOD_LABELS = {
@@ -208,7 +208,7 @@ FIRST_STEP = ("eager", "compiled")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Defaults measured on the bundled offline model (README, "What a default run shows"): about a
+    # Defaults measured on the bundled offline model (docs/default-run.md): about a
     # minute on 2 cores, and a held-out loss that falls by a margin you see at a glance.
     steps: int = 120                # ~40 s of training on tiny (2 cores), ~1 min with loading and scoring
     batch_size: int = 8
@@ -231,7 +231,7 @@ class TrainConfig:
     samples: tuple[str, ...] = DEFAULT_SAMPLES   # translated at every evaluation point
     batching: str = "padded"        # "padded": every batch padded to the longest row of the data (one shape);
                                     # "grouped": rows of similar length, each batch trimmed to its longest row:
-                                    # faster, but a noisier training curve (README, "Training speed")
+                                    # faster, but a noisier training curve (docs/cli.md, "Training speed")
     first_step: str = "eager"       # "eager": step 1 runs eagerly while the step is traced (first loss soon);
                                     # "compiled": wait for the trace (BENCHMARKS.md: an eager step's peak memory)
     checkpoint_every: int = 20      # save adapter, optimiser state, data position and dropout clock every N

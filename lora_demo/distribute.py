@@ -48,7 +48,7 @@ def cluster_addresses() -> list[str]:
     try:
         cluster = json.loads(raw).get("cluster", {})
     except (ValueError, AttributeError):
-        raise ConfigError("TF_CONFIG is not valid JSON; see the README's scale-out section") from None
+        raise ConfigError("TF_CONFIG is not valid JSON; see docs/scale-out.md") from None
     return [addr for job in ("chief", "worker") for addr in cluster.get(job, [])]
 
 

@@ -1,7 +1,7 @@
 """Screenshot the running app in headless Chromium after a short training run and a translation.
 
     python app.py --model tiny --port 7860 &
-    python scripts/screenshot.py --url http://127.0.0.1:7860/ --out assets/screenshot.png
+    python scripts/screenshot.py --url http://127.0.0.1:7860/ --out docs/img/screenshot.png
 
 Uses Debian's /usr/bin/chromium through Playwright (no browser download).
 """
@@ -17,7 +17,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:7860/")
-    ap.add_argument("--out", default="assets/screenshot.png")
+    ap.add_argument("--out", default="docs/img/screenshot.png")
     ap.add_argument("--width", type=int, default=1440)
     ap.add_argument("--height", type=int, default=900)
     ap.add_argument("--timeout", type=float, default=300)
