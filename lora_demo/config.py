@@ -69,6 +69,9 @@ class Limits:
     max_lines: int = 32          # LORA_LAB_MAX_LINES: sentences per translate request
     max_upload_mb: int = 64      # LORA_LAB_MAX_UPLOAD_MB: an uploaded adapter (zip or files), unpacked size
     max_runs_per_session: int = 50  # LORA_LAB_MAX_RUNS_PER_SESSION: runs (incl. imports) one browser keeps
+    max_queued_per_session: int = 20  # LORA_LAB_MAX_QUEUED_PER_SESSION: runs one browser may have queued or
+                                      # running at once (a methods comparison is 18); 6 suits a shared Space
+    max_queue: int = 64          # LORA_LAB_MAX_QUEUE: requests waiting in Gradio's queue (more are refused)
     train_slots: int = 1         # LORA_LAB_TRAIN_SLOTS: training jobs at once (each holds a model copy)
     max_checkpoint_mb: int = 1024   # LORA_LAB_MAX_CHECKPOINT_MB: checkpoints one session keeps on disk (the
                                     # oldest are pruned, with a notice); a tiny LoRA checkpoint is ~1 MB,

@@ -32,6 +32,8 @@ import json
 import logging
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -426,6 +428,7 @@ class Lab:
         self.waiting: list[str] = []                    # job ids in queue order
         self.lock = threading.Lock()                    # guards jobs / waiting
         self._pairs: dict[tuple, data.Pairs] = {}
+        self._exports: Path | None = None               # downloads made on request (CSV, reports): export_path
         self._base_scores: dict[int, dict] = {}
         self._base_norms: dict[str, float] | None = None   # ‖W‖_F per kernel, for anatomy
         self._kernels: dict | None = None                    # W per kernel (float64), for analysis
@@ -462,14 +465,46 @@ class Lab:
             self._pairs[key] = data.pairs_for(split, n, dataset, source=self.data_source)
         return self._pairs[key]
 
+    # -- downloads made on request ---------------------------------------------
+    EXPORT_TTL_S = 3600   # a CSV or report file is kept this long (Gradio serves its own copy of it)
+
+    def export_path(self, name: str) -> Path:
+        """A fresh path for a file the user asked for, in this server's export folder; files older than
+        EXPORT_TTL_S are removed first, and the folder goes when the process exits."""
+        if self._exports is None:
+            self._exports = Path(tempfile.mkdtemp(prefix="lora-lab-exports-"))
+            import atexit
+
+            atexit.register(shutil.rmtree, self._exports, True)
+        now = time.time()
+        for old in self._exports.iterdir():
+            if now - old.stat().st_mtime > self.EXPORT_TTL_S:
+                shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(dir=self._exports)) / name
+
+    def report(self, jobs: list["Job"]) -> Path:
+        """The self-contained HTML report of ``jobs`` (report.py), as a file to download."""
+        from . import report
+
+        if not jobs:
+            raise ConfigError("no runs to report yet: train one first")
+        return report.write([j.dir for j in jobs], self.export_path("lora_lab_report.html"))
+
     # -- jobs ----------------------------------------------------------------
     def _room_for(self, session: str, n: int) -> None:
-        """Refuse (with what to do) when ``session`` would keep more runs than the deployment allows."""
-        cap, have = limits().max_runs_per_session, len(self.runs(session))
-        if have + n > cap:
-            raise ConfigError(f"this session keeps at most {cap} runs (LORA_LAB_MAX_RUNS_PER_SESSION) and has "
-                              f"{have}; delete runs you no longer need (section 5, after downloading what you "
-                              f"want to keep) to make room for {n} more")
+        """Refuse (with what to do) when ``session`` would keep more runs than the deployment allows, or
+        have more queued or running at once (on a shared Space one visitor's 50 runs would hold it for hours)."""
+        lim = limits()
+        mine = self.runs(session)
+        if len(mine) + n > lim.max_runs_per_session:
+            raise ConfigError(f"this session keeps at most {lim.max_runs_per_session} runs "
+                              f"(LORA_LAB_MAX_RUNS_PER_SESSION) and has {len(mine)}; delete runs you no longer need "
+                              f"(section 5, after downloading what you want to keep) to make room for {n} more")
+        active = sum(j.status in ("queued", "running") for j in mine)
+        if active + n > lim.max_queued_per_session:
+            raise ConfigError(f"this session may have at most {lim.max_queued_per_session} runs queued or running "
+                              f"at once (LORA_LAB_MAX_QUEUED_PER_SESSION) and has {active}; {n} more would pass "
+                              "it: wait for some to finish, or stop them")
 
     def check(self, config: RunConfig) -> None:
         """What only this model can tell about a config, before it is queued (ConfigError says what)."""

@@ -203,3 +203,33 @@ def test_runs_translate_samples_and_bleu_through_one_compiled_translator(bundled
                                                    max_new_tokens=SAMPLE_TOKENS)
     assert compiled[0] and compiled[1] == compiled[0]
     assert set(state_of(lab.trainer).generate) == trainer_cache
+
+
+def test_a_session_may_queue_only_so_many_runs_and_exports_are_tidied(bundled_tiny, tmp_path, monkeypatch):
+    """LORA_LAB_MAX_QUEUED_PER_SESSION refuses a sweep that would pass it, before queuing any of it; other
+    sessions are not affected. Downloads made on request live in one folder whose old files are removed."""
+    import os
+    import time
+
+    from lora_demo.config import ConfigError
+
+    monkeypatch.setenv("LORA_LAB_MAX_QUEUED_PER_SESSION", "2")
+    lab = Lab(bundled_tiny, runs_dir=tmp_path, data_source="bundled")
+    with pytest.raises(ConfigError, match="at most 2 runs queued or running at once"):
+        lab.submit_sweep(_config(steps=2, bleu=0), [1, 2, 3], "s1")
+    assert lab.jobs == {}
+    jobs = lab.submit_sweep(_config(steps=2, bleu=0), [1, 2], "s1")
+    with pytest.raises(ConfigError, match="LORA_LAB_MAX_QUEUED_PER_SESSION"):
+        lab.submit(_config(steps=2, bleu=0), "s1")
+    for j in jobs:
+        assert j.done.wait(180) and j.status == "completed", j.error
+    assert lab.submit(_config(steps=2, bleu=0), "s1").done.wait(180)   # room again once they have ended
+
+    old = lab.export_path("a.csv")
+    old.write_text("x")
+    past = time.time() - lab.EXPORT_TTL_S - 1
+    os.utime(old.parent, (past, past))
+    new = lab.export_path("b.csv")
+    assert not old.parent.exists() and new.parent.parent == old.parent.parent and new.parent.exists()
+    with pytest.raises(ConfigError, match="no runs to report"):
+        lab.report([])

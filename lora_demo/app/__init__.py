@@ -72,4 +72,5 @@ def build_demo(lab: Lab) -> gr.Blocks:
 def launch(demo: gr.Blocks, **kwargs):
     # Uploads over the limit are refused by the server before any handler sees them.
     kwargs.setdefault("max_file_size", limits().max_upload_mb * 2**20)
-    return demo.queue(default_concurrency_limit=None).launch(css=CSS, theme=gr.themes.Soft(), **kwargs)
+    return demo.queue(default_concurrency_limit=None, max_size=limits().max_queue).launch(
+        css=CSS, theme=gr.themes.Soft(), **kwargs)

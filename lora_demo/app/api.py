@@ -13,7 +13,7 @@ from typing import Iterator
 
 import gradio as gr
 
-from .. import anatomy, compare, report, share
+from .. import anatomy, compare, share
 from ..config import ConfigError, TrainConfig, parse_methods, parse_ranks, parse_seeds
 from ..params import preview
 from ..runs import Lab, summary_row
@@ -216,15 +216,12 @@ class Api:
     @errors
     def report(self, run_ids, owner_key: str | None = None, request: gr.Request = None) -> str:
         """A self-contained HTML report of this session's runs ``run_ids`` (comma-separated; default: all)."""
-        import tempfile
-        from pathlib import Path
-
         key = self._key(request, owner_key)
         ids = [i for i in str(run_ids or "").replace(" ", ",").split(",") if i]
         jobs = [self.lab.session_job(i, key) for i in ids] if ids else self.lab.runs(key)
         if not jobs:
             raise ConfigError("no runs in this session to report")
-        return str(report.write([j.dir for j in jobs], Path(tempfile.mkdtemp(prefix="lora-lab-")) / "lora_lab_report.html"))
+        return str(self.lab.report(jobs))
 
     @errors
     def download_merged(self, run_id, owner_key: str | None = None, request: gr.Request = None) -> str:

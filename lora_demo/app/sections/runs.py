@@ -3,14 +3,12 @@ BLEU/chrF against trainable parameters. Its refresh also keeps every run picker 
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import gradio as gr
 
-from ... import compare, plots, report
+from ... import compare, plots
 from ...runs import Job, Lab
 from ..common import PRIVATE, Shared, run_label
 
@@ -169,7 +167,7 @@ def ui_export(lab: Lab, session, show_all):
     records = [j.record() for j in _visible(lab, session, show_all)]
     if not records:
         raise gr.Error("no runs to export yet")
-    path = Path(tempfile.mkdtemp(prefix="lora-lab-")) / "lora_lab_runs.csv"
+    path = lab.export_path("lora_lab_runs.csv")
     path.write_text(compare.to_csv(records), encoding="utf-8")
     return gr.update(value=str(path), visible=True)
 
@@ -179,6 +177,4 @@ def ui_report(lab: Lab, session, show_all, picked):
     jobs = [j for j in _visible(lab, session, show_all) if not picked or j.id in picked]
     if not jobs:
         raise gr.Error("no runs to report yet: train one first")
-    path = Path(tempfile.mkdtemp(prefix="lora-lab-")) / "lora_lab_report.html"
-    report.write([j.dir for j in jobs], path)
-    return gr.update(value=str(path), visible=True)
+    return gr.update(value=str(lab.report(jobs)), visible=True)
