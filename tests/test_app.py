@@ -2,6 +2,9 @@
 gradio_client."""
 
 
+import re
+import urllib.request
+
 import pytest
 from conftest import final_row, launch
 from gradio_client import Client
@@ -177,6 +180,10 @@ def test_a_restarted_app_lists_the_runs_again(app):
         after = Client(url, verbose=False).predict(all_runs=True, api_name="/runs")
         assert before <= {r["run_id"] for r in after}
         assert all(r["status"] in ("completed", "stopped", "failed", "interrupted") for r in after)
+        # the header states the default run's cost from the recorded runs (measured or predicted), not a promise
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+        assert re.search(r"The default run (\(120 steps\) (took|should take about) \*\*\d+ s\*\*)", page), \
+            re.findall(r"The default run[^.]*", page)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -12,7 +12,7 @@ from functools import partial
 
 import gradio as gr
 
-from ..config import limits
+from ..config import RunConfig, TrainConfig, limits
 from ..models import base_scores, device_info
 from ..runs import Lab
 from . import api
@@ -30,8 +30,9 @@ CSS = """
 def header(lab: Lab) -> None:
     info = device_info()
     gr.Markdown(f"# 🧪 LoRA Lab\nLow-rank adaptation of **FLAN-T5** in TensorFlow, English → German on WMT16. "
-                f"Pick a rank and target layers, train for a minute, compare runs, and compare base and "
-                f"LoRA translations.  \nModel: **{lab.loaded.label}** · device: **{info['name']}** · "
+                f"Pick a rank and target layers, train a short run, compare runs, and compare base and "
+                f"LoRA translations. {default_run_cost(lab)}  \nModel: **{lab.loaded.label}** · "
+                f"device: **{info['name']}** · "
                 f"training in **{lab.precision}** · TensorFlow {info['tensorflow']}")
     scores = base_scores(lab.loaded.kind)
     if scores:
@@ -39,6 +40,25 @@ def header(lab: Lab) -> None:
                     f"build_info.json)</small>", elem_id="base-scores")
     if lab.loaded.notice:
         gr.Markdown(f"⚠️ {lab.loaded.notice}", elem_classes=["notice"])
+
+
+def default_run_cost(lab: Lab) -> str:
+    """What the default run costs here: measured by the newest finished default-sized run on this server's
+    model, else predicted from the step time of any finished run (the budget model), else said to be
+    unknown. Never a fixed promise: the same run is 40 s on the bundled tiny and minutes on flan-t5-small."""
+    dflt = TrainConfig()
+    done = [j for j in lab.jobs.values() if j.status == "completed" and (j.summary or {}).get("mean_step_s")]
+    same = [j for j in done if j.config.model == lab.loaded.name and j.config.train.steps == dflt.steps
+            and j.config.train.batch_size == dflt.batch_size]
+    if same:
+        j = max(same, key=lambda j: j.created)
+        return (f"The default run ({dflt.steps} steps) took **{j.summary['elapsed_s']:.0f} s** here on this model "
+                f"(run {j.id}).")
+    step = lab.predict(RunConfig(model=lab.loaded.name))["lora"]["step_s_est"] if done else None
+    if step:
+        return f"The default run ({dflt.steps} steps) should take about **{dflt.steps * step:.0f} s** of training here."
+    return (f"The default run is {dflt.steps} steps; after your first run the budget (section 2) predicts "
+            "the time of the next on this machine.")
 
 
 def build_demo(lab: Lab) -> gr.Blocks:
