@@ -19,7 +19,7 @@ import sys
 import pytest
 from conftest import ROOT, launch
 
-from lora_demo.config import LoraConfig
+from lora_demo.config import DEFAULT_SAMPLES, LoraConfig
 from lora_demo.params import preview
 
 CHROMIUM = "/usr/bin/chromium"
@@ -108,7 +108,7 @@ def test_the_app_in_a_real_browser(tmp_path):
             table = page.locator("#samples-table")
             expect(table).to_contain_text("base model (step 0)", timeout=30_000)
             expect(table).to_contain_text("LoRA at step 30", timeout=30_000)
-            expect(table).to_contain_text("The government has raised taxes on petrol.")
+            expect(table).to_contain_text(DEFAULT_SAMPLES[0])
             live = _points(page)
             page.locator("#loss-plot").scroll_into_view_if_needed()
             page.screenshot(path=str(SHOTS / "2-training.png"), full_page=True)

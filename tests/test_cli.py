@@ -84,13 +84,13 @@ def test_train_then_translate_with_the_adapter(tmp_path):
     assert row0["lora"] == row0["base"] == row["base"]
 
 
-# The default run on the default offline model (docs/default-run.md). Measured with seeds
-# 0, 1, 2: the held-out loss fell by 0.157, 0.155 and 0.147, and the loss of 32 fixed training pairs by
-# 0.149, 0.131 and 0.132; an adapter that learned nothing leaves both exactly at the base model's. The
-# smoothed train loss (different batches each step, so noisier) fell by 0.119 with the default seed 0.
-HELDOUT_MARGIN = 0.10
-PROBE_MARGIN = 0.10
-SMOOTHED_MARGIN = 0.06
+# The default run on the default offline model (docs/default-run.md). Measured with seeds 0, 1, 2 on
+# the tiny of 2026-12-04: the held-out loss fell by 0.070, 0.068 and 0.076, and the loss of 32 fixed
+# training pairs by 0.212, 0.219 and 0.220; an adapter that learned nothing leaves both exactly at the base
+# model's. The smoothed train loss (different batches each step, so noisier) fell by 0.078-0.233.
+HELDOUT_MARGIN = 0.04
+PROBE_MARGIN = 0.12
+SMOOTHED_MARGIN = 0.03
 
 
 @pytest.mark.slow
