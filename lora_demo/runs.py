@@ -606,6 +606,28 @@ class Lab:
         with self.lock:
             return self.waiting.index(job.id) + 1 if job.id in self.waiting else 0
 
+    def expected_wait(self, job: Job) -> float | None:
+        """Seconds until ``job`` starts, if every run before it has an estimate: the running runs' ETAs (at
+        the pace of their last steps) and, for the runs ahead in line, the budget's predicted step time times
+        their steps. Shared by the training slots. None while any of them has none (nothing is guessed)."""
+        with self.lock:
+            if job.id not in self.waiting:
+                return None
+            ahead = [self.jobs[i] for i in self.waiting[:self.waiting.index(job.id)]]
+            running = [j for j in self.jobs.values() if j.status == "running"]
+        total = 0.0
+        for j in running:
+            eta = j.eta_s()
+            if eta is None:
+                return None
+            total += eta
+        for j in ahead:
+            step = ((j.prediction or {}).get("lora") or {}).get("step_s_est")
+            if not step:
+                return None
+            total += step * j.config.train.steps
+        return total / self.slots
+
     def stop(self, run_id: str) -> Job | None:
         """Stop one run, or every unfinished run of a sweep when given a sweep id."""
         job = self.jobs.get(run_id)
@@ -857,7 +879,8 @@ class Lab:
         last = job.losses[-1] if job.losses else None
         return {"run_id": job.id, "sweep": job.sweep, "method": job.config.lora.method, "rank": job.config.lora.rank,
                 "status": job.status,
-                "phase": job.phase, "queue_position": self.position(job), "total_steps": job.config.train.steps,
+                "phase": job.phase, "queue_position": self.position(job), "wait_s": self.expected_wait(job),
+                "total_steps": job.config.train.steps,
                 "step": last[0] if last else 0, "loss": last[1] if last else None,
                 "tokens_per_s": job.summary.get("last_tokens_per_s"), "elapsed_s": job.summary.get("elapsed_s", 0.0),
                 "eta_s": job.eta_s(), "losses": [[s, v] for s, v, _ in job.losses], "val_losses": job.val_losses,

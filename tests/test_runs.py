@@ -225,6 +225,20 @@ def test_a_session_may_queue_only_so_many_runs_and_exports_are_tidied(bundled_ti
         assert j.done.wait(180) and j.status == "completed", j.error
     assert lab.submit(_config(steps=2, bleu=0), "s1").done.wait(180)   # room again once they have ended
 
+    # A run waiting behind another is told how long: the running run's ETA plus the predicted time of the
+    # runs ahead of it (step time from the finished runs above), never a guess.
+    first, second = lab.submit(_config(steps=2000, bleu=0), "s2"), lab.submit(_config(steps=50, bleu=0), "s2")
+    deadline = time.time() + 120
+    while time.time() < deadline and first.eta_s() is None:
+        time.sleep(0.2)
+    state = lab.status(second)    # the first is running: its ETA at the pace of its last steps
+    assert state["queue_position"] == 1 and 0 < state["wait_s"] <= first.eta_s() * 1.5 + 1, state["wait_s"]
+    from lora_demo.app.common import status_line
+    assert "s to wait" in status_line(lab, state) or "min to wait" in status_line(lab, state)
+    for j in (first, second):
+        lab.stop(j.id)
+    assert first.done.wait(120) and second.done.wait(120)
+
     old = lab.export_path("a.csv")
     old.write_text("x")
     past = time.time() - lab.EXPORT_TTL_S - 1

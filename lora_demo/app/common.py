@@ -139,7 +139,9 @@ ICONS = {"running": "🏃", "completed": "✅", "stopped": "⏹️", "failed": "
 def status_line(lab: Lab, s: dict) -> str:
     if s["status"] == "queued":
         at_once = "one training job runs at a time" if lab.slots == 1 else f"{lab.slots} training jobs run at a time"
-        return f"⏳ queued: position {s['queue_position']} in line ({at_once})"
+        wait = (f"about {s['wait_s'] / 60:.0f} min to wait" if s["wait_s"] >= 90 else f"about {s['wait_s']:.0f} s to "
+                "wait") if s.get("wait_s") is not None else "the wait is known once the runs ahead have step times"
+        return f"⏳ queued: position {s['queue_position']} in line ({at_once}); {wait}"
     if s["status"] == "running" and s["step"] == 0:
         return "⚙️ preparing: adding the adapter, tokenising the data, first step…"
     parts = [f"step {s['step']}/{s['total_steps']}"]
