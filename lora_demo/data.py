@@ -71,8 +71,9 @@ class Pairs:
         return len(self.items)
 
 
-def _read_bundled(split: str, limit: int | None, sets: tuple[str, ...] | None = None) -> list[Pair]:
-    path = BUNDLED_DIR / f"{split}.jsonl.gz"
+def _read_bundled(split: str, limit: int | None, sets: tuple[str, ...] | None = None,
+                  folder: Path = BUNDLED_DIR) -> list[Pair]:
+    path = folder / f"{split}.jsonl.gz"
     out: list[Pair] = []
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         for line in fh:
@@ -90,14 +91,7 @@ def multi30k_pairs(split: str, limit: int | None = None) -> Pairs:
     "test_2016_flickr"."""
     if split not in MULTI30K_SPLITS:
         raise ValueError(f"Multi30k split must be one of {MULTI30K_SPLITS}, got {split!r}")
-    out: list[Pair] = []
-    with gzip.open(MULTI30K_DIR / f"{split}.jsonl.gz", "rt", encoding="utf-8") as fh:
-        for line in fh:
-            if limit is not None and len(out) >= limit:
-                break
-            tr = json.loads(line)["translation"]
-            out.append(Pair(en=tr["en"], de=tr["de"]))
-    return Pairs(tuple(out), "bundled", f"multi30k {split}")
+    return Pairs(tuple(_read_bundled(split, limit, folder=MULTI30K_DIR)), "bundled", f"multi30k {split}")
 
 
 def _read_hub(split: str, limit: int | None) -> list[Pair]:
