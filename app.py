@@ -6,10 +6,10 @@ import os
 
 import lora_demo  # noqa: F401  (pins Keras before TensorFlow loads)
 from lora_demo.app import build_demo, launch
-from lora_demo.config import ConfigError
-from lora_demo.distribute import cluster_workers, make_strategy
-from lora_demo.models import DEFAULT_MODEL, configure_devices, describe, load_model
-from lora_demo.runs import Lab
+from lora_demo.core.config import ConfigError
+from lora_demo.training.distribute import cluster_workers, make_strategy
+from lora_demo.core.models import DEFAULT_MODEL, configure_devices, describe, load_model
+from lora_demo.lab import Lab
 
 
 def main() -> None:

@@ -8,12 +8,14 @@ and tensorflow-addons share the one Keras 2.15 that TensorFlow ships.
 """
 
 import os
+from pathlib import Path
 
 os.environ["TF_USE_LEGACY_KERAS"] = "0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ start-up noise (cuDNN factories etc.)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __version__ = "1.0.0"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"   # bundled models and data
 
 
 def _quiet_known_noise() -> None:

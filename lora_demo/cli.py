@@ -13,8 +13,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from .config import (METHOD_LR, METHODS, ConfigError, LoraConfig, RunConfig, TrainConfig, parse_methods, parse_ranks,
-                     parse_seeds, parse_targets)
+from lora_demo.core.config import (METHOD_LR, METHODS, ConfigError, LoraConfig, RunConfig, TrainConfig, expand_sweep,
+                                   parse_methods, parse_ranks, parse_seeds, parse_targets)
 
 
 def _lora_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     _train_args(p)
     p.add_argument("--out", required=True, help="output directory")
 
+    _sweep_parsers(sub)
+    _tool_parsers(sub)
+    return ap
+
+
+def _sweep_parsers(sub) -> None:
+    """``sweep`` and ``methods``: the same arguments, different defaults."""
     for name, ranks, methods, seeds, text in (
             ("sweep", "1,2,4,8,16", None, None, "train the same config at several ranks (and methods); one record "
                                                 "per run + summary"),
@@ -124,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="directory for the runs, runs.csv (one row per run), summary.csv "
                        "(per config: mean and spread over seeds) and summary.md (both, and the verdicts)")
 
+
+def _tool_parsers(sub) -> None:
+    """``translate``, ``bench``, ``export``, ``inspect`` and ``report``."""
     p = sub.add_parser("translate", help="translate English with the base model and (optionally) an adapter")
     p.add_argument("--model", default="google/flan-t5-small")
     p.add_argument("--adapter", help="adapter: a directory or zip with adapter_config.json + "
@@ -160,11 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or a sweep's output directory")
     p.add_argument("--out", default="report.html", help="the HTML file to write")
     p.add_argument("--title", default="LoRA Lab report")
-    return ap
 
 
 def cmd_report(a) -> int:
-    from . import report
+    from lora_demo.present import report
 
     out = report.write(a.run_dirs, a.out, a.title)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser, offline)")
@@ -172,7 +181,10 @@ def cmd_report(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from . import adapters, anatomy, budget
+    from lora_demo import adapters
+    from lora_demo.analysis import anatomy
+    from lora_demo.analysis import budget
+    from lora_demo.core.inject import base_kernels
 
     record_path = Path(a.run_dir) / "metrics.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -186,7 +198,7 @@ def cmd_inspect(a) -> int:
     loaded = _load(name)
     cfg = adapters.check_fits(adapter, loaded.model, loaded.name)
     out = {"run": str(a.run_dir), "model": loaded.name,
-           **anatomy.inspect(cfg, adapter.state, anatomy.base_norms(loaded.model))}
+           **anatomy.inspect(cfg, adapter.state, anatomy.norms(base_kernels(loaded.model)))}
     if a.compare:
         other = adapters.read_adapter(a.compare)
         out["similarity"] = {"with": str(a.compare), **anatomy.similarity(
@@ -200,7 +212,7 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_params(a) -> int:
-    from .params import format_table, preview
+    from lora_demo.core.params import format_table, preview
 
     b = preview(a.model, None if a.full else _lora_config(a))   # (--method full gives the same as --full)
     print(json.dumps(b.to_dict(), indent=2) if a.json else format_table(b))
@@ -208,7 +220,7 @@ def cmd_params(a) -> int:
 
 
 def _load(name: str, precision: str = "fp32"):
-    from .models import load_model
+    from lora_demo.core.models import load_model
 
     return load_model(name, fallback=False, precision=precision)
 
@@ -241,10 +253,10 @@ def _run_config(a, rank=None, seed=None, method=None) -> RunConfig:
 
 def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict] | None = None) -> None:
     """Train, score and record one run, with a progress bar (or JSON lines)."""
-    from .budget import predict
-    from .events import StepLogged, to_dict
-    from .models import model_precision
-    from .runs import execute
+    from lora_demo.analysis.budget import predict
+    from lora_demo.core.events import StepLogged, to_dict
+    from lora_demo.core.models import model_precision
+    from lora_demo.lab.execute import execute
 
     job.prediction = predict(loaded.model.config, job.config.lora, job.config.train,
                              history or [], model_precision(loaded.model))
@@ -278,8 +290,8 @@ def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict
 def _pairs(source: str, split: str, n: int, dataset: str = "europarl"):
     """The pairs of a split; with hub-stream, the train split as a stream (validation and test
     slices are small and read from the hub as usual)."""
-    from . import data
-    from .hub import hub_reachable
+    from lora_demo import data
+    from lora_demo.core.hub import hub_reachable
 
     if source != "hub-stream" or split == "heldout" or dataset != "europarl":
         return data.pairs_for(split, n, dataset, source="auto" if source == "hub-stream" else source)
@@ -292,7 +304,7 @@ def _pairs(source: str, split: str, n: int, dataset: str = "europarl"):
 
 
 def _report(job) -> str:
-    from .events import summary_text
+    from lora_demo.core.events import summary_text
 
     if job.status == "failed":
         return f"error: {job.error}"
@@ -320,7 +332,7 @@ def _output_dir(out: str, chief: bool):
 
 def _strategy_first(a):
     """The strategy, created before the model is loaded (TensorFlow's runtime must not have started)."""
-    from .distribute import is_chief, make_strategy
+    from lora_demo.training.distribute import is_chief, make_strategy
 
     strategy = make_strategy(a.strategy)
     chief = is_chief(strategy)
@@ -337,8 +349,8 @@ def _worker_note(job, chief: bool) -> None:
 
 
 def cmd_train(a) -> int:
-    from . import owners
-    from .runs import Job
+    from lora_demo.lab import owners
+    from lora_demo.lab.records import Job
 
     strategy, chief = _strategy_first(a)
     run = _run_config(a)
@@ -355,17 +367,17 @@ def cmd_train(a) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from . import compare
-    from .runs import Job
+    from lora_demo.analysis import compare
+    from lora_demo.lab.records import Job
 
     seeds = [a.seed] if a.seeds is None else parse_seeds(a.seeds)
 
     methods = [a.method] if a.methods is None else parse_methods(a.methods)
 
-    def configs_():   # every (method, rank, seed), method by method, rank by rank; full fine-tuning once per seed
-        ranks = parse_ranks(a.ranks)
-        return [_run_config(a, rank=r, seed=sd, method=m) for m in methods for r in (ranks[:1] if m == "full" else ranks)
-                for sd in seeds]
+    def configs_():   # every (method, rank, seed): config.expand_sweep
+        lrs = _method_lr(a.method_lr)
+        return expand_sweep(_run_config(a, method=methods[0]), parse_ranks(a.ranks), seeds, methods,
+                            {m: lrs.get(m, a.lr) for m in methods})
     configs = configs_()   # validate every rank and seed before training any
     strategy, chief = _strategy_first(a)
     configs = configs_()   # again: a worker skips scoring
@@ -387,7 +399,7 @@ def cmd_sweep(a) -> int:
     (out / "summary.csv").write_text(compare.groups_csv(compare.groups(records)), encoding="utf-8")
     (out / "summary.md").write_text(compare.to_markdown(records), encoding="utf-8")
     if a.analyse:
-        from .analysis import analyse_runs
+        from lora_demo.analysis.learned import analyse_runs
 
         analyse_runs(records, jobs, loaded, out, log=None if a.json else lambda m: print(m, file=sys.stderr))
     if not a.json:
@@ -397,9 +409,9 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_translate(a) -> int:
-    from . import adapters
-    from .evaluate import translate_both
-    from .inject import apply_lora
+    from lora_demo import adapters
+    from lora_demo.analysis.evaluate import translate_both
+    from lora_demo.core.inject import apply_lora
 
     sentences = a.sentences or [line.strip() for line in sys.stdin if line.strip()]
     if not sentences:
@@ -421,7 +433,7 @@ def cmd_translate(a) -> int:
 
 def _adapter_for(a, loaded):
     """Read ``--adapter`` and check it against the loaded model (errors say what does not fit)."""
-    from . import adapters
+    from lora_demo import adapters
 
     adapter = adapters.read_adapter(a.adapter)
     adapters.check_fits(adapter, loaded.model, loaded.name)
@@ -432,7 +444,7 @@ def _adapter_for(a, loaded):
 
 
 def cmd_export(a) -> int:
-    from . import adapters
+    from lora_demo import adapters
 
     loaded = _load(a.model)
     adapter = _adapter_for(a, loaded)
@@ -443,10 +455,10 @@ def cmd_export(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from . import bench
+    from benchmarks import bench
 
     if a.child:   # one peak-memory measurement, in its own process
-        from .models import resolve_precision
+        from lora_demo.core.models import resolve_precision
 
         bench.child(a.child, a.child_model, resolve_precision(a.precision))
         return 0

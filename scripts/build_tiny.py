@@ -47,8 +47,9 @@ import sentencepiece as spm  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from transformers import T5Config, T5TokenizerFast, TFT5ForConditionalGeneration  # noqa: E402
 
-from lora_demo import data, models  # noqa: E402
-from lora_demo.evaluate import scores, translate  # noqa: E402
+from lora_demo import data  # noqa: E402
+from lora_demo.core import models
+from lora_demo.analysis.evaluate import scores, translate  # noqa: E402
 
 LAYOUT = dict(
     feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=32,

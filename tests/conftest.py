@@ -39,7 +39,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def bundled_tiny():
     """The bundled assets/micro model and tokenizer (loaded once; tests must not leave adapters on it)."""
-    from lora_demo.models import load_model
+    from lora_demo.core.models import load_model
 
     return load_model("micro", fallback=False)
 
@@ -93,19 +93,44 @@ def final_row(url: str, run_id: str, timeout: float = 300) -> dict:
     raise TimeoutError(f"run {run_id} did not end within {timeout} s")
 
 
-# One launched app serves the API tests of test_app.py and test_trust.py (each test uses its own clients,
-# so its own owner keys and runs). It runs micro, whose steps are fast; the browser test starts the app
-# with the default model and sees the fallback to tiny. Faults are injected only into runs with seeds 101-103.
+# One launched app serves every test that needs a server: the API tests of test_app.py and test_trust.py and
+# the browser test (each test uses its own clients, so its own owner keys and runs). It runs micro, whose steps
+# are fast, in float32 (as on a CPU without fast bf16). Faults are injected only into runs with seeds 101-103.
+# Checkpoints are kept under 1 MB per session, so the kill test sees the oldest pruned. The kill test (the last
+# of test_trust.py) kills it mid-run with SIGKILL and starts it again on the same runs directory: the app is
+# launched twice in the whole suite.
 FAULTS = "oom@2/101,nan@2/102,error@2/103"
+APP_ARGS = ("--model", "micro", "--precision", "fp32")
+APP_ENV = {"LORA_LAB_FAULT": FAULTS, "LORA_LAB_MAX_RUNS_PER_SESSION": "4", "LORA_LAB_MAX_CHECKPOINT_MB": "1"}
+
+
+class App:
+    """The shared app: ``app[0]`` its URL, ``app[1]`` the folder whose runs/ it keeps; ``restart()`` starts it
+    again there (after a kill), and every later test reaches the new process through the same object."""
+
+    def __init__(self, tmp):
+        self.dir = tmp
+        self.proc, self.url = launch(tmp, *APP_ARGS, env=APP_ENV)
+
+    def __getitem__(self, i):
+        return (self.url, self.dir)[i]
+
+    def restart(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+        self.proc, self.url = launch(self.dir, *APP_ARGS, env=APP_ENV)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
 @pytest.fixture(scope="session")
 def shared_app(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("app")
-    proc, url = launch(tmp, "--model", "micro", env={"LORA_LAB_FAULT": FAULTS, "LORA_LAB_MAX_RUNS_PER_SESSION": "3"})
-    yield url, tmp
-    proc.terminate()
-    proc.wait(30)
+    app = App(tmp_path_factory.mktemp("app"))
+    yield app
+    app.close()
 
 
 @pytest.fixture(scope="session")

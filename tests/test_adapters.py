@@ -13,8 +13,8 @@ from safetensors.numpy import load_file, save_file
 
 from lora_demo import adapters
 from lora_demo.adapters import AdapterError
-from lora_demo.config import LoraConfig
-from lora_demo.inject import apply_lora, dense_sites, lora_layers, remove_lora
+from lora_demo.core.config import LoraConfig
+from lora_demo.core.inject import apply_lora, dense_sites, lora_layers, remove_lora
 
 IDS = tf.constant([[5, 9, 13, 1]], tf.int32)
 CFG = LoraConfig(rank=3, alpha=6, targets=("q", "v", "wo"), side="decoder", layers=(1, 2))
@@ -216,8 +216,8 @@ def test_assign_state_refuses_mismatches_with_a_reason():
 def test_merged_export_loads_with_tfauto_and_matches_the_adapter(bundled_tiny, tmp_path):
     from transformers import TFAutoModelForSeq2SeqLM
 
-    from lora_demo.evaluate import translate
-    from lora_demo.runs import clone_model
+    from lora_demo.analysis.evaluate import translate
+    from lora_demo.lab import clone_model
 
     cfg = LoraConfig(rank=4, alpha=8, targets=("q", "v", "wi_0", "wo"))
     base = clone_model(bundled_tiny)

@@ -13,10 +13,12 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT
 
-from lora_demo import adapters, anatomy, budget
-from lora_demo.config import LoraConfig, RunConfig, TrainConfig
-from lora_demo.inject import apply_lora, lora_layers, remove_lora
-from lora_demo.params import preview
+from lora_demo import adapters
+from lora_demo.analysis import anatomy
+from lora_demo.analysis import budget
+from lora_demo.core.config import LoraConfig, RunConfig, TrainConfig
+from lora_demo.core.inject import apply_lora, lora_layers, remove_lora
+from lora_demo.core.params import preview
 
 CFG = LoraConfig(rank=4, alpha=12.0, targets=("q", "v", "wo"))
 
@@ -40,7 +42,7 @@ def test_delta_equals_the_layer_and_the_independent_product(bundled_tiny):
         state = _state(model)
         layer = lora_layers(model)[0]
         a, b = layer.lora_A.numpy().astype(np.float64), layer.lora_B.numpy().astype(np.float64)
-        mine = anatomy.delta(CFG, *anatomy.factors(state)[layer.path])
+        mine = adapters.delta(CFG, *anatomy.factors(state)[layer.path])
         np.testing.assert_allclose(mine, (12.0 / 4) * a @ b, rtol=1e-12)
         np.testing.assert_allclose(mine, layer.delta().numpy(), rtol=1e-5, atol=1e-7)
         x = tf.random.stateless_normal((2, 3, a.shape[0]), seed=(4, 2))
@@ -57,11 +59,11 @@ def test_the_spectrum_has_at_most_r_values_and_matches_the_full_svd(bundled_tiny
         remove_lora(bundled_tiny.model)
     info = anatomy.inspect(CFG, state)
     for (path, (a, b)), layer in zip(anatomy.factors(state).items(), info["layers"]):
-        full = np.linalg.svd(anatomy.delta(CFG, a, b), compute_uv=False)
+        full = np.linalg.svd(adapters.delta(CFG, a, b), compute_uv=False)
         assert len(layer["singular_values"]) == CFG.rank
         np.testing.assert_allclose(layer["singular_values"], full[:CFG.rank], rtol=1e-9)
         assert np.all(full[CFG.rank:] < 1e-9 * full[0])                  # ΔW has rank ≤ r
-        np.testing.assert_allclose(layer["fro"], np.linalg.norm(anatomy.delta(CFG, a, b)), rtol=1e-9)
+        np.testing.assert_allclose(layer["fro"], np.linalg.norm(adapters.delta(CFG, a, b)), rtol=1e-9)
 
 
 @pytest.mark.parametrize("sv, want", [([10, 1, 0.1, 0], 1), ([1, 1, 1, 1], 4), ([3, 2, 1, 0], 2),
@@ -123,7 +125,8 @@ def test_switching_the_adapter_off_everywhere_is_the_base_exactly_and_partly_cha
 
 def test_predicted_parameters_adapter_and_optimiser_bytes_equal_the_measured(bundled_tiny, tmp_path):
     from lora_demo import data
-    from lora_demo.runs import Job, execute
+    from lora_demo.lab.execute import execute
+    from lora_demo.lab.records import Job
 
     cfg = RunConfig(model="micro", lora=LoraConfig(rank=3, targets=("q", "k", "wi_1"), side="decoder", layers=(1, 2)),
                     train=TrainConfig(steps=3, batch_size=4, train_size=16, eval_every=3, eval_size=8, bleu_size=0))
@@ -149,7 +152,7 @@ def test_predicted_parameters_adapter_and_optimiser_bytes_equal_the_measured(bun
 def test_the_teaching_point_flan_t5_base():
     """Correct LoRA, r=8 on q,v: 0.356% of flan-t5-base; with the shared embedding left trainable, as in
     the course demo, over 10%."""
-    from lora_demo.models import model_config
+    from lora_demo.core.models import model_config
 
     pred = budget.predict(model_config("google/flan-t5-base"), LoraConfig(rank=8, targets=("q", "v")), TrainConfig())
     assert pred["lora"]["trainable"] == 884_736 and round(pred["lora"]["pct_trainable"], 3) == 0.356

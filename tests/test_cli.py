@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT
 from safetensors.numpy import load_file
 
-from lora_demo import plots
-from lora_demo.config import LoraConfig, TrainConfig
+from lora_demo.present import plots
+from lora_demo.core.config import LoraConfig, TrainConfig
 
 
 def cli(*args, input=None):

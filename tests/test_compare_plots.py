@@ -5,7 +5,9 @@ import io
 
 import pytest
 
-from lora_demo import compare, data, plots
+from lora_demo.analysis import compare
+from lora_demo import data
+from lora_demo.present import plots
 
 
 def record(run_id, rank, losses, vals, bleu=None, trainable=1000, seed=0, heldout=None):

@@ -19,11 +19,12 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from lora_demo import data
-from lora_demo.config import LoraConfig, RunConfig, TrainConfig
-from lora_demo.events import RunFinished, StepLogged
-from lora_demo.inject import remove_lora
-from lora_demo.models import load_model
-from lora_demo.train import make_strategy, train
+from lora_demo.core.config import LoraConfig, RunConfig, TrainConfig
+from lora_demo.core.events import RunFinished, StepLogged
+from lora_demo.core.inject import remove_lora
+from lora_demo.core.models import load_model
+from lora_demo.training.distribute import make_strategy
+from lora_demo.training.train import train
 
 loaded = load_model("micro", fallback=False)
 pairs = data.load_pairs("train", 64, source="bundled"), data.load_pairs("validation", 8, source="bundled")

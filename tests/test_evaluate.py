@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from lora_demo import data
-from lora_demo.config import LoraConfig
-from lora_demo.evaluate import scores, sentence_chrf, translate, translate_both
-from lora_demo.runs import score_translations
-from lora_demo.inject import apply_lora, lora_layers, remove_lora
+from lora_demo.core.config import LoraConfig
+from lora_demo.analysis.evaluate import scores, sentence_chrf, translate, translate_both
+from lora_demo.lab.execute import score_translations
+from lora_demo.core.inject import apply_lora, lora_layers, remove_lora
 
 SENTENCES = ["The session is resumed.", "I would like to thank the Commissioner.", "Obama receives Netanyahu."]
 

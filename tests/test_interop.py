@@ -20,10 +20,10 @@ peft = pytest.importorskip("peft", reason="peft is not installed (CI installs it
 from transformers import T5ForConditionalGeneration  # noqa: E402
 
 from lora_demo import adapters  # noqa: E402
-from lora_demo.config import LoraConfig  # noqa: E402
-from lora_demo.evaluate import translate  # noqa: E402
-from lora_demo.inject import apply_lora, lora_layers, remove_lora  # noqa: E402
-from lora_demo.models import BUNDLED, load_model  # noqa: E402
+from lora_demo.core.config import LoraConfig  # noqa: E402
+from lora_demo.analysis.evaluate import translate  # noqa: E402
+from lora_demo.core.inject import apply_lora, lora_layers, remove_lora  # noqa: E402
+from lora_demo.core.models import BUNDLED, load_model  # noqa: E402
 
 SENTENCES = ["The weather is nice today.", "I would like to thank the Commissioner for her answer.",
              "The European Parliament adopted the resolution."]

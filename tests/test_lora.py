@@ -5,11 +5,12 @@ import pytest
 import tensorflow as tf
 from conftest import build, tiny_config
 
-from lora_demo.config import ConfigError, LoraConfig
-from lora_demo.inject import apply_lora, lora_layers, remove_lora, set_scale
-from lora_demo.lora import LoraDense
-from lora_demo.train import build_optimizer_state, make_optimizer, make_step
-from lora_demo.config import TrainConfig
+from lora_demo.core.config import ConfigError, LoraConfig
+from lora_demo.core.inject import apply_lora, lora_layers, remove_lora, set_scale
+from lora_demo.core.lora import LoraDense
+from lora_demo.training.optimisers import build_optimizer_state, make_optimizer
+from lora_demo.training.steps import make_step
+from lora_demo.core.config import TrainConfig
 
 IDS = tf.constant([[5, 9, 13, 21, 1, 0], [7, 7, 30, 1, 0, 0]], tf.int32)
 DEC = tf.constant([[0, 11, 12, 40], [0, 3, 4, 5]], tf.int32)
@@ -148,7 +149,7 @@ def test_dropout_only_on_the_lora_path_and_only_in_training(tiny_model):
 
 
 def test_step_dropout_masks_follow_seed_and_step_in_eager_and_compiled_code():
-    from lora_demo.lora import DropoutClock, StepDropout
+    from lora_demo.core.lora import DropoutClock, StepDropout
 
     clock = DropoutClock()
     drop = StepDropout(0.5, clock, salt=7)

@@ -8,12 +8,13 @@ import tensorflow as tf
 from test_train import HELD, TRAIN, VAL, run_config
 
 from lora_demo import adapters
-from lora_demo.config import ConfigError, LoraConfig, TrainConfig, parse_methods
-from lora_demo.events import RunFinished, RunStarted
-from lora_demo.inject import lora_layers, remove_lora
-from lora_demo.lora import LoraDense
-from lora_demo.models import copy_model
-from lora_demo.train import build_optimizer_state, make_optimizer, train
+from lora_demo.core.config import ConfigError, LoraConfig, RunConfig, TrainConfig, parse_methods
+from lora_demo.core.events import RunFinished, RunStarted
+from lora_demo.core.inject import lora_layers, remove_lora
+from lora_demo.core.lora import LoraDense
+from lora_demo.core.models import copy_model
+from lora_demo.training.optimisers import build_optimizer_state, make_optimizer
+from lora_demo.training.train import train
 
 
 def _dense(d_in=12, d_out=10, seed=0):
@@ -81,8 +82,8 @@ def test_loraplus_gives_b_ratio_times_the_learning_rate_under_adam():
     opt.apply_gradients([(tf.fill(a.shape, 0.5), a), (tf.fill(b.shape, 0.02), b)])
     np.testing.assert_allclose(1 - a.numpy(), 1e-3, rtol=1e-3)
     np.testing.assert_allclose(1 - b.numpy(), 16e-3, rtol=1e-3)
-    with pytest.raises(ConfigError, match="adamw"):
-        make_optimizer(TrainConfig(optimizer="lamb"), LoraConfig(method="loraplus"), fast=[b])
+    with pytest.raises(ConfigError, match="adamw"):   # checked once, where every run's config is made
+        RunConfig(lora=LoraConfig(method="loraplus"), train=TrainConfig(optimizer="lamb"))
 
 
 def test_methods_parse_with_clear_errors():
@@ -115,17 +116,19 @@ def test_each_adapter_method_trains_and_scale_zero_is_the_base(bundled_tiny, met
     state = adapters.adapter_state(model)
     remove_lora(model)
     # the stored adapter, merged into the plain model, gives the trained model's held-out loss
-    from lora_demo.train import _eval_loss, make_eval, prepare
+    from lora_demo.training.prepare import prepare
+    from lora_demo.training.steps import eval_loss, make_eval
 
     prepared = prepare(cfg.train, bundled_tiny.tokenizer, TRAIN, VAL, HELD, dynamic=False)
     with adapters.merged_into(model, cfg.lora, state) as merged:
-        held = _eval_loss(make_eval(merged), prepared.heldout)
+        held = eval_loss(make_eval(merged), prepared.heldout)
     assert held == pytest.approx(s["final_heldout_loss"], abs=2e-3)
-    assert _eval_loss(make_eval(model), prepared.heldout) == pytest.approx(s["base_heldout_loss"], abs=1e-5)
+    assert eval_loss(make_eval(model), prepared.heldout) == pytest.approx(s["base_heldout_loss"], abs=1e-5)
 
 
 def test_full_fine_tuning_trains_every_weight_of_a_copy_and_keeps_the_base_point(bundled_tiny, tmp_path):
-    from lora_demo.runs import Job, execute
+    from lora_demo.lab.execute import execute
+    from lora_demo.lab.records import Job
 
     cfg = replace(run_config(steps=6, eval_every=6, lr=1e-3, bleu_size=0), lora=LoraConfig(method="full"))
     lora_cfg = run_config(steps=6, eval_every=6, bleu_size=0)
@@ -151,11 +154,12 @@ def test_full_fine_tuning_trains_every_weight_of_a_copy_and_keeps_the_base_point
         adapters.peft_config(cfg.lora, "micro")
     # the saved weights, merged into the base at scale 1, are the trained model; at 0.5 halfway
     state = adapters.load_state(full.dir)
-    from lora_demo.train import _eval_loss, make_eval, prepare
+    from lora_demo.training.prepare import prepare
+    from lora_demo.training.steps import eval_loss, make_eval
 
     prepared = prepare(cfg.train, bundled_tiny.tokenizer, TRAIN, VAL, HELD, dynamic=False)
     with adapters.merged_into(model, cfg.lora, state) as merged:
-        assert _eval_loss(make_eval(merged), prepared.heldout) == pytest.approx(full.summary["final_heldout_loss"],
+        assert eval_loss(make_eval(merged), prepared.heldout) == pytest.approx(full.summary["final_heldout_loss"],
                                                                                abs=1e-4)
         name = model.shared.weights[0].name
         w_ft = next(v for v in merged.weights if v.name == name).numpy().copy()
@@ -178,7 +182,7 @@ def _lora_state(rng, paths, d_in, d_out, r):
 
 
 def test_truncation_keeps_the_top_singular_directions_exactly():
-    from lora_demo import analysis
+    from lora_demo.analysis import learned as analysis
 
     rng = np.random.default_rng(0)
     path = "encoder.block.0.layer.0.SelfAttention.q"
@@ -193,7 +197,7 @@ def test_truncation_keeps_the_top_singular_directions_exactly():
 
 
 def test_magnitude_direction_and_intruders_on_known_updates():
-    from lora_demo import analysis
+    from lora_demo.analysis import learned as analysis
 
     rng = np.random.default_rng(1)
     w = rng.standard_normal((40, 30))

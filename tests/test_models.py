@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lora_demo.models import BUNDLED, load_model, model_config, shipped_config
+from lora_demo.core.models import BUNDLED, load_model, model_config, shipped_config
 
 
 def test_local_checkpoint_directory_loads_like_tiny(bundled_tiny):
@@ -41,7 +41,7 @@ def test_configs_without_weights():
 
 
 def test_device_set_up_on_a_cpu_machine():
-    from lora_demo.models import configure_devices, device_info
+    from lora_demo.core.models import configure_devices, device_info
 
     done = configure_devices()
     assert done == {"gpus": 0, "memory_growth": []} and configure_devices() == done   # idempotent
@@ -57,17 +57,17 @@ def test_device_set_up_on_a_cpu_machine():
     ({}, False),
 ])
 def test_bf16_is_used_only_where_the_gpu_does_it_fast(details, fast):
-    from lora_demo.models import gpu_bf16_capable
+    from lora_demo.core.models import gpu_bf16_capable
 
     assert gpu_bf16_capable(details) is fast
 
 
 def test_adapter_weights_are_placed_beside_the_base_weights(bundled_tiny):
     from lora_demo import data
-    from lora_demo.config import LoraConfig, RunConfig, TrainConfig
-    from lora_demo.inject import lora_layers, remove_lora
-    from lora_demo.models import variable_device
-    from lora_demo.train import train
+    from lora_demo.core.config import LoraConfig, RunConfig, TrainConfig
+    from lora_demo.core.inject import lora_layers, remove_lora
+    from lora_demo.core.models import variable_device
+    from lora_demo.training.train import train
 
     run = RunConfig(model="micro", lora=LoraConfig(rank=2, targets=("q",)),
                     train=TrainConfig(steps=2, batch_size=4, train_size=8, eval_size=4, eval_every=2))
@@ -83,9 +83,22 @@ def test_adapter_weights_are_placed_beside_the_base_weights(bundled_tiny):
 
 
 def test_precision_auto_follows_the_hardware():
-    from lora_demo.models import cpu_has_fast_bf16, resolve_precision
+    from lora_demo.core.models import cpu_has_fast_bf16, resolve_precision
 
     assert resolve_precision("auto") == ("bf16" if cpu_has_fast_bf16() else "fp32")   # no GPU here
     assert (resolve_precision("fp32"), resolve_precision("bf16")) == ("fp32", "bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("fp16")   # T5 overflows in fp16
+
+
+def test_offline_the_page_says_it_fell_back_to_tiny(tmp_path):
+    """The default model offline: the page built on it says at the top that it runs the bundled tiny and how to
+    choose a model (built in-process; the suite's launched app runs micro)."""
+    from lora_demo.app import build_demo
+    from lora_demo.lab import Lab
+
+    demo = build_demo(Lab(load_model("google/flan-t5-small"), runs_dir=tmp_path))
+    notices = [b.value for b in demo.blocks.values() if "notice" in (getattr(b, "elem_classes", None) or [])]
+    assert len(notices) == 1, notices
+    assert "Could not load 'google/flan-t5-small'" in notices[0] and "--model" in notices[0]
+    assert "Running on the bundled offline model tiny instead" in notices[0]

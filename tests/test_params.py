@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from conftest import build, tiny_config
 
-from lora_demo.config import LoraConfig
-from lora_demo.inject import apply_lora
-from lora_demo.models import build_random, shipped_config
-from lora_demo.params import COMPONENTS, breakdown, preview, specs_from_config, specs_from_model, with_lora
+from lora_demo.core.config import LoraConfig
+from lora_demo.core.inject import apply_lora
+from lora_demo.core.models import build_random, shipped_config
+from lora_demo.core.params import COMPONENTS, breakdown, preview, specs_from_config, specs_from_model, with_lora
 
 
 @pytest.mark.parametrize("overrides", [{}, {"feed_forward_proj": "relu"}, {"tie_word_embeddings": True},

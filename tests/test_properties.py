@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import pytest
 
-from lora_demo.config import (DATASETS, MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, clean_sentences,
+from lora_demo.core.config import (DATASETS, MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, clean_sentences,
                               limits, parse_layers, parse_ranks, parse_samples, parse_seeds)
 
 anything = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),

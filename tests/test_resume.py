@@ -4,12 +4,13 @@ checkpoint has the losses of a run that was never interrupted, from the checkpoi
 import numpy as np
 import pytest
 
-from lora_demo import checkpoints, data
-from lora_demo.config import ConfigError, LoraConfig, RunConfig, TrainConfig
-from lora_demo.events import CheckpointSaved, RunFinished, StepLogged
-from lora_demo.inject import remove_lora
-from lora_demo.runs import clone_model
-from lora_demo.train import train
+from lora_demo.training import checkpoints
+from lora_demo import data
+from lora_demo.core.config import ConfigError, LoraConfig, RunConfig, TrainConfig
+from lora_demo.core.events import CheckpointSaved, RunFinished, StepLogged
+from lora_demo.core.inject import remove_lora
+from lora_demo.lab import clone_model
+from lora_demo.training.train import train
 
 TRAIN = data.load_pairs("train", 48, source="bundled")
 VAL = data.load_pairs("validation", 16, source="bundled")

@@ -4,10 +4,14 @@ import json
 
 import pytest
 
-from lora_demo import data, owners
-from lora_demo.config import LoraConfig, RunConfig, TrainConfig
-from lora_demo.inject import remove_lora
-from lora_demo.runs import RECORD, Job, Lab, execute
+from lora_demo import data
+from lora_demo.lab import owners
+from lora_demo.lab.exports import EXPORT_TTL_S
+from lora_demo.core.config import LoraConfig, RunConfig, TrainConfig, expand_sweep
+from lora_demo.core.inject import remove_lora
+from lora_demo.lab import Lab
+from lora_demo.lab.execute import execute
+from lora_demo.lab.records import Job, RECORD
 
 
 def _pairs(split, n, dataset="europarl"):
@@ -95,8 +99,8 @@ def test_merged_translation_matches_the_unmerged_adapter_and_restores_the_kernel
     import numpy as np
 
     from lora_demo import adapters
-    from lora_demo.evaluate import translate_both
-    from lora_demo.inject import apply_lora
+    from lora_demo.analysis.evaluate import translate_both
+    from lora_demo.core.inject import apply_lora
 
     shutil.copytree(recorded.dir, tmp_path / recorded.id)
     lab = Lab(bundled_tiny, runs_dir=tmp_path, data_source="bundled")
@@ -125,7 +129,7 @@ def test_download_import_and_merged_export_through_the_lab(recorded, bundled_tin
     from transformers import TFAutoModelForSeq2SeqLM
 
     from lora_demo.adapters import AdapterError
-    from lora_demo.evaluate import translate
+    from lora_demo.analysis.evaluate import translate
 
     runs = tmp_path / "runs"
     shutil.copytree(recorded.dir, runs / recorded.id)
@@ -171,7 +175,7 @@ def test_two_training_slots_train_two_jobs_at_once_on_separate_models(bundled_ti
     while time.time() < deadline and not all(j.losses for j in jobs):
         time.sleep(0.2)
     assert all(j.losses and j.status == "running" for j in jobs), [(j.status, j.error) for j in jobs]   # both at once
-    assert lab.position(jobs[1]) == 0
+    assert lab.queue.position(jobs[1]) == 0
     for j in jobs:
         lab.stop(j.id)
     for j in jobs:
@@ -184,12 +188,12 @@ def test_runs_translate_samples_and_bleu_through_one_compiled_translator(bundled
     XLA keeps each program: that cost memory per run)."""
     from dataclasses import replace
 
-    from lora_demo.evaluate import translate
-    from lora_demo.state import state_of
-    from lora_demo.train import SAMPLE_TOKENS
+    from lora_demo.analysis.evaluate import translate
+    from lora_demo.core.state import state_of
+    from lora_demo.training.samples import SAMPLE_TOKENS
 
     lab = Lab(bundled_tiny, runs_dir=tmp_path, data_source="bundled")
-    trainer_cache = set(state_of(lab.trainer).generate)
+    trainer_cache = set(state_of(lab.trainers[0]).generate)
     sentences = ("The session is resumed.", "I thank the Commissioner.")
     compiled = []
     for rank in (2, 3):
@@ -198,11 +202,11 @@ def test_runs_translate_samples_and_bleu_through_one_compiled_translator(bundled
         assert job.done.wait(180) and job.status == "completed", job.error
         compiled.append(set(state_of(lab.translator).generate))
         assert [s for s, _ in job.samples] == [0, 3] and job.quality["n"] == 4
-        with lab.merged.use(job.config.lora, lab.adapter_of(job)) as merged:
+        with lab.serving.use(job.config.lora, lab.adapter_of(job)) as merged:
             assert job.samples[-1][1] == translate(merged, bundled_tiny.tokenizer, list(sentences),
                                                    max_new_tokens=SAMPLE_TOKENS)
     assert compiled[0] and compiled[1] == compiled[0]
-    assert set(state_of(lab.trainer).generate) == trainer_cache
+    assert set(state_of(lab.trainers[0]).generate) == trainer_cache
 
 
 def test_a_session_may_queue_only_so_many_runs_and_exports_are_tidied(bundled_tiny, tmp_path, monkeypatch):
@@ -211,14 +215,14 @@ def test_a_session_may_queue_only_so_many_runs_and_exports_are_tidied(bundled_ti
     import os
     import time
 
-    from lora_demo.config import ConfigError
+    from lora_demo.core.config import ConfigError
 
     monkeypatch.setenv("LORA_LAB_MAX_QUEUED_PER_SESSION", "2")
     lab = Lab(bundled_tiny, runs_dir=tmp_path, data_source="bundled")
     with pytest.raises(ConfigError, match="at most 2 runs queued or running at once"):
-        lab.submit_sweep(_config(steps=2, bleu=0), [1, 2, 3], "s1")
+        lab.submit_sweep(expand_sweep(_config(steps=2, bleu=0), [1, 2, 3]), "s1")
     assert lab.jobs == {}
-    jobs = lab.submit_sweep(_config(steps=2, bleu=0), [1, 2], "s1")
+    jobs = lab.submit_sweep(expand_sweep(_config(steps=2, bleu=0), [1, 2]), "s1")
     with pytest.raises(ConfigError, match="LORA_LAB_MAX_QUEUED_PER_SESSION"):
         lab.submit(_config(steps=2, bleu=0), "s1")
     for j in jobs:
@@ -241,7 +245,7 @@ def test_a_session_may_queue_only_so_many_runs_and_exports_are_tidied(bundled_ti
 
     old = lab.export_path("a.csv")
     old.write_text("x")
-    past = time.time() - lab.EXPORT_TTL_S - 1
+    past = time.time() - EXPORT_TTL_S - 1
     os.utime(old.parent, (past, past))
     new = lab.export_path("b.csv")
     assert not old.parent.exists() and new.parent.parent == old.parent.parent and new.parent.exists()

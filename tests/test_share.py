@@ -6,9 +6,9 @@ import shlex
 
 import pytest
 
-from lora_demo import share
+from lora_demo.present import share
 from lora_demo.cli import _parser, _run_config
-from lora_demo.config import METHODS, LoraConfig, RunConfig, TrainConfig
+from lora_demo.core.config import METHODS, LoraConfig, RunConfig, TrainConfig
 
 LIMITS = {"rank": share.Limit(1, 64, 1), "alpha": share.Limit(1, 128, 1), "steps": share.Limit(1, 2000, 1),
           "pairs": share.Limit(8, 20000, 8), "lr": share.Limit(1e-6, 1.0), "seed": share.Limit(0, 2**31 - 1),

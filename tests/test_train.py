@@ -7,12 +7,15 @@ import pytest
 import tensorflow as tf
 
 from lora_demo import data
-from lora_demo.config import LoraConfig, RunConfig, TrainConfig
-from lora_demo.evaluate import translate_both
-from lora_demo.events import EvalLogged, RunFailed, RunFinished, RunStarted, SamplesLogged, StepLogged
-from lora_demo.inject import remove_lora, set_scale
-from lora_demo.runs import clone_model
-from lora_demo.train import SAMPLE_TOKENS, available_optimizers, seq2seq_loss, train
+from lora_demo.core.config import LoraConfig, RunConfig, TrainConfig
+from lora_demo.analysis.evaluate import translate_both
+from lora_demo.core.events import EvalLogged, RunFailed, RunFinished, RunStarted, SamplesLogged, StepLogged
+from lora_demo.core.inject import remove_lora, set_scale
+from lora_demo.lab import clone_model
+from lora_demo.training.optimisers import available_optimizers
+from lora_demo.training.samples import SAMPLE_TOKENS
+from lora_demo.training.steps import seq2seq_loss
+from lora_demo.training.train import train
 
 TRAIN = data.load_pairs("train", 48, source="bundled")
 VAL = data.load_pairs("validation", 16, source="bundled")
@@ -124,7 +127,7 @@ def test_every_offered_optimizer_trains(model, bundled_tiny, optimizer):
 def test_bf16_training_tracks_fp32_over_50_steps(bundled_tiny):
     """bf16 (frozen weights stored in bf16, once; LoRA factors, optimiser and loss in float32) follows
     the float32 loss curve: every step within 2% relative, and the mean of the last 10 steps within 1%."""
-    from lora_demo.models import model_precision
+    from lora_demo.core.models import model_precision
 
     bf16 = clone_model(bundled_tiny, "bf16")
     assert model_precision(bf16) == "bf16" and model_precision(bundled_tiny.model) == "fp32"
@@ -149,7 +152,7 @@ def test_bf16_training_tracks_fp32_over_50_steps(bundled_tiny):
 def test_bf16_weights_stored_once_compute_what_keras_mixed_policy_computes(bundled_tiny):
     """Rounding each frozen weight to bf16 once (the "bfloat16" policy) gives the same loss as Keras'
     mixed policy, which keeps float32 weights and rounds them in every call."""
-    from lora_demo.models import copy_model
+    from lora_demo.core.models import copy_model
 
     tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
@@ -158,7 +161,7 @@ def test_bf16_weights_stored_once_compute_what_keras_mixed_policy_computes(bundl
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
     once = copy_model(bundled_tiny.model, "bf16")
-    from lora_demo.params import keras_name_to_path
+    from lora_demo.core.params import keras_name_to_path
 
     source = {keras_name_to_path(v.name): v for v in bundled_tiny.model.weights}
     for dst in mixed.weights:
@@ -172,7 +175,7 @@ def test_bf16_weights_stored_once_compute_what_keras_mixed_policy_computes(bundl
 def test_the_loss_gathers_the_real_targets_and_equals_the_masked_loss_over_full_logits(bundled_tiny):
     """token_losses runs the LM head only on non-pad targets; in float32 it equals the textbook loss
     (full logits, padding masked), and trimming a batch's padding columns changes nothing."""
-    from lora_demo.train import token_losses
+    from lora_demo.training.steps import token_losses
 
     model = bundled_tiny.model
     short = [p for p in TRAIN.items if len(p.en) < 120 and len(p.de) < 120][:8]
@@ -206,8 +209,8 @@ def test_grouped_batches_of_many_widths_run_one_traced_step(model, bundled_tiny)
     summary = events[-1].summary
     assert summary["eager_steps"] == 1 and all(e.compiled for e in steps[1:])
     assert events[0].shapes["batching"].startswith("length-grouped") and 0 <= summary["padding_pct"] < 25
-    from lora_demo.inject import lora_layers
-    from lora_demo.state import state_of
+    from lora_demo.core.inject import lora_layers
+    from lora_demo.core.state import state_of
 
     key = next(reversed(state_of(model).compiled))   # the compiled step kept for reuse: any length
     assert any(("input_ids", (8, None), "int32") in part for part in key if isinstance(part, tuple))
@@ -241,7 +244,7 @@ def _with_dropout(loaded, rate: float):
     config = type(loaded.model.config).from_dict({**loaded.model.config.to_dict(), "dropout_rate": rate})
     model = type(loaded.model)(config)
     model(model.dummy_inputs)
-    from lora_demo.params import keras_name_to_path
+    from lora_demo.core.params import keras_name_to_path
 
     source = {keras_name_to_path(v.name): v for v in loaded.model.weights}   # by name: adapters reorder weights
     for dst in model.weights:

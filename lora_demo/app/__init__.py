@@ -12,12 +12,12 @@ from functools import partial
 
 import gradio as gr
 
-from ..config import RunConfig, TrainConfig, limits
-from ..models import base_scores, device_info
-from ..runs import Lab
-from . import api
-from .common import PRIVATE, Shared
-from .sections import adapters, configure, inspect, runs, translate
+from lora_demo.core.config import RunConfig, TrainConfig, limits
+from lora_demo.core.models import base_scores, device_info
+from lora_demo.lab import Lab
+from lora_demo.app import api
+from lora_demo.app.common import PRIVATE, Shared
+from lora_demo.app.sections import adapters, configure, inspect, runs, translate
 
 CSS = """
 .notice {border-left: 4px solid #f59e0b; background: #fffbeb; padding: 8px 12px; border-radius: 6px;}
@@ -74,18 +74,18 @@ def build_demo(lab: Lab) -> gr.Blocks:
 
         # on load: restore this browser's key and newest run, refresh the lists, follow a run still going
         loaded = demo.load(partial(configure.ui_restore, lab), [shared.session],
-                           [shared.session, shared.run_id, *config["views"]], **PRIVATE)
-        refresh = runs.connect(lab, shared, listing, after=[config["trained"], config["swept"], config["compared"],
-                                                            config["resumed"], files["deleted"], files["imported"]],
+                           [shared.session, shared.run_id, *config.views], **PRIVATE)
+        refresh = runs.connect(lab, shared, listing, after=[config.trained, config.swept, config.compared,
+                                                            config.resumed, files["deleted"], files["imported"]],
                                pickers={words["run_pick"]: "newest", files["pick"]: "newest",
                                         inside["pick"]: "newest", inside["compare_pick"]: "second",
-                                        config["run_pick"]: "any"})
+                                        config.run_pick: "any"})
         loaded.then(**refresh).then(partial(configure.ui_follow, lab), [shared.run_id],
-                                    config["views"], concurrency_limit=None, **PRIVATE)
+                                    config.views, concurrency_limit=None, **PRIVATE)
         # a shared link: its settings into the controls (nothing starts), then the link and command lines
-        demo.load(**config["from_url"]).then(**config["sharing"]).then(**config["address"])
-        demo.load(**config["breakdown"])
-        demo.load(**config["budget"])
+        demo.load(**config.from_url).then(**config.sharing).then(**config.address)
+        demo.load(**config.breakdown)
+        demo.load(**config.budget)
     return demo
 
 

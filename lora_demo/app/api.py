@@ -13,12 +13,16 @@ from typing import Iterator
 
 import gradio as gr
 
-from .. import anatomy, compare, share
-from ..config import ConfigError, TrainConfig, parse_methods, parse_ranks, parse_seeds
-from ..params import preview
-from ..runs import Lab, summary_row
-from .common import DEFAULT_RANKS, errors, key_of
-from .sections.adapters import import_files
+from lora_demo.analysis import anatomy
+from lora_demo.analysis import compare
+from lora_demo.present import share
+from lora_demo.core.config import ConfigError, TrainConfig, expand_sweep, parse_methods, parse_ranks, parse_seeds
+from lora_demo.core.params import preview
+from lora_demo.lab import Lab
+from lora_demo.lab.records import summary_row
+from lora_demo.app.common import DEFAULT_RANKS, errors, key_of
+from lora_demo.app.common import depth, lora_config, run_config
+from lora_demo.app.common import import_files
 
 _T = TrainConfig()   # API defaults are the config's defaults
 
@@ -46,7 +50,7 @@ class Api:
         return key_of(self.lab, request, presented)
 
     def _lora(self, rank, alpha, targets, side, first_layer, last_layer, method="lora", loraplus_ratio=16.0):
-        return self.lab.lora_config(rank, alpha, ["q", "v"] if targets is None else targets, side, first_layer,
+        return lora_config(self.lab, rank, alpha, ["q", "v"] if targets is None else targets, side, first_layer,
                                     last_layer, method=method, loraplus_ratio=loraplus_ratio)
 
     @errors
@@ -74,7 +78,7 @@ class Api:
         checkpoints (0 = off), which /resume continues from.
         Every message carries ``owner_key``: with it, any client may stop, use or delete the run."""
         key = self._key(request, owner_key)
-        cfg = self.lab.run_config(self._lora(rank, alpha, targets, side, first_layer, last_layer, method,
+        cfg = run_config(self.lab, self._lora(rank, alpha, targets, side, first_layer, last_layer, method,
                                              loraplus_ratio), steps,
                                   batch_size, lr, train_size, seed, optimizer, bleu_size, data=data,
                                   eval_every=eval_every, early_stop=early_stop, samples=samples or (),
@@ -100,12 +104,12 @@ class Api:
         ranks_list = parse_ranks(ranks)
         seed_list = parse_seeds(seeds) if str(seeds or "").strip() else [seed]
         method_list = parse_methods(methods) if str(methods or "").strip() else ["lora"]
-        cfg = self.lab.run_config(self._lora(ranks_list[0], alpha, targets, side, first_layer, last_layer,
+        cfg = run_config(self.lab, self._lora(ranks_list[0], alpha, targets, side, first_layer, last_layer,
                                              method_list[0], loraplus_ratio), steps,
                                   batch_size, lr, train_size, seed, optimizer, bleu_size, data=data,
                                   eval_every=eval_every, early_stop=early_stop, samples=samples or (),
                                   checkpoint_every=checkpoint_every)
-        jobs = self.lab.submit_sweep(cfg, ranks_list, key, seed_list, method_list)
+        jobs = self.lab.submit_sweep(expand_sweep(cfg, ranks_list, seed_list, method_list), key)
         for job in jobs:
             for _ in self.lab.watch(job):
                 yield {"sweep": job.sweep, "runs": [self.lab.status(j) for j in jobs], "owner_key": key}
@@ -130,11 +134,11 @@ class Api:
         """A run's settings as the page's controls (``values``), the page link's query and the
         ``python -m lora_demo`` command lines that train the same run."""
         job = self.lab.session_job(run_id, self._key(request, owner_key))
-        values = share.values_of(job.config, self.lab.depth)
+        values = share.values_of(job.config, depth(self.lab))
         full = {**values, "ranks": str(values["rank"]), "methods": values["method"]}
         return {"values": values, "query": share.to_query(values),
                 "cli": share.cli_lines(full, self.lab.loaded.name, self.lab.precision, self.lab.data_source,
-                                       self.lab.depth, job.config.train.samples)}
+                                       depth(self.lab), job.config.train.samples)}
 
     @errors
     def stop(self, run_id: str = "", owner_key: str = "", request: gr.Request = None) -> dict:

@@ -9,10 +9,14 @@ from dataclasses import dataclass, fields
 
 import gradio as gr
 
-from .. import owners, plots
-from ..config import ConfigError, RunConfig, parse_seeds
-from ..events import summary_text
-from ..runs import Job, Lab
+from lora_demo.lab import owners
+from lora_demo.present import plots
+from lora_demo.core.config import MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, parse_seeds
+from lora_demo.core.inject import MODULE_PATH, dense_sites, select_paths
+from lora_demo.core.events import summary_text
+from lora_demo.lab import Lab
+from lora_demo.lab.records import Job
+from pathlib import Path
 
 DEFAULT_RANKS = "1,2,4,8,16"
 READY = "Ready. Press **Train** to start a run."
@@ -48,6 +52,58 @@ def key_of(lab: Lab, request: gr.Request | None, presented: str | None = "") -> 
 def browser_key(key: str | None) -> str:
     """The browser's owner key (kept in its local storage); a new one on its first visit."""
     return key or owners.new_key()
+
+
+def file_paths(files) -> list[str]:
+    """gr.File (type "filepath") gives a path, a list of paths, or None."""
+    return [] if not files else [str(f) for f in (files if isinstance(files, list) else [files])]
+
+
+def import_files(lab: Lab, files, session: str) -> Job:
+    paths = file_paths(files)
+    if not paths:
+        raise ConfigError("choose an adapter zip, or its adapter_config.json and adapter_model.safetensors")
+    return lab.import_adapter(paths, session, name=", ".join(Path(p).name for p in paths))
+
+
+# ---------------------------------------------------------------------------
+# Form values -> configs, against the served model
+# ---------------------------------------------------------------------------
+
+def depth(lab: Lab) -> int:
+    """Blocks in the shallower stack: the block range a config may name."""
+    cfg = lab.loaded.model.config
+    return min(cfg.num_layers, cfg.num_decoder_layers or cfg.num_layers)
+
+
+def modules(lab: Lab) -> list[str]:
+    """The target modules this model has, in canonical order."""
+    found = {MODULE_PATH.match(s.path)["module"] for s in dense_sites(lab.loaded.model)}
+    return [m for m in MODULES if m in found]
+
+
+def adapted_layers(lab: Lab, lora: LoraConfig) -> int:
+    return len(select_paths([site.path for site in dense_sites(lab.loaded.model)], lora))
+
+
+def lora_config(lab: Lab, rank, alpha, targets, side, first_layer, last_layer, method: str = "lora",
+                loraplus_ratio: float = 16.0) -> LoraConfig:
+    """A config from form values; a block range covering every block means all of them (None)."""
+    last = depth(lab) - 1 if last_layer is None or last_layer == -1 else last_layer
+    first = 0 if first_layer is None else first_layer
+    layers = None if (first, last) == (0, depth(lab) - 1) else (first, last)
+    return LoraConfig(rank=rank, alpha=alpha, targets=targets if targets is not None else (), side=side,
+                      layers=layers, method=method or "lora",
+                      loraplus_ratio=16.0 if loraplus_ratio is None else loraplus_ratio)
+
+
+def run_config(lab: Lab, lora: LoraConfig, steps, batch_size, lr, train_size, seed, optimizer, bleu_size,
+               **more) -> RunConfig:
+    """``more``: further TrainConfig fields (data, eval_every, early_stop, samples, ...); None = default."""
+    more = {k: v for k, v in more.items() if v is not None}
+    return RunConfig(model=lab.loaded.name, lora=lora,
+                     train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_size=train_size,
+                                       seed=seed, optimizer=optimizer, bleu_size=bleu_size, **more))
 
 
 @dataclass
@@ -114,12 +170,12 @@ class Form:
         return {getattr(self, name) for name in self.LORA}
 
     def lora(self, lab: Lab, v: dict, rank=None, method=None):
-        return lab.lora_config(v[self.rank] if rank is None else rank, v[self.alpha], v[self.targets], v[self.side],
+        return lora_config(lab, v[self.rank] if rank is None else rank, v[self.alpha], v[self.targets], v[self.side],
                                v[self.first], v[self.last], method=method or v[self.method],
                                loraplus_ratio=v[self.ratio])
 
     def run(self, lab: Lab, v: dict, rank=None, method=None) -> RunConfig:
-        return lab.run_config(self.lora(lab, v, rank, method), v[self.steps], v[self.batch], v[self.lr], v[self.train_size],
+        return run_config(lab, self.lora(lab, v, rank, method), v[self.steps], v[self.batch], v[self.lr], v[self.train_size],
                               v[self.seed], v[self.optimizer], v[self.bleu_size], data=v[self.data],
                               eval_every=v[self.eval_every], early_stop=v[self.early_stop],
                               samples=v[self.samples] or "", checkpoint_every=v[self.checkpoint])

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from ...config import ConfigError, limits
-from ...runs import Job, Lab
-from ..common import PRIVATE, Shared, browser_key, errors
+from lora_demo.core.config import ConfigError, limits
+from lora_demo.lab import Lab
+from lora_demo.lab.records import Job
+from lora_demo.app.common import PRIVATE, Shared, browser_key, errors
+from lora_demo.app.common import adapted_layers
+from lora_demo.app.common import file_paths, import_files
 
 PICK_HINT = "Train a run or import an adapter; its files and size show here."
 
@@ -54,7 +57,7 @@ def adapter_info(lab: Lab, job: Job) -> str:
     lora, size = job.config.lora, (job.adapter_files or {}).get("bytes", 0)
     blocks = "all blocks" if lora.layers is None else f"blocks {lora.layers[0]}-{lora.layers[1]}"
     text = (f"**{job.id}** · r={lora.rank}, alpha={lora.alpha:g} on **{'+'.join(lora.targets)}** "
-            f"({lora.side}, {blocks}) · {lab.adapted_layers(lora)} adapted layers × 2 matrices · "
+            f"({lora.side}, {blocks}) · {adapted_layers(lab, lora)} adapted layers × 2 matrices · "
             f"**{job.params.get('trainable', 0):,} parameters** · adapter file **{size / 1e6:.3f} MB** "
             f"({size:,} bytes, fp32 safetensors)")
     origin = job.origin or {}
@@ -63,18 +66,6 @@ def adapter_info(lab: Lab, job: Job) -> str:
         text += f"  \nimported from {origin.get('file') or 'an upload'} (made{made})"
         text += "".join(f"  \n⚠️ {n}" for n in origin.get("notices") or [])
     return text
-
-
-def file_paths(files) -> list[str]:
-    """gr.File (type "filepath") gives a path, a list of paths, or None."""
-    return [] if not files else [str(f) for f in (files if isinstance(files, list) else [files])]
-
-
-def import_files(lab: Lab, files, session: str) -> Job:
-    paths = file_paths(files)
-    if not paths:
-        raise ConfigError("choose an adapter zip, or its adapter_config.json and adapter_model.safetensors")
-    return lab.import_adapter(paths, session, name=", ".join(Path(p).name for p in paths))
 
 
 def ui_pick(lab: Lab, run_id, session) -> str:

@@ -4,171 +4,221 @@ loss curve, the exact parameter breakdown and the predicted budget."""
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 
 import gradio as gr
 
-from ... import plots, share
-from ...config import (MAX_SAMPLES, METHOD_LABELS, METHOD_LR, METHODS, ConfigError, defaults_for, limits, parse_methods,
-                       parse_ranks)
-from ...models import is_gpu
-from ...params import preview
-from ...runs import Lab
-from ...train import OPTIMIZER_LABELS, available_optimizers
-from ..common import (DEFAULT_RANKS, PRIVATE, READY, Form, Shared, browser_key, errors, live, loss_of, run_label,
-                      samples_frame)
+from lora_demo.app.common import (DEFAULT_RANKS, PRIVATE, READY, Form, Shared, browser_key, depth, errors, live, loss_of,
+                                   modules, run_label, samples_frame)
+from lora_demo.core.config import (MAX_SAMPLES, METHOD_LABELS, METHOD_LR, METHODS, ConfigError, defaults_for,
+                                   expand_sweep, limits, parse_methods, parse_ranks)
+from lora_demo.core.models import is_gpu
+from lora_demo.core.params import preview
+from lora_demo.lab import Lab
+from lora_demo.present import plots, share
+from lora_demo.training.optimisers import OPTIMIZER_LABELS, available_optimizers
 
 
-def build(lab: Lab, shared: Shared) -> dict:
-    """Build and wire the two columns; returns the components other sections chain on."""
-    depth, modules, lim, dflt = lab.depth, lab.modules(), limits(), defaults_for(is_gpu())
+@dataclass
+class Configure:
+    """What the app chains on: the form, the live views and the events other sections follow."""
+
+    form: Form
+    status: gr.Markdown
+    loss_plot: gr.Plot
+    views: list                     # status, loss plot, samples table, optimiser plot: a run's live view
+    smoothing: gr.Slider
+    run_pick: gr.Dropdown
+    breakdown: dict                 # event specs (fn, inputs, outputs): demo.load runs them too
+    budget: dict
+    from_url: dict
+    sharing: dict
+    address: dict
+    trained: object                 # the Train, Sweep, Compare and Resume click events
+    swept: object
+    compared: object
+    resumed: object
+
+
+def _lora_fields(lab: Lab) -> dict:
+    blocks, found = depth(lab), modules(lab)
+    with gr.Row():
+        method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="lora", label="method",
+                             elem_id="method", scale=3)
+        ratio = gr.Number(value=16, minimum=1, maximum=1024, label="LoRA+ ratio (B's rate / A's)",
+                          visible=False, elem_id="loraplus-ratio", scale=1)
+    rank = gr.Slider(1, 64, value=8, step=1, label="rank r", elem_id="rank")
+    alpha = gr.Slider(1, 128, value=16, step=1, label="alpha (update scaled by alpha / r)", elem_id="alpha")
+    targets = gr.CheckboxGroup(found, value=[m for m in ("q", "v") if m in found],
+                               label="target modules (attention q/k/v/o, FFN wi*/wo)", elem_id="targets")
+    side = gr.Radio(["both", "encoder", "decoder"], value="both", label="stacks", elem_id="stacks")
+    with gr.Row():
+        first = gr.Slider(0, blocks - 1, value=0, step=1, label="first block", elem_id="first-block")
+        last = gr.Slider(0, blocks - 1, value=blocks - 1, step=1, label="last block", elem_id="last-block")
+    return dict(method=method, ratio=ratio, rank=rank, alpha=alpha, targets=targets, side=side, first=first, last=last)
+
+
+def _training_fields() -> dict:
+    lim, dflt = limits(), defaults_for(is_gpu())
+    with gr.Row():
+        steps = gr.Slider(1, lim.max_steps, value=dflt.steps, step=1, label="steps", elem_id="steps")
+        batch = gr.Slider(1, lim.max_batch_size, value=dflt.batch_size, step=1, label="batch size", elem_id="batch")
+    with gr.Row():
+        lr = gr.Number(value=dflt.lr, label="learning rate", minimum=1e-6, maximum=1.0, elem_id="lr")
+        train_size = gr.Slider(8, lim.max_train_size, value=dflt.train_size, step=8,
+                               label="training pairs", elem_id="pairs")
+    with gr.Row():
+        optimizer = gr.Dropdown([(OPTIMIZER_LABELS[o], o) for o in available_optimizers()],
+                                value="adamw", label="optimizer", elem_id="optimizer")
+        seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=2**31 - 1, elem_id="seed")
+    bleu_size = gr.Slider(0, 500, value=dflt.bleu_size, step=10,
+                          label="BLEU/chrF sentences after the run (newstest2016; 0 = skip)", elem_id="bleu-size")
+    with gr.Row():
+        data = gr.Dropdown([("news (newstest2008–2013; held-out: newstest2014)", "news"),
+                            ("Europarl (WMT16 train; held-out: rows 19,500+)", "europarl")],
+                           value=dflt.data, label="training data", elem_id="data")
+        seeds = gr.Slider(1, 5, value=1, step=1, label="repeat with N seeds (seed, seed+1, …)", elem_id="seeds")
+    with gr.Accordion("Evaluation, early stopping and sample sentences", open=False, elem_id="eval-options"):
+        with gr.Row():
+            eval_every = gr.Slider(1, 200, value=dflt.eval_every, step=1,
+                                   label="evaluate every N steps (held-out loss, samples)", elem_id="eval-every")
+            early_stop = gr.Slider(0, 20, value=dflt.early_stop, step=1, elem_id="patience",
+                                   label="early stopping patience (evaluations; 0 = off)")
+            checkpoint = gr.Slider(0, 200, value=dflt.checkpoint_every, step=1, elem_id="ckpt-every",
+                                   label="checkpoint every N steps, and at the end (resume from it; 0 = off)")
+        samples = gr.Textbox("\n".join(dflt.samples), lines=3, max_lines=MAX_SAMPLES,
+                             label=f"sample sentences translated at every evaluation (up to {MAX_SAMPLES})")
+    return dict(steps=steps, batch=batch, lr=lr, train_size=train_size, optimizer=optimizer, seed=seed,
+                bleu_size=bleu_size, data=data, seeds=seeds, eval_every=eval_every, early_stop=early_stop,
+                checkpoint=checkpoint, samples=samples)
+
+
+def _actions() -> SimpleNamespace:
+    with gr.Row():
+        train_btn = gr.Button("▶ Train", variant="primary", elem_id="train-btn")
+        stop_btn = gr.Button("⏹ Stop", variant="stop", elem_id="stop-btn")
+    with gr.Row(equal_height=True):
+        run_pick = gr.Dropdown([], label="a run of this browser", elem_id="run-pick", scale=3)
+        dup_btn = gr.Button("⧉ Duplicate settings", elem_id="duplicate-btn", scale=1, size="sm")
+        resume_steps = gr.Number(0, precision=0, minimum=0, label="resume to step (0 = as planned)",
+                                 elem_id="resume-steps", scale=1)
+        resume_btn = gr.Button("⏯ Resume", elem_id="resume-btn", scale=1, size="sm")
+    with gr.Row(equal_height=True):
+        ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks (each repeated with the N seeds)", scale=2)
+        sweep_btn = gr.Button("Sweep ranks", scale=1)
+    with gr.Row(equal_height=True):
+        methods = gr.Textbox(",".join(METHODS), label="compare methods at this rank (each repeated with the N seeds; "
+                             "LoRA+ and full fine-tuning at their own measured learning rates: "
+                             f"{', '.join(f'{m} {r:g}' for m, r in METHOD_LR.items())})", scale=2, elem_id="methods")
+        methods_btn = gr.Button("Compare methods", scale=1, elem_id="methods-btn")
+    with gr.Accordion("🔗 Share this setup, or run it from a terminal", open=False, elem_id="share"):
+        gr.Markdown("The page's address holds every control: opening the link restores them (nothing "
+                    "starts). For a class, add `&hide=optimizer,seed` (any controls) to hide them.")
+        with gr.Row(equal_height=True):
+            link = gr.Textbox(label="link to this setup", elem_id="share-link", interactive=False, scale=4,
+                              buttons=["copy"])
+            copy_btn = gr.Button("🔗 Copy link", elem_id="copy-link", scale=1, size="sm")
+        cli = gr.Textbox(label="the same runs from a terminal (python -m lora_demo; the same seed gives the "
+                               "same losses)", lines=6, interactive=False, elem_id="cli-command", buttons=["copy"])
+    share_note = gr.Markdown(elem_id="share-note")   # what a shared link restored, hid or could not use
+    return SimpleNamespace(**{k: v for k, v in locals().items()})
+
+
+def _view() -> SimpleNamespace:
+    status = gr.Markdown(READY, elem_classes=["status"], elem_id="status")
+    loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False, elem_id="loss-plot")
+    with gr.Row():
+        smoothing = gr.Slider(0, 0.99, value=plots.DEFAULT_SMOOTHING, step=0.01, elem_id="smoothing",
+                              label="train-loss smoothing (EMA, as in TensorBoard; 0 = off)")
+        show_optim = gr.Checkbox(False, label="show learning rate and gradient norm", elem_id="show-optim")
+    optim_plot = gr.Plot(plots.optim_figure(None), show_label=False, visible=False, elem_id="optim-plot")
+    gr.Markdown("#### Watch the German change: the sample sentences at each evaluation")
+    samples_tbl = gr.Dataframe(samples_frame(None), interactive=False, wrap=True, elem_id="samples-table")
+    gr.Markdown("### Parameter breakdown")
+    summary = gr.Markdown(elem_id="breakdown")
+    params_plot = gr.Plot(show_label=False)
+    table = gr.Dataframe(headers=["component", "params", "trainable", "% of total"],
+                         interactive=False, wrap=True, column_widths=["34%", "24%", "22%", "20%"])
+    gr.Markdown("### Predicted budget: this config vs full fine-tuning")
+    budget_md = gr.Markdown(elem_id="budget")
+    return SimpleNamespace(**{k: v for k, v in locals().items()})
+
+
+def build(lab: Lab, shared: Shared) -> Configure:
+    """Build the two columns (the form and its actions; the run's live view) and wire them."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             gr.Markdown("### 1 · LoRA config")
-            with gr.Row():
-                method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="lora", label="method",
-                                     elem_id="method", scale=3)
-                ratio = gr.Number(value=16, minimum=1, maximum=1024, label="LoRA+ ratio (B's rate / A's)",
-                                  visible=False, elem_id="loraplus-ratio", scale=1)
-            rank = gr.Slider(1, 64, value=8, step=1, label="rank r", elem_id="rank")
-            alpha = gr.Slider(1, 128, value=16, step=1, label="alpha (update scaled by alpha / r)", elem_id="alpha")
-            targets = gr.CheckboxGroup(modules, value=[m for m in ("q", "v") if m in modules],
-                                       label="target modules (attention q/k/v/o, FFN wi*/wo)", elem_id="targets")
-            side = gr.Radio(["both", "encoder", "decoder"], value="both", label="stacks", elem_id="stacks")
-            with gr.Row():
-                first = gr.Slider(0, depth - 1, value=0, step=1, label="first block", elem_id="first-block")
-                last = gr.Slider(0, depth - 1, value=depth - 1, step=1, label="last block", elem_id="last-block")
+            fields_ = _lora_fields(lab)
             gr.Markdown("### 2 · Training")
-            with gr.Row():
-                steps = gr.Slider(1, lim.max_steps, value=dflt.steps, step=1, label="steps", elem_id="steps")
-                batch = gr.Slider(1, lim.max_batch_size, value=dflt.batch_size, step=1, label="batch size",
-                                  elem_id="batch")
-            with gr.Row():
-                lr = gr.Number(value=dflt.lr, label="learning rate", minimum=1e-6, maximum=1.0, elem_id="lr")
-                train_size = gr.Slider(8, lim.max_train_size, value=dflt.train_size, step=8,
-                                       label="training pairs", elem_id="pairs")
-            with gr.Row():
-                optimizer = gr.Dropdown([(OPTIMIZER_LABELS[o], o) for o in available_optimizers()],
-                                        value="adamw", label="optimizer", elem_id="optimizer")
-                seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=2**31 - 1, elem_id="seed")
-            bleu_size = gr.Slider(0, 500, value=dflt.bleu_size, step=10,
-                                  label="BLEU/chrF sentences after the run (newstest2016; 0 = skip)",
-                                  elem_id="bleu-size")
-            with gr.Row():
-                data = gr.Dropdown([("news (newstest2008–2013; held-out: newstest2014)", "news"),
-                                    ("Europarl (WMT16 train; held-out: rows 19,500+)", "europarl")],
-                                   value=dflt.data, label="training data", elem_id="data")
-                seeds = gr.Slider(1, 5, value=1, step=1, label="repeat with N seeds (seed, seed+1, …)",
-                                  elem_id="seeds")
-            with gr.Accordion("Evaluation, early stopping and sample sentences", open=False, elem_id="eval-options"):
-                with gr.Row():
-                    eval_every = gr.Slider(1, 200, value=dflt.eval_every, step=1,
-                                           label="evaluate every N steps (held-out loss, samples)",
-                                           elem_id="eval-every")
-                    early_stop = gr.Slider(0, 20, value=dflt.early_stop, step=1, elem_id="patience",
-                                           label="early stopping patience (evaluations; 0 = off)")
-                    checkpoint = gr.Slider(0, 200, value=dflt.checkpoint_every, step=1, elem_id="ckpt-every",
-                                           label="checkpoint every N steps, and at the end (resume from it; 0 = off)")
-                samples = gr.Textbox("\n".join(dflt.samples), lines=3, max_lines=MAX_SAMPLES,
-                                     label=f"sample sentences translated at every evaluation (up to {MAX_SAMPLES})")
-            with gr.Row():
-                train_btn = gr.Button("▶ Train", variant="primary", elem_id="train-btn")
-                stop_btn = gr.Button("⏹ Stop", variant="stop", elem_id="stop-btn")
-            with gr.Row(equal_height=True):
-                run_pick = gr.Dropdown([], label="a run of this browser", elem_id="run-pick", scale=3)
-                dup_btn = gr.Button("⧉ Duplicate settings", elem_id="duplicate-btn", scale=1, size="sm")
-                resume_steps = gr.Number(0, precision=0, minimum=0, label="resume to step (0 = as planned)",
-                                         elem_id="resume-steps", scale=1)
-                resume_btn = gr.Button("⏯ Resume", elem_id="resume-btn", scale=1, size="sm")
-            with gr.Row(equal_height=True):
-                ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks (each repeated with the N seeds)",
-                                   scale=2)
-                sweep_btn = gr.Button("Sweep ranks", scale=1)
-            with gr.Row(equal_height=True):
-                methods = gr.Textbox(",".join(METHODS), label="compare methods at this rank (each repeated with "
-                                     "the N seeds; LoRA+ and full fine-tuning at their own measured learning "
-                                     f"rates: {', '.join(f'{m} {r:g}' for m, r in METHOD_LR.items())})", scale=2,
-                                     elem_id="methods")
-                methods_btn = gr.Button("Compare methods", scale=1, elem_id="methods-btn")
-            with gr.Accordion("🔗 Share this setup, or run it from a terminal", open=False, elem_id="share"):
-                gr.Markdown("The page's address holds every control: opening the link restores them (nothing "
-                            "starts). For a class, add `&hide=optimizer,seed` (any controls) to hide them.")
-                with gr.Row(equal_height=True):
-                    link = gr.Textbox(label="link to this setup", elem_id="share-link", interactive=False, scale=4,
-                                      buttons=["copy"])
-                    copy_btn = gr.Button("🔗 Copy link", elem_id="copy-link", scale=1, size="sm")
-                cli = gr.Textbox(label="the same runs from a terminal (python -m lora_demo; the same seed gives the "
-                                       "same losses)", lines=6, interactive=False, elem_id="cli-command",
-                                 buttons=["copy"])
-            share_note = gr.Markdown(elem_id="share-note")   # what a shared link restored, hid or could not use
+            fields_.update(_training_fields())
+            act = _actions()
         with gr.Column(scale=3, min_width=420):
-            status = gr.Markdown(READY, elem_classes=["status"], elem_id="status")
-            loss_plot = gr.Plot(plots.loss_figure(None), label="loss", show_label=False, elem_id="loss-plot")
-            with gr.Row():
-                smoothing = gr.Slider(0, 0.99, value=plots.DEFAULT_SMOOTHING, step=0.01, elem_id="smoothing",
-                                      label="train-loss smoothing (EMA, as in TensorBoard; 0 = off)")
-                show_optim = gr.Checkbox(False, label="show learning rate and gradient norm", elem_id="show-optim")
-            optim_plot = gr.Plot(plots.optim_figure(None), show_label=False, visible=False, elem_id="optim-plot")
-            gr.Markdown("#### Watch the German change: the sample sentences at each evaluation")
-            samples_tbl = gr.Dataframe(samples_frame(None), interactive=False, wrap=True, elem_id="samples-table")
-            gr.Markdown("### Parameter breakdown")
-            summary = gr.Markdown(elem_id="breakdown")
-            params_plot = gr.Plot(show_label=False)
-            table = gr.Dataframe(headers=["component", "params", "trainable", "% of total"],
-                                 interactive=False, wrap=True, column_widths=["34%", "24%", "22%", "20%"])
-            gr.Markdown("### Predicted budget: this config vs full fine-tuning")
-            budget_md = gr.Markdown(elem_id="budget")
+            view = _view()
+    form = Form(**fields_)
+    return Configure(form, view.status, view.loss_plot, [view.status, view.loss_plot, view.samples_tbl, view.optim_plot],
+                     view.smoothing, act.run_pick, *_wire_form(lab, form, view), *_wire_share(lab, form, act),
+                     *_wire_runs(lab, form, shared, act, view))
 
-    form = Form(rank, alpha, targets, side, first, last, steps, batch, lr, train_size, optimizer, seed, bleu_size,
-                data, eval_every, early_stop, samples, seeds, method, ratio, checkpoint)
-    controls = {**form.shared(), "ranks": (ranks,), "methods": (methods,)}   # share.NAMES -> components
-    buttons = {"ranks": (sweep_btn,), "methods": (methods_btn,)}             # hidden with their lists
-    shows = dict(status=status, loss_plot=loss_plot, summary=summary, table=table, params_plot=params_plot,
-                 budget_md=budget_md)
+
+def _wire_form(lab: Lab, form: Form, view) -> tuple[dict, dict]:
+    """The parameter breakdown and the predicted budget follow the form."""
+    shows = dict(status=view.status, loss_plot=view.loss_plot, summary=view.summary, table=view.table,
+                 params_plot=view.params_plot, budget_md=view.budget_md)
     breakdown = dict(fn=partial(ui_params, lab, form, shows), inputs=form.lora_components,
-                     outputs=[summary, table, params_plot], **PRIVATE)
+                     outputs=[view.summary, view.table, view.params_plot], **PRIVATE)
     for c in form.lora_components:
         c.change(show_progress="hidden", **breakdown)
-    budgeted = dict(fn=partial(ui_budget, lab, form), inputs=form.components, outputs=[budget_md], **PRIVATE)
+    budgeted = dict(fn=partial(ui_budget, lab, form), inputs=form.components, outputs=[view.budget_md], **PRIVATE)
     for c in form.components:
         c.change(show_progress="hidden", **budgeted)
-    run_outputs = [status, loss_plot, samples_tbl, optim_plot, shared.run_id, shared.session]
-    trained = train_btn.click(partial(ui_train, lab, form, shared, smoothing),
-                              form.components | {shared.session, smoothing}, run_outputs, concurrency_limit=None,
-                              **PRIVATE)
-    swept = sweep_btn.click(partial(ui_sweep, lab, form, shared, ranks, smoothing),
-                            form.components | {shared.session, ranks, smoothing}, run_outputs, concurrency_limit=None,
-                            **PRIVATE)
-    compared = methods_btn.click(partial(ui_methods, lab, form, shared, methods, smoothing),
-                                 form.components | {shared.session, methods, smoothing}, run_outputs,
-                                 concurrency_limit=None, **PRIVATE)
     # each method's measured learning rate fills in (LoRA+ and full fine-tuning want smaller ones); editable
-    method.input(lambda m: (gr.update(visible=m == "loraplus"), METHOD_LR.get(m, dflt.lr)), [method], [ratio, lr],
-                 show_progress="hidden", **PRIVATE)
-    stop_btn.click(partial(ui_stop, lab), [shared.run_id], [status], concurrency_limit=None, **PRIVATE)
-    resumed = resume_btn.click(partial(ui_resume, lab, shared, smoothing, run_pick, resume_steps),
-                               {shared.session, smoothing, run_pick, resume_steps}, run_outputs,
-                               concurrency_limit=None, **PRIVATE)
-    dup_btn.click(partial(ui_duplicate, lab, form, shared, run_pick, status), {shared.session, run_pick},
-                  [*form.components, status], **PRIVATE)
-    # the link and the command lines follow every control; the page's address follows the link
-    sharing = dict(fn=partial(ui_share, lab, form, ranks, methods), inputs=form.components | {ranks, methods},
-                   outputs=[link, cli], show_progress="hidden", **PRIVATE)
-    address = dict(fn=None, inputs=[link], outputs=[link], js=ADDRESS_JS, show_progress="hidden", **PRIVATE)
-    for c in form.components | {ranks, methods}:
+    form_lr = defaults_for(is_gpu()).lr
+    form.method.input(lambda m: (gr.update(visible=m == "loraplus"), METHOD_LR.get(m, form_lr)), [form.method],
+                      [form.ratio, form.lr], show_progress="hidden", **PRIVATE)
+    view.show_optim.change(lambda on: gr.update(visible=bool(on)), [view.show_optim], [view.optim_plot],
+                           show_progress="hidden", **PRIVATE)
+    return breakdown, budgeted
+
+
+def _wire_share(lab: Lab, form: Form, act) -> tuple[dict, dict, dict]:
+    """The link and the command lines follow every control; the page's address follows the link; a link
+    opened restores the controls."""
+    controls = {**form.shared(), "ranks": (act.ranks,), "methods": (act.methods,)}   # share.NAMES -> components
+    buttons = {"ranks": (act.sweep_btn,), "methods": (act.methods_btn,)}             # hidden with their lists
+    sharing = dict(fn=partial(ui_share, lab, form, act.ranks, act.methods),
+                   inputs=form.components | {act.ranks, act.methods}, outputs=[act.link, act.cli],
+                   show_progress="hidden", **PRIVATE)
+    address = dict(fn=None, inputs=[act.link], outputs=[act.link], js=ADDRESS_JS, show_progress="hidden", **PRIVATE)
+    for c in form.components | {act.ranks, act.methods}:
         c.change(**sharing).then(**address)
-    copy_btn.click(None, [link], None, js=COPY_JS, **PRIVATE)
-    from_url = dict(fn=partial(ui_from_url, lab, controls, buttons, ratio, share_note), inputs=[link],
-                    outputs=[c for cs in (*controls.values(), *buttons.values()) for c in cs] + [share_note],
+    act.copy_btn.click(None, [act.link], None, js=COPY_JS, **PRIVATE)
+    from_url = dict(fn=partial(ui_from_url, lab, controls, buttons, form.ratio, act.share_note), inputs=[act.link],
+                    outputs=[c for cs in (*controls.values(), *buttons.values()) for c in cs] + [act.share_note],
                     js="(link) => [window.location.search]", **PRIVATE)
-    smoothing.change(partial(ui_redraw, lab), [shared.run_id, smoothing], [loss_plot], show_progress="hidden",
-                     **PRIVATE)
-    show_optim.change(lambda on: gr.update(visible=bool(on)), [show_optim], [optim_plot], show_progress="hidden",
-                      **PRIVATE)
-    return dict(form=form, status=status, loss_plot=loss_plot, views=[status, loss_plot, samples_tbl, optim_plot],
-                smoothing=smoothing, breakdown=breakdown, budget=budgeted, trained=trained, swept=swept,
-                compared=compared, resumed=resumed, run_pick=run_pick, from_url=from_url, sharing=sharing,
-                address=address)
+    return from_url, sharing, address
+
+
+def _wire_runs(lab: Lab, form: Form, shared: Shared, act, view) -> tuple:
+    """Train, Sweep, Compare, Stop, Resume and Duplicate; the smoothing redraws the followed run."""
+    outputs = [view.status, view.loss_plot, view.samples_tbl, view.optim_plot, shared.run_id, shared.session]
+    run = dict(concurrency_limit=None, **PRIVATE)
+    trained = act.train_btn.click(partial(ui_train, lab, form, shared, view.smoothing),
+                                  form.components | {shared.session, view.smoothing}, outputs, **run)
+    swept = act.sweep_btn.click(partial(ui_sweep, lab, form, shared, act.ranks, view.smoothing),
+                                form.components | {shared.session, act.ranks, view.smoothing}, outputs, **run)
+    compared = act.methods_btn.click(partial(ui_methods, lab, form, shared, act.methods, view.smoothing),
+                                     form.components | {shared.session, act.methods, view.smoothing}, outputs, **run)
+    act.stop_btn.click(partial(ui_stop, lab), [shared.run_id], [view.status], **run)
+    resumed = act.resume_btn.click(partial(ui_resume, lab, shared, view.smoothing, act.run_pick, act.resume_steps),
+                                   {shared.session, view.smoothing, act.run_pick, act.resume_steps}, outputs, **run)
+    act.dup_btn.click(partial(ui_duplicate, lab, form, shared, act.run_pick, view.status),
+                      {shared.session, act.run_pick}, [*form.components, view.status], **PRIVATE)
+    view.smoothing.change(partial(ui_redraw, lab), [shared.run_id, view.smoothing], [view.loss_plot],
+                          show_progress="hidden", **PRIVATE)
+    return trained, swept, compared, resumed
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +248,7 @@ def ui_train(lab: Lab, form: Form, shared: Shared, smoothing, v: dict):
     session = browser_key(v[shared.session])
     seeds = form.seed_list(v)
     if len(seeds) > 1:   # the same run once per seed: a one-rank sweep
-        yield from _stream(lab, lab.submit_sweep(form.run(lab, v), [v[form.rank]], session, seeds), session,
+        yield from _stream(lab, lab.submit_sweep(expand_sweep(form.run(lab, v), [v[form.rank]], seeds), session), session,
                            v[smoothing], f"**Repeat with {len(seeds)} seeds** ({', '.join(map(str, seeds))})")
         return
     job = lab.submit(form.run(lab, v), session)
@@ -210,7 +260,7 @@ def ui_train(lab: Lab, form: Form, shared: Shared, smoothing, v: dict):
 def ui_sweep(lab: Lab, form: Form, shared: Shared, ranks, smoothing, v: dict):
     session = browser_key(v[shared.session])
     ranks_list, seeds = parse_ranks(v[ranks]), form.seed_list(v)
-    jobs = lab.submit_sweep(form.run(lab, v, rank=ranks_list[0]), ranks_list, session, seeds)
+    jobs = lab.submit_sweep(expand_sweep(form.run(lab, v, rank=ranks_list[0]), ranks_list, seeds), session)
     yield from _stream(lab, jobs, session, v[smoothing],
                        f"**Rank sweep** (ranks {', '.join(map(str, ranks_list))}"
                        + (f"; seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "") + ")")
@@ -221,8 +271,8 @@ def ui_methods(lab: Lab, form: Form, shared: Shared, methods, smoothing, v: dict
     """The form's config with each listed method, once per seed: one click for the comparison."""
     session = browser_key(v[shared.session])
     method_list, seeds = parse_methods(v[methods]), form.seed_list(v)
-    jobs = lab.submit_sweep(form.run(lab, v, method=method_list[0]), [v[form.rank]], session, seeds, method_list,
-                            lrs=METHOD_LR)
+    jobs = lab.submit_sweep(expand_sweep(form.run(lab, v, method=method_list[0]), [v[form.rank]], seeds, method_list,
+                                         lrs=METHOD_LR), session)
     rates = "; ".join(f"{m} at lr {METHOD_LR[m]:g}" for m in method_list if m in METHOD_LR)
     yield from _stream(lab, jobs, session, v[smoothing],
                        f"**Method comparison** ({', '.join(method_list)} at r={int(v[form.rank])}"
@@ -273,7 +323,7 @@ def ui_share(lab: Lab, form: Form, ranks, methods, v: dict) -> tuple[str, str]:
     query = "?" + share.to_query(named)
     try:
         samples = form.run(lab, v).train.samples
-        lines = share.cli_lines(named, lab.loaded.name, lab.precision, lab.data_source, lab.depth, samples)
+        lines = share.cli_lines(named, lab.loaded.name, lab.precision, lab.data_source, depth(lab), samples)
     except (ConfigError, ValueError, TypeError) as exc:
         return query, f"# fix the setup first: {exc}"
     return query, "\n".join(f"# {title}\n{lines[key]}" for key, title in (
@@ -308,7 +358,7 @@ def ui_from_url(lab: Lab, controls: dict, buttons: dict, ratio, note, search: st
 def ui_duplicate(lab: Lab, form: Form, shared: Shared, run_pick, status, v: dict) -> dict:
     """A run's settings into the controls (edit them, then Train): nothing starts."""
     job = lab.session_job(v[run_pick], browser_key(v[shared.session]))
-    values = share.values_of(job.config, lab.depth)
+    values = share.values_of(job.config, depth(lab))
     out: dict = {comp: (values[name][i] if len(comps) == 2 else values[name])
                  for name, comps in form.shared().items() for i, comp in enumerate(comps)}
     out[form.samples] = "\n".join(job.config.train.samples)

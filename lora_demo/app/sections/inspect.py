@@ -8,10 +8,10 @@ from functools import partial
 
 import gradio as gr
 
-from ... import plots
-from ...config import ConfigError
-from ...runs import Lab
-from ..common import PRIVATE, Shared
+from lora_demo.present import plots
+from lora_demo.core.config import ConfigError
+from lora_demo.lab import Lab
+from lora_demo.app.common import PRIVATE, Shared
 
 INTRO = ("### 6 · Inside the adapter: what it learned, where, and what it cost\n"
          "For each adapted layer, the update ΔW = (alpha/r)·A·B, computed exactly. The heatmap shows "

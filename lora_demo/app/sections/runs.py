@@ -8,9 +8,12 @@ from functools import partial
 
 import gradio as gr
 
-from ... import compare, plots
-from ...runs import Job, Lab
-from ..common import PRIVATE, Shared, run_label
+from lora_demo.analysis import compare
+from lora_demo.present import plots
+from lora_demo.lab import Lab
+from lora_demo.lab.records import Job
+from lora_demo.app.common import PRIVATE, Shared, run_label
+from lora_demo.lab import insight
 
 AUTO_PLOT = 8   # at most this many newly seen runs are added to the charts by themselves
 
@@ -139,7 +142,7 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, v: dict, force:
             runs.verdict: verdict_markdown(gs, a, b),
             runs.quality: plots.quality_figure(shown, "chrf" if v[runs.metric] == "chrF" else "bleu"),
             runs.forgetting: plots.forgetting_figure(shown, {j.id: a["scale_curve"] for j in jobs if j.id in chosen
-                                                             and (a := lab.analysed(j))}),
+                                                             and (a := insight.analysed(j))}),
             shared.seen: key,
             # one update per dropdown: Gradio may consume an update dict as it applies it. The newest usable run
             # is preselected (ready to translate or inspect); on an "any" picker the user's pick stays until a

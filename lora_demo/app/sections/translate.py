@@ -8,10 +8,10 @@ from functools import partial
 
 import gradio as gr
 
-from ... import anatomy
-from ...evaluate import word_diff
-from ...runs import Lab
-from ..common import PRIVATE, Shared, errors
+from lora_demo.analysis import anatomy
+from lora_demo.analysis.evaluate import word_diff
+from lora_demo.lab import Lab
+from lora_demo.app.common import PRIVATE, Shared, errors
 
 FLAN_NOTE = ("FLAN-T5 was instruction-tuned on a mixture that includes WMT16 translation, so the base model's "
              "German (and its BLEU) is **not** a zero-shot result.")

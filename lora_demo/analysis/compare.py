@@ -1,0 +1,222 @@
+"""Pure functions from run records (dicts, as in metrics.json) to comparison tables, CSV and Markdown.
+
+Runs that differ only in their seed form one *config*; ``groups`` gives each config's mean and spread
+over seeds, and ``verdict`` says whether two configs differ by more than seed noise, with its rule.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+
+from lora_demo.core.config import METHODS
+
+COLUMNS = ["run", "status", "method", "rank", "alpha", "targets", "stacks", "blocks", "seed", "data", "trainable",
+           "% trainable", "adapter MB", "steps", "train loss", "held-out base", "held-out loss", "val loss",
+           "de→en base", "de→en loss", "BLEU base", "BLEU LoRA", "chrF base", "chrF LoRA", "s/step",
+           "first loss s", "peak RSS MB"]
+# Display widths for the UI table (it scrolls sideways rather than squashing 27 columns).
+WIDTHS = ["200px", "100px", "84px", "60px", "64px", "80px", "76px", "70px", "60px", "80px", "100px", "100px", "96px",
+          "64px", "90px", "96px", "96px", "84px", "90px", "90px", "90px", "90px", "90px", "90px", "70px", "96px",
+          "104px"]
+LORA_DEFAULTS = {"method": "lora", "loraplus_ratio": 16.0}   # records from before the methods were added
+
+
+def _get(d: dict | None, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
+def _round(x, nd):
+    return None if x is None else round(float(x), nd)
+
+
+def row(rec: dict) -> list:
+    """One record as a table row; numbers stay numbers so the table sorts numerically."""
+    lora, q = rec["config"]["lora"], rec.get("quality")
+    layers = lora.get("layers")
+    adapter_bytes = _get(rec, "adapter", "bytes")
+    full = lora.get("method") == "full"   # no adapter: rank, alpha, targets and blocks do not apply
+    return [
+        rec["run_id"], rec["status"], lora.get("method", "lora"), None if full else lora["rank"],
+        None if full else lora["alpha"], "all weights" if full else "+".join(lora["targets"]),
+        "both" if full else lora["side"], "all" if full or not layers else f"{layers[0]}-{layers[1]}",
+        rec["config"]["train"]["seed"], rec["config"]["train"].get("data", "europarl"),
+        _get(rec, "params", "trainable"), _round(_get(rec, "params", "pct_trainable"), 3),
+        _round(adapter_bytes / 1e6 if adapter_bytes else _get(rec, "params", "adapter_mb"), 3),
+        len(rec.get("losses") or []) if rec.get("losses") is not None else _get(rec, "steps_done"),
+        _round(_get(rec, "summary", "final_loss"), 3), _round(_get(rec, "summary", "base_heldout_loss"), 4),
+        _round(_get(rec, "summary", "final_heldout_loss"), 4), _round(_get(rec, "summary", "final_val_loss"), 3),
+        _round(_get(rec, "summary", "base_forget_loss"), 4), _round(_get(rec, "summary", "final_forget_loss"), 4),
+        _round(_get(q, "base", "bleu"), 2), _round(_get(q, "lora", "bleu"), 2),
+        _round(_get(q, "base", "chrf"), 2), _round(_get(q, "lora", "chrf"), 2),
+        _round(_get(rec, "summary", "mean_step_s"), 3), _round(_get(rec, "summary", "first_loss_s"), 1),
+        _get(rec, "memory", "peak_rss_mb"),
+    ]
+
+
+def table(records: list[dict]) -> list[list]:
+    return [row(r) for r in records]
+
+
+def to_csv(records: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    w.writerows(["" if v is None else v for v in r] for r in table(records))
+    return buf.getvalue()
+
+
+def _cell(v):
+    return "–" if v is None else (f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+
+
+def _md_table(columns: list[str], rows: list[list]) -> list[str]:
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(_cell(v) for v in r) + " |" for r in rows])
+
+
+def to_markdown(records: list[dict]) -> str:
+    """Every run; then, per config, the mean and spread over seeds and the verdicts between ranks."""
+    lines = ["## Runs", ""] + _md_table(COLUMNS, table(records))
+    sigs = {_get(r, "quality", "lora", "bleu_signature") for r in records} - {None}
+    if sigs:
+        lines += ["", "sacreBLEU signature: " + "; ".join(sorted(sigs))]
+    gs = groups(records)
+    if gs:
+        lines += ["", "## Per config, over seeds", "", HELDOUT_NOTE, ""]
+        lines += _md_table(GROUP_COLUMNS, group_table(gs))
+        pairs = list(zip(gs, gs[1:]))
+        if pairs:
+            lines += ["", "## Above seed noise?", "", RULE, ""]
+            lines += [f"- {v['text']}" for v in (verdict(a, b) for a, b in pairs)]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Seeds: a config's mean and spread, and whether two configs differ by more than seed noise
+# ---------------------------------------------------------------------------
+
+HELDOUT_NOTE = ("Held-out loss: token cross-entropy on a fixed held-out slice of the training data's distribution "
+                "(never trained on), at the end of the run; lower is better. Spread = min–max over seeds.")
+RULE = ("Rule: config A is better than config B *above seed noise* when every seed of A ends with a lower "
+        "held-out loss than every seed of B (their seed ranges do not overlap). If A and B were equally good, "
+        "all their seeds would fall in that order by chance with probability 1 / C(nA + nB, nA): 1 in 20 for "
+        "3 seeds each, 1 in 6 for 2 each, 1 in 2 for one each. A difference counts as resolved only when that "
+        "chance is at most 1 in 20.")
+GROUP_COLUMNS = ["config", "seeds", "held-out mean", "held-out sd", "held-out min", "held-out max",
+                 "Δ vs base (mean)", "de→en Δ (mean)", "val loss mean", "BLEU LoRA mean", "BLEU LoRA sd", "chrF LoRA mean",
+                 "trainable"]
+_IGNORED = {"seed", "samples", "bleu_size", "eval_size"}   # settings that do not make another config
+
+
+def config_key(rec: dict) -> str:
+    cfg = rec["config"]
+    train = {k: v for k, v in cfg["train"].items() if k not in _IGNORED}
+    lora = {**LORA_DEFAULTS, **cfg["lora"]}
+    if lora["method"] != "loraplus":
+        lora.pop("loraplus_ratio")
+    if lora["method"] == "full":   # nothing of the adapter's shape applies
+        lora = {"method": "full"}
+    return repr((cfg.get("model"), sorted(lora.items()), sorted(train.items())))
+
+
+def _label(rec: dict, varying: set[str]) -> str:
+    lora, train = {**LORA_DEFAULTS, **rec["config"]["lora"]}, rec["config"]["train"]
+    if lora["method"] == "full":
+        parts = ["full fine-tuning"]
+    else:   # plain LoRA is named only when methods differ
+        named = lora["method"] != "lora" or "method" in varying
+        parts = ([lora["method"]] if named else []) + [f"r={lora['rank']}", "+".join(lora["targets"])]
+    for key in sorted(varying - {"rank", "targets", "method", "loraplus_ratio"}):
+        value = lora.get(key, train.get(key))
+        parts.append(f"{key}={value}")
+    return " · ".join(parts)
+
+
+def groups(records: list[dict]) -> list[dict]:
+    """Finished runs with a held-out loss, grouped by config (everything but the seed); sorted by
+    rank. Each group has its runs' held-out, validation and BLEU/chrF values and their summaries."""
+    done = [r for r in records if r.get("status") in ("completed", "stopped")
+            and _get(r, "summary", "final_heldout_loss") is not None]
+    by_key: dict[str, list[dict]] = {}
+    for r in done:
+        by_key.setdefault(config_key(r), []).append(r)
+    if not by_key:
+        return []
+    firsts = [rs[0]["config"] for rs in by_key.values()]
+    varying = {k for part in ("lora", "train") for k in firsts[0][part]
+               if k not in _IGNORED and len({repr(c[part].get(k)) for c in firsts}) > 1}
+    out = []
+    for rs in by_key.values():
+        held = [r["summary"]["final_heldout_loss"] for r in rs]
+        base = [r["summary"]["base_heldout_loss"] for r in rs]
+        out.append({
+            "label": _label(rs[0], varying), "rank": rs[0]["config"]["lora"]["rank"],
+            "seeds": sorted(r["config"]["train"]["seed"] for r in rs), "runs": [r["run_id"] for r in rs],
+            "heldout": held, "delta": [h - b for h, b in zip(held, base)],
+            "val": [v for r in rs if (v := _get(r, "summary", "final_val_loss")) is not None],
+            "bleu": [v for r in rs if (v := _get(r, "quality", "lora", "bleu")) is not None],
+            "chrf": [v for r in rs if (v := _get(r, "quality", "lora", "chrf")) is not None],
+            "trainable": _get(rs[0], "params", "trainable"),
+            "method": rs[0]["config"]["lora"].get("method", "lora"),
+            "forget": [f - b for r in rs if (f := _get(r, "summary", "final_forget_loss")) is not None
+                       and (b := _get(r, "summary", "base_forget_loss")) is not None],
+        })
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(out, key=lambda g: (order.get(g["method"], 0), g["rank"], g["label"]))
+
+
+def _mean(xs):
+    return statistics.fmean(xs) if xs else None
+
+
+def _sd(xs):
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def group_table(gs: list[dict]) -> list[list]:
+    return [[g["label"], len(g["seeds"]), _round(_mean(g["heldout"]), 4), _round(_sd(g["heldout"]), 4),
+             _round(min(g["heldout"]), 4), _round(max(g["heldout"]), 4), _round(_mean(g["delta"]), 4),
+             _round(_mean(g["forget"]), 4),
+             _round(_mean(g["val"]), 4), _round(_mean(g["bleu"]), 2), _round(_sd(g["bleu"]), 2),
+             _round(_mean(g["chrf"]), 2), g["trainable"]] for g in gs]
+
+
+def verdict(a: dict, b: dict) -> dict:
+    """Whether configs ``a`` and ``b`` (from ``groups``) differ in held-out loss above seed noise (RULE)."""
+    na, nb = len(a["heldout"]), len(b["heldout"])
+    chance = 1 / math.comb(na + nb, na)
+    diff = _mean(a["heldout"]) - _mean(b["heldout"])
+    a_better, b_better = max(a["heldout"]) < min(b["heldout"]), max(b["heldout"]) < min(a["heldout"])
+    separated = a_better or b_better
+    resolved = separated and chance <= 1 / 20
+    better, worse = (a, b) if diff < 0 else (b, a)
+    if resolved:
+        text = (f"{better['label']} is better than {worse['label']} above seed noise: held-out "
+                f"{_mean(better['heldout']):.4f} vs {_mean(worse['heldout']):.4f} (Δ {abs(diff):.4f}); every seed "
+                f"of one beats every seed of the other (chance if equal: 1 in {round(1 / chance)}).")
+    elif separated:
+        text = (f"{better['label']} vs {worse['label']}: the seeds do not overlap (Δ {abs(diff):.4f}), but with "
+                f"{na} and {nb} seeds that happens by chance 1 in {round(1 / chance)} times: not resolved; "
+                "repeat with more seeds.")
+    else:
+        text = (f"{a['label']} vs {b['label']}: not resolved; the difference of the means ({abs(diff):.4f}) is "
+                f"within seed noise (the seed ranges overlap: {min(a['heldout']):.4f}–{max(a['heldout']):.4f} "
+                f"and {min(b['heldout']):.4f}–{max(b['heldout']):.4f}).")
+    return {"a": a["label"], "b": b["label"], "diff": diff, "chance": chance, "separated": separated,
+            "resolved": resolved, "text": text}
+
+
+def groups_csv(gs: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(GROUP_COLUMNS + ["seed list", "runs"])
+    for g, r in zip(gs, group_table(gs)):
+        w.writerow(["" if v is None else v for v in r] + [" ".join(map(str, g["seeds"])), " ".join(g["runs"])])
+    return buf.getvalue()

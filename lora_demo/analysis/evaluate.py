@@ -1,0 +1,135 @@
+"""Batched translation with the adapter on, off or scaled; sacreBLEU and chrF.
+
+sacrebleu is used directly: ``evaluate.load`` fetches metric scripts from the
+hub, which is not reachable offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import sacrebleu
+import tensorflow as tf
+
+from lora_demo.data import PROMPT
+from lora_demo.core.inject import generation, lora_layers, set_scale
+from lora_demo.core.models import is_gpu
+from lora_demo.core.state import state_of
+
+log = logging.getLogger(__name__)
+
+# Generation is traced once per padded shape into one TensorFlow graph (greedy loop included): eager
+# TF generate runs a Python loop per token, which is far slower on a CPU. On a CPU the graph runs on
+# oneDNN's kernels; XLA, which Hugging Face recommends for TF generate, compiled each shape twice as
+# long and decoded about 15% slower on this project's CPU, with the same tokens (BENCHMARKS.md). On
+# a GPU XLA is used. Shapes are bucketed so a handful of traces serve every request.
+BATCH_BUCKETS = (1, 4, 16)
+LENGTH_BUCKETS = (32, 64, 128, 256)
+MAX_SOURCE_TOKENS = LENGTH_BUCKETS[-1]
+_compile_lock = threading.Lock()
+
+
+def _bucket(n: int, buckets) -> int:
+    return next((b for b in buckets if n <= b), buckets[-1])
+
+
+def _compiled_generate(model, batch: int, length: int, max_new_tokens: int):
+    """The compiled generate function for this model's current adapter layout and this shape."""
+    key = (generation(model), batch, length, max_new_tokens)
+    with _compile_lock:
+        cache = state_of(model).generate
+        for stale in [k for k in cache if k[0] != key[0]]:  # traced against layers that are gone
+            del cache[stale]
+        if key not in cache:
+            cache[key] = tf.function(
+                lambda ids, mask: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                                 do_sample=False, num_beams=1),
+                jit_compile=is_gpu(), autograph=False)
+        return cache[key]
+
+
+def encode_chunk(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ids, mask, real rows) padded to a bucketed shape: the input of one compiled generate call."""
+    enc = tokenizer(texts, truncation=True, max_length=MAX_SOURCE_TOKENS)["input_ids"]
+    n, length = len(enc), _bucket(max(map(len, enc)), LENGTH_BUCKETS)
+    batch = _bucket(n, BATCH_BUCKETS)
+    ids = np.full((batch, length), tokenizer.pad_token_id, np.int32)
+    for i, row in enumerate(enc + [enc[-1]] * (batch - n)):  # filler rows repeat the last sentence
+        ids[i, : len(row)] = row
+    return ids, (ids != tokenizer.pad_token_id).astype(np.int32), n
+
+
+def generate_ids(model, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, compiled: bool = True):
+    """Greedy generation on encoded input (no tokenizer: safe beside another thread's tokenising)."""
+    if compiled:
+        try:
+            batch, length = ids.shape
+            return _compiled_generate(model, batch, length, max_new_tokens)(tf.constant(ids), tf.constant(mask))
+        except Exception as exc:  # e.g. a GPU backend without XLA: still translate, just slower
+            log.warning("compiled generation failed (%s); using eager generation", exc)
+    return model.generate(input_ids=tf.constant(ids), attention_mask=tf.constant(mask),
+                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+
+
+def _generate_chunk(model, tokenizer, texts: list[str], max_new_tokens: int, compiled: bool) -> list[str]:
+    ids, mask, n = encode_chunk(tokenizer, texts)
+    gen = generate_ids(model, ids, mask, max_new_tokens, compiled)
+    return [t.strip() for t in tokenizer.batch_decode(gen[:n], skip_special_tokens=True)]
+
+
+def translate(model, tokenizer, sentences: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+              compiled: bool = True) -> list[str]:
+    """English sentences -> German, greedy. Empty input gives an empty list.
+
+    The output does not depend on how sentences are grouped: padding is masked and
+    greedy decoding is per row.
+    """
+    out: list[str] = []
+    step = min(batch_size, BATCH_BUCKETS[-1])
+    for i in range(0, len(sentences), step):
+        out += _generate_chunk(model, tokenizer, [PROMPT + s for s in sentences[i:i + step]], max_new_tokens,
+                               compiled)
+    return out
+
+
+def translate_both(model, tokenizer, sentences: list[str], scale: float = 1.0, **kw) -> tuple[list[str], list[str]]:
+    """(base, LoRA) translations. Base is the adapter at scale 0, which is the base model exactly."""
+    if not lora_layers(model):
+        base = translate(model, tokenizer, sentences, **kw)
+        return base, list(base)
+    try:
+        set_scale(model, 0.0)
+        base = translate(model, tokenizer, sentences, **kw)
+        set_scale(model, scale)
+        lora = translate(model, tokenizer, sentences, **kw)
+    finally:
+        set_scale(model, 1.0)
+    return base, lora
+
+
+def scores(hypotheses: list[str], references: list[str]) -> dict:
+    """Corpus sacreBLEU and chrF with their signatures (default 13a tokenisation)."""
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    b = bleu.corpus_score(hypotheses, [references])
+    c = chrf.corpus_score(hypotheses, [references])
+    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
+            "chrf_signature": str(chrf.get_signature()), "n": len(hypotheses)}
+
+
+def sentence_chrf(hypothesis: str, reference: str) -> float:
+    return sacrebleu.metrics.CHRF().sentence_score(hypothesis, [reference]).score
+
+
+def word_diff(base: str, lora: str) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
+    """Words of each output, each flagged True where it is not shared with the other (difflib alignment)."""
+    import difflib
+
+    a, b = base.split(), lora.split()
+    a_flags, b_flags = [True] * len(a), [True] * len(b)
+    for block in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_matching_blocks():
+        for k in range(block.size):
+            a_flags[block.a + k] = b_flags[block.b + k] = False
+    return list(zip(a, a_flags)), list(zip(b, b_flags))

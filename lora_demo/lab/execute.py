@@ -1,0 +1,151 @@
+"""Executing one run to the end: train it, keep its weights, score it, and leave a complete record.
+Shared by the app's training workers and the command line, so both write the same record."""
+
+from __future__ import annotations
+
+import threading
+
+from lora_demo import adapters, data
+from lora_demo.analysis.evaluate import scores, translate
+from lora_demo.core.events import CheckpointSaved
+from lora_demo.core.inject import lora_layers, remove_lora
+from lora_demo.core.models import copy_model, peak_gpu_mb, reset_gpu_peak
+from lora_demo.lab.records import Job, prune_checkpoints
+from lora_demo.training.samples import translating
+from lora_demo.training.train import train
+
+EVAL_BATCH = 16          # sentences per generate() call when scoring BLEU/chrF
+EVAL_MAX_NEW_TOKENS = 128
+
+
+class MemoryMonitor:
+    """Peak resident memory of this process while a run executes (sampled every 0.2 s)."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.start = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True, name="rss-monitor")
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        reset_gpu_peak()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def figures(self) -> dict:
+        return {"peak_rss_mb": round(self.peak / 2**20, 1), "gpu_peak_mb": peak_gpu_mb(),
+                "start_rss_mb": round(self.start / 2**20, 1),
+                "rss_growth_mb": round(max(self.peak - self.start, 0) / 2**20, 1)}
+
+
+def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Event | None = None) -> dict | None:
+    """BLEU and chrF of the model as it stands on ``pairs``; None if stopped part-way."""
+    hyps: list[str] = []
+    items = pairs.items
+    for i in range(0, len(items), EVAL_BATCH):
+        if stop is not None and stop.is_set():
+            return None
+        hyps += translate(model, tokenizer, [p.en for p in items[i:i + EVAL_BATCH]],
+                          max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=EVAL_BATCH)
+    return scores(hyps, [p.de for p in items])
+
+
+def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=None, strategy=None,
+            translator=None, on_checkpoint=None) -> None:
+    """Run ``job`` to the end on ``model`` and leave a complete record in ``job.dir``.
+
+    ``pairs_of(split, n, dataset)`` supplies data (data.pairs_for); ``base_cache`` maps n to the base model's
+    BLEU/chrF on the first n test pairs and is filled here on first need (the base never changes, so one
+    cache serves every run on the same model). ``on_change(event)`` is called with each train() event,
+    and with None when the phase changes. With a ``translator`` (lab.serving.Serving: the app's) the
+    sample sentences and BLEU/chrF are translated by it, with the update merged in; without one, by the
+    training model (training/samples.translating). A job with ``resume_from`` (Lab.resume) continues
+    from that checkpoint; ``on_checkpoint(job)`` is called after each checkpoint is saved (by default the
+    run's own checkpoints are kept under LORA_LAB_MAX_CHECKPOINT_MB)."""
+    def notify(event=None):
+        if on_change is not None:
+            on_change(event)
+    cfg = job.config.train
+    job.status, job.phase = "running", "training"
+    job.save()
+    notify()
+    full = not job.config.lora.adapter
+    with MemoryMonitor() as mem:
+        if full:
+            model = _full_copy(model, tokenizer, pairs_of, base_cache, cfg.bleu_size, translator)
+        _train(job, model, tokenizer, pairs_of, strategy, translator, on_checkpoint, notify)
+        outcome = job.outcome or "failed"
+        _keep_weights(job, model, outcome, full)
+        if outcome == "completed" and cfg.bleu_size > 0:
+            job.phase = "evaluating"
+            job.version += 1
+            notify()
+            _score(job, model, tokenizer, pairs_of("test", cfg.bleu_size), base_cache, translator)
+    job.memory = mem.figures()
+    job.status, job.phase = outcome, ""
+    job.version += 1
+    job.save()
+    notify()
+
+
+def _full_copy(model, tokenizer, pairs_of, base_cache: dict, bleu_size: int, translator):
+    """Full fine-tuning trains a float32 copy of the base (bf16 weights would round small updates away),
+    so ``model`` and the translator stay the base for every later run. Without a translator the base is
+    scored first: the copy is no longer the base once it trains."""
+    remove_lora(model)
+    if translator is not None:
+        with translator.use() as base_model:
+            return copy_model(base_model, "fp32")
+    if bleu_size > 0 and bleu_size not in base_cache:
+        base_cache[bleu_size] = score_translations(model, tokenizer, pairs_of("test", bleu_size))
+    return copy_model(model, "fp32")
+
+
+def _train(job: Job, model, tokenizer, pairs_of, strategy, translator, on_checkpoint, notify) -> None:
+    """Every train() event of the run, logged, folded into the record and passed on."""
+    cfg = job.config.train
+    resume, job.resume_from = job.resume_from, None
+    train_pairs, val_pairs = pairs_of("train", cfg.train_size, cfg.data), pairs_of("validation", cfg.eval_size)
+    heldout = pairs_of("heldout", cfg.heldout_size, cfg.data)
+    for event in train(job.config, model, tokenizer, train_pairs, val_pairs, heldout, stop=job.stop,
+                       data_origin=train_pairs.origin, strategy=strategy, translator=translator,
+                       checkpoint_dir=job.dir, resume=resume):
+        job.log_event(event)
+        job.apply(event)
+        if isinstance(event, CheckpointSaved):
+            (on_checkpoint or (lambda j: prune_checkpoints([j], j)))(job)
+        notify(event)
+
+
+def _keep_weights(job: Job, model, outcome: str, full: bool) -> None:
+    """Kept on disk whatever the outcome; offered for translation only if the run did not fail (full
+    fine-tuning's every weight is read from disk when used)."""
+    if (lora_layers(model) or full) and job.losses:
+        saved = adapters.save_run_state(model, job.config.lora, job.config.model, job.dir)
+        job.adapter_files = {"bytes": saved.stat().st_size}
+        if outcome != "failed" and not full:
+            job.adapter = adapters.adapter_state(model)
+
+
+def _score(job: Job, model, tokenizer, test: data.Pairs, base_cache: dict, translator) -> None:
+    """BLEU and chrF of the run on ``test``, beside the base model's (measured once per size)."""
+    with translating(model, job.config.lora, translator) as trained:
+        lora = score_translations(trained, tokenizer, test, job.stop)
+    if lora is None:
+        return
+    n = job.config.train.bleu_size
+    if n not in base_cache:   # (full fine-tuning without a translator filled it before training)
+        with translating(model, job.config.lora, translator, base=True) as base_model:
+            base_cache[n] = score_translations(base_model, tokenizer, test)
+    job.quality = {"n": len(test), "split": "newstest2016", "base": base_cache[n], "lora": lora}

@@ -1,0 +1,94 @@
+"""The loss, the train step and the eval function of a TF T5, and the exact token-weighted loss over
+fixed batches (with the adapter at scale 0 for the base model's)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import tensorflow as tf
+
+from lora_demo.core.inject import at_scale
+from lora_demo.core.lora import DropoutClock
+
+
+def token_losses(model, batch, training: bool):
+    """(sum of token cross-entropies, number of target tokens) over non-pad targets, in float32.
+
+    The LM head and the softmax over the vocabulary run only on the target positions that count:
+    the decoder's states at non-pad labels are gathered first, so padding costs no head FLOPs and
+    no (positions x vocabulary) logits are kept for the backward pass. The result equals the loss
+    over full logits with the padding masked out."""
+    labels = batch["labels"]                                              # (B, T) with -100 padding
+    mask = batch["attention_mask"]
+    encoded = model.encoder(batch["input_ids"], attention_mask=mask, training=training)[0]
+    states = model.decoder(model._shift_right(labels), encoder_hidden_states=encoded, encoder_attention_mask=mask,
+                           use_cache=False, training=training)[0]       # (B, T, d)
+    where = tf.where(labels != -100)                                      # (N, 2): the real targets
+    states = tf.gather_nd(states, where)                                  # (N, d)
+    if model.config.tie_word_embeddings:   # as TFT5ForConditionalGeneration.call does it
+        logits = tf.matmul(states * (model.model_dim ** -0.5), tf.cast(model.shared.embeddings, states.dtype),
+                           transpose_b=True)
+    else:
+        logits = model.lm_head(states)                                    # (N, vocab)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.gather_nd(labels, where), tf.cast(logits, tf.float32))
+    return tf.reduce_sum(ce), tf.cast(tf.shape(where)[0], tf.float32)
+
+
+def seq2seq_loss(model, batch, training: bool):
+    """Mean token cross-entropy of one batch: the training objective."""
+    total, count = token_losses(model, batch, training)
+    return total / tf.maximum(count, 1.0)
+
+
+@contextlib.contextmanager
+def trained_tape(variables):
+    """A tape that watches only the weights being trained. By default a tape watches every trainable
+    variable it reads, and the frozen base weights are still tf.Variables marked trainable; an eager
+    step would then record and differentiate toward all of them (gradients nobody uses, held until
+    the backward pass ends). Compiled steps prune that work either way."""
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(variables)
+        yield tape
+
+
+def make_step(model, opt, variables, clip_norm: float, clock: DropoutClock | None = None):
+    def step(batch):
+        if clock is not None:   # the dropout masks of this step are keyed on the step number
+            clock.step.assign_add(1)
+        with trained_tape(variables) as tape:
+            loss = seq2seq_loss(model, batch, training=True)
+        grads = tape.gradient(loss, variables)
+        if clip_norm > 0:
+            grads, norm = tf.clip_by_global_norm(grads, clip_norm)   # norm: before clipping
+        else:
+            norm = tf.linalg.global_norm(grads)
+        opt.apply_gradients(zip(grads, variables))
+        return tf.stack([loss, tf.cast(norm, loss.dtype)])   # (loss, gradient norm)
+    return step
+
+
+def make_eval(model):
+    def evaluate(batch):
+        return token_losses(model, batch, training=False)
+    return evaluate
+
+
+def count_tokens(batch: dict) -> int:
+    return int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+
+
+def eval_loss(fn, batches) -> float:
+    """Token-weighted mean loss over a fixed set of batches (exact, unlike a mean of batch means)."""
+    sums = np.array([[float(x) for x in fn(b)] for b in batches])
+    return float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0))
+
+
+def base_and_lora(model, fn, batches, base: float | None = None) -> tuple[float, float]:
+    """The same loss with the adapter at scale 0 (the base model, exactly) and at scale 1. With
+    ``base`` (full fine-tuning: measured before the first step) only the second is measured."""
+    if base is not None:
+        return base, eval_loss(fn, batches)
+    with at_scale(model, 0.0):
+        base = eval_loss(fn, batches)
+    return base, eval_loss(fn, batches)

@@ -1,0 +1,41 @@
+"""The layout shows the architecture, and no unit grows past what one reader can hold: an ast walk over
+the package and the benchmarks (no class over 250 lines, no function over 60, no module over 500), and
+lora_demo/ is split into sub-packages by concern."""
+
+import ast
+
+from conftest import ROOT
+
+LIMITS = {"module": 500, "class": 250, "function": 60}
+PACKAGES = ("core", "data", "training", "adapters", "analysis", "lab", "present", "app")
+
+
+def _sizes():
+    for path in sorted([*(ROOT / "lora_demo").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]):
+        source = path.read_text()
+        where = path.relative_to(ROOT).as_posix()
+        yield "module", where, len(source.splitlines())
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef):
+                yield "class", f"{where}:{node.name}", node.end_lineno - node.lineno + 1
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield "function", f"{where}:{node.name}", node.end_lineno - node.lineno + 1
+
+
+def test_no_module_class_or_function_is_over_its_limit():
+    sizes = list(_sizes())
+    assert len(sizes) > 300                     # the walk saw the code
+    over = [(kind, name, n) for kind, name, n in sizes if n > LIMITS[kind]]
+    assert not over, over
+
+
+def test_the_package_is_split_by_concern():
+    top = ROOT / "lora_demo"
+    assert all((top / p / "__init__.py").is_file() for p in PACKAGES)
+    loose = sorted(p.name for p in top.glob("*.py"))
+    assert loose == ["__init__.py", "__main__.py", "cli.py"], loose
+    assert not (top / "bench.py").exists() and (ROOT / "benchmarks" / "bench.py").is_file()
+    plotly_users = sorted(p.relative_to(ROOT).as_posix() for p in top.rglob("*.py")
+                          if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "plotly" in (getattr(n, "module", "") or
+                                 " ".join(a.name for a in n.names)) for n in ast.walk(ast.parse(p.read_text()))))
+    assert plotly_users == ["lora_demo/present/plots.py"], plotly_users
