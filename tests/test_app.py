@@ -27,6 +27,7 @@ def test_params_endpoint_matches_the_arithmetic(client):
     assert [r[0] for r in out["rows"]][-1] == "LoRA"
 
 
+@pytest.mark.slow
 def test_train_streams_updates_then_translate_gives_two_columns(client, app):
     job = client.submit(rank=4, targets=["q", "v"], steps=12, train_size=32, bleu_size=8, eval_every=6,
                         samples=["Good morning.", "The weather is nice today."], api_name="/train")
@@ -226,6 +227,7 @@ def test_adapter_download_import_and_bad_uploads(client, app, tmp_path):
         assert {"tf_model.h5", "config.json", "lora_lab_merge.json"} <= {n.split("/")[-1] for n in zf.namelist()}
 
 
+@pytest.mark.slow
 def test_inside_the_adapter_through_the_api(client):
     """On micro runs trained in the app: the ΔW figures, φ between two ranks, the predicted and measured
     budget side by side, and partial switch-off in Translate (everything off = the base exactly)."""
@@ -263,6 +265,7 @@ def test_inside_the_adapter_through_the_api(client):
         client.predict(text=text, modules=["attn"], api_name="/translate")
 
 
+@pytest.mark.slow
 def test_methods_through_the_api_train_analyse_translate_and_refuse_what_does_not_apply(client, app):
     """A one-request method comparison (DoRA and full fine-tuning), each run's analysis, translation at
     scale 0 (the base, for full fine-tuning too) and an adapter download that full fine-tuning cannot give."""

@@ -112,6 +112,7 @@ def test_the_default_run_on_the_offline_model_visibly_learns(tmp_path):
     assert f"held-out loss (newstest2014, never trained on): base {s['base_heldout_loss']:.3f}" in out.stdout
 
 
+@pytest.mark.slow
 def test_train_json_lines_and_unloadable_model(tmp_path, capsys):
     out = cli("train", "--model", "micro", "--steps", "2", "--train-size", "16", "--eval-size", "8", "--json",
               "--bleu-size", "0", "--out", str(tmp_path))

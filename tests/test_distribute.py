@@ -113,6 +113,7 @@ def test_two_worker_processes_over_loopback_train_with_the_one_process_losses(tm
     np.testing.assert_allclose(theirs, two, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_worker_that_never_joins_or_dies_gives_a_clear_error_in_bounded_time(tmp_path):
     import time
 

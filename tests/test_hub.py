@@ -53,6 +53,7 @@ def test_the_standin_ships_pytorch_weights_only_and_they_load_into_tf_with_the_s
     np.testing.assert_allclose(np.array(got["logits"]), want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_cli_run_by_hub_names_reads_the_model_and_wmt16_from_the_hub_cache(hub_home, tmp_path):
     out = subprocess.run([sys.executable, "-m", "lora_demo", "train", "--model", "google/flan-t5-small", "--dataset",
                           "europarl", "--data", "hub", "--steps", "3", "--bleu-size", "4", "--samples", "",

@@ -126,6 +126,7 @@ def test_each_adapter_method_trains_and_scale_zero_is_the_base(bundled_tiny, met
     assert eval_loss(make_eval(model), prepared.heldout) == pytest.approx(s["base_heldout_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_trains_every_weight_of_a_copy_and_keeps_the_base_point(bundled_tiny, tmp_path):
     from lora_demo.lab.execute import execute
     from lora_demo.lab.records import Job

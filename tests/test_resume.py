@@ -29,6 +29,7 @@ def losses(events) -> dict[int, float]:
     return {e.step: e.loss for e in events if isinstance(e, StepLogged)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(bundled_tiny, tmp_path, method):
     model = clone_model(bundled_tiny)

@@ -182,6 +182,7 @@ def test_two_training_slots_train_two_jobs_at_once_on_separate_models(bundled_ti
         assert j.done.wait(120) and j.status == "stopped"
 
 
+@pytest.mark.slow
 def test_runs_translate_samples_and_bleu_through_one_compiled_translator(bundled_tiny, tmp_path):
     """Samples and BLEU go through the lab's translator with the adapter merged in: a second run of
     another rank compiles nothing new (the training model's fresh LoRA layers would, every run, and
@@ -209,6 +210,7 @@ def test_runs_translate_samples_and_bleu_through_one_compiled_translator(bundled
     assert set(state_of(lab.trainers[0]).generate) == trainer_cache
 
 
+@pytest.mark.slow
 def test_a_session_may_queue_only_so_many_runs_and_exports_are_tidied(bundled_tiny, tmp_path, monkeypatch):
     """LORA_LAB_MAX_QUEUED_PER_SESSION refuses a sweep that would pass it, before queuing any of it; other
     sessions are not affected. Downloads made on request live in one folder whose old files are removed."""

@@ -40,6 +40,7 @@ def full_loss(model, arrays) -> float:
                           for i in range(0, len(arrays["input_ids"]), 16)]))
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_on_the_training_pairs(model, bundled_tiny):
     samples = ("The session is resumed.", "I thank the Commissioner.")
     events = list(train(run_config(steps=40, samples=samples), model, bundled_tiny.tokenizer, TRAIN, VAL, HELD))
@@ -124,6 +125,7 @@ def test_every_offered_optimizer_trains(model, bundled_tiny, optimizer):
     assert all(np.isfinite(e.loss) for e in events if isinstance(e, StepLogged))
 
 
+@pytest.mark.slow
 def test_bf16_training_tracks_fp32_over_50_steps(bundled_tiny):
     """bf16 (frozen weights stored in bf16, once; LoRA factors, optimiser and loss in float32) follows
     the float32 loss curve: every step within 2% relative, and the mean of the last 10 steps within 1%."""
@@ -252,6 +254,7 @@ def _with_dropout(loaded, rate: float):
     return model
 
 
+@pytest.mark.slow
 def test_a_second_run_with_the_same_shapes_reuses_the_trace_and_equals_a_fresh_run(bundled_tiny):
     """Seed, alpha and learning rate are variables of the compiled step, so a later run with the
     same shapes skips tracing; its losses equal those of a model that never saw the first run,

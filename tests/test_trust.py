@@ -32,6 +32,7 @@ def client(app) -> Client:
     return Client(app[0], verbose=False)
 
 
+@pytest.mark.slow
 def test_five_clients_at_once_each_get_their_own_runs_and_translations(app, bundled_tiny):
     text = "The session is resumed.\nI would like to thank the Commissioner."
     results, errors, positions = {}, [], []
