@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 from benchmarks import BATCH, RANK, SOURCE, TARGET
-from benchmarks.machine import _median, machine, machine_lines, matmul_peak, peak_rss_kb
+from benchmarks.machine import median_s, machine, machine_lines, matmul_peak, peak_rss_kb
 from benchmarks.peft_baseline import peft_real_throughput, peft_step
 
 SMALL, BASE = "google/flan-t5-small", "google/flan-t5-base"
@@ -106,7 +106,7 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5, eager
         first_loss = float(fn(batch)[0])
         first_s = time.perf_counter() - t0
     fn(batch)
-    return {"first_loss_s": first_s, "step_s": _median(lambda: float(fn(batch)[0]), steps), "loss": first_loss}
+    return {"first_loss_s": first_s, "step_s": median_s(lambda: float(fn(batch)[0]), steps), "loss": first_loss}
 
 
 def second_run(name: str, precision: str) -> dict:
@@ -200,7 +200,7 @@ def full_step(name: str, precision: str, steps: int = 3) -> float:
     fn = tf.function(make_step(model, opt, variables, 1.0), autograph=False)
     batch = _batch()
     fn(batch)
-    return _median(lambda: float(fn(batch)[0]), steps)
+    return median_s(lambda: float(fn(batch)[0]), steps)
 
 
 def translate_latency(name: str, precision: str) -> dict:
@@ -233,7 +233,7 @@ def translate_latency(name: str, precision: str) -> dict:
             gen(ids, mask).numpy()
             with adapters.merged_into(model, cfg, state):
                 gen(ids, mask).numpy()
-        out[f"translate_{n}_s"] = _median(both, 3)
+        out[f"translate_{n}_s"] = median_s(both, 3)
     return out
 
 

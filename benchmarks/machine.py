@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 
-def _median(fn, n: int) -> float:
+def median_s(fn, n: int) -> float:
     times = []
     for _ in range(n):
         t = time.perf_counter()
@@ -27,7 +27,7 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
     a = tf.cast(a, tf.bfloat16) if dtype == "bf16" else a
     f = tf.function(lambda x: tf.reduce_sum(tf.cast(tf.matmul(x, x), tf.float32)))
     f(a).numpy()
-    best = min(_median(lambda: [f(a).numpy() for _ in range(reps)], 1) for _ in range(4))
+    best = min(median_s(lambda: [f(a).numpy() for _ in range(reps)], 1) for _ in range(4))
     return 2 * n ** 3 * reps / best / 1e9
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from benchmarks import BATCH, RANK
-from benchmarks.machine import _median
+from benchmarks.machine import median_s
 
 
 def _peft(name: str):
@@ -41,7 +41,7 @@ def peft_step(name: str, batch: dict, steps: int = 3) -> float | None:
     torch, _, step = made
     b = {k: torch.tensor(v.numpy(), dtype=torch.long) for k, v in batch.items()}
     step(b)
-    return _median(lambda: step(b), steps)
+    return median_s(lambda: step(b), steps)
 
 
 def peft_real_throughput(tokenizer, arrays: dict, pairs_n: int, name: str) -> dict | None:

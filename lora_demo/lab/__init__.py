@@ -109,14 +109,13 @@ class Lab:
     def check(self, config: RunConfig) -> None:
         """What only this model can tell about a config, before it is queued (ConfigError says what)."""
         lora = config.lora
-        if not lora.adapter:
+        if lora.method != "pissa":
             return
         sites = {s.path: s for s in dense_sites(self.translator)}   # the translator never carries LoRA layers
-        if lora.method == "pissa":
-            small = min(min(getattr(sites[p].owner, sites[p].attr).kernel.shape) for p in select_paths(list(sites), lora))
-            if lora.rank > small:
-                raise ConfigError(f"PiSSA takes r singular vectors of each weight; the smallest adapted weight here "
-                                  f"has {small}, so r can be at most {small}, got {lora.rank}")
+        small = min(min(getattr(sites[p].owner, sites[p].attr).kernel.shape) for p in select_paths(list(sites), lora))
+        if lora.rank > small:
+            raise ConfigError(f"PiSSA takes r singular vectors of each weight; the smallest adapted weight here "
+                              f"has {small}, so r can be at most {small}, got {lora.rank}")
 
     def predict(self, config: RunConfig) -> dict:
         """The budget of ``config`` on this server's model, step time from its latest finished run."""
@@ -277,8 +276,9 @@ class Lab:
             raise ConfigError(f"LoRA scale must be between 0 and 2, got {scale!r}")
         if run_id and run_id not in self.jobs:
             raise ConfigError(f"no run {run_id!r}")
-        usable = [j.id for j in self.runs(session) if self.usable(j)]
-        run_id = run_id or (usable[-1] if usable else "")
+        if not run_id:   # this session's newest usable run
+            usable = [j.id for j in self.runs(session) if self.usable(j)]
+            run_id = usable[-1] if usable else ""
         if not run_id:
             notices.append("no trained adapter in this session yet: an untrained LoRA equals the base model exactly")
         base, lora = self.translate(sentences, run_id or None, float(scale), session=session, keep=keep)

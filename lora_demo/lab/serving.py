@@ -30,6 +30,7 @@ class Serving:
         self.model, self.tokenizer = model, tokenizer
         self.lock = threading.Lock()                   # one request at a time merges into the model
         self._kernels: dict[str, np.ndarray] | None = None
+        self._norms: dict[str, float] | None = None
 
     @contextlib.contextmanager
     def use(self, cfg: LoraConfig | None = None, state: dict[str, np.ndarray] | None = None, scale: float = 1.0):
@@ -58,10 +59,13 @@ class Serving:
 
     def kernels(self) -> dict[str, np.ndarray]:
         """The base kernels W (float64), read once: inspection's ‖W‖ and analysis use the same."""
-        if self._kernels is None:
-            with self.lock:
+        with self.lock:   # (read while no request has an update merged in)
+            if self._kernels is None:
                 self._kernels = base_kernels(self.model)
         return self._kernels
 
     def norms(self) -> dict[str, float]:
-        return anatomy.norms(self.kernels())
+        """‖W‖_F of each base kernel, computed once."""
+        if self._norms is None:
+            self._norms = anatomy.norms(self.kernels())
+        return self._norms
