@@ -135,6 +135,7 @@ def second_run(name: str, precision: str) -> dict:
 
 
 THROUGHPUT_PAIRS = 256   # bundled news pairs for the real-data figures: one epoch of 32 batches of 8
+SMOKE_PAIRS = 64         # the same on a test model (micro, tiny): a smoke run that checks the figures print
 
 
 def _tiny_tokenizer(name: str):
@@ -288,14 +289,15 @@ def run(quick: bool = False, precision: str = "auto", log=print, model: str = SM
                plain_first_loss_s=plain["first_loss_s"])
     log("a second train() run with the same shapes...")
     fig.update(second_run(model, prec))
-    log(f"real-data throughput: {THROUGHPUT_PAIRS} bundled news pairs, one epoch, as train() batches them "
+    pairs_n = fig["throughput_pairs"] = THROUGHPUT_PAIRS if model in (SMALL, BASE) else SMOKE_PAIRS
+    log(f"real-data throughput: {pairs_n} bundled news pairs, one epoch, as train() batches them "
         "(padded to one shape)...")
-    fig["real_padded"] = real_throughput(model, prec, "padded")
+    fig["real_padded"] = real_throughput(model, prec, "padded", pairs_n)
     log("real-data throughput with --batching grouped (length-grouped, trimmed batches)...")
-    fig["real_grouped"] = real_throughput(model, prec, "grouped")
+    fig["real_grouped"] = real_throughput(model, prec, "grouped", pairs_n)
     log("real-data throughput of PyTorch + PEFT (dynamic padding, length grouping), if installed...")
-    tokenizer, _, _, arrays = real_data(model, THROUGHPUT_PAIRS)
-    fig["real_peft"] = peft_real_throughput(tokenizer, arrays, THROUGHPUT_PAIRS, model)
+    tokenizer, _, _, arrays = real_data(model, pairs_n)
+    fig["real_peft"] = peft_real_throughput(tokenizer, arrays, pairs_n, model)
     fig.update(real_tokens_per_s=fig["real_padded"]["tokens_per_s"], grouped_tokens_per_s=fig["real_grouped"]["tokens_per_s"],
                peft_real_tokens_per_s=fig["real_peft"]["tokens_per_s"] if fig["real_peft"] else None)
     if prec != "fp32":

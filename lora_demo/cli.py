@@ -13,70 +13,29 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from lora_demo.core import settings
 from lora_demo.core.config import (METHOD_LR, METHODS, ConfigError, LoraConfig, RunConfig, TrainConfig, expand_sweep,
-                                   parse_methods, parse_ranks, parse_seeds, parse_targets)
+                                   parse_methods, parse_ranks, parse_seeds)
 
 
 def _lora_args(p: argparse.ArgumentParser) -> None:
-    d = LoraConfig()
     p.add_argument("--model", default="google/flan-t5-small", help="hub id, local checkpoint dir, or 'tiny'")
-    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha; the update is scaled by alpha/r")
-    p.add_argument("--targets", default="q,v", help="comma-separated T5 modules: q,k,v,o,wi,wi_0,wi_1,wo")
-    p.add_argument("--side", default=d.side, choices=("both", "encoder", "decoder"))
-    p.add_argument("--layers", default="all", help="inclusive block range such as 0-7, or 'all'")
-    p.add_argument("--lora-dropout", type=float, default=d.dropout)
-    p.add_argument("--method", default=d.method, choices=METHODS,
-                   help="lora; rslora (alpha/sqrt(r)); dora (learned magnitude); pissa (SVD start); loraplus "
-                        "(B learns --loraplus-ratio times faster); full (every weight, no adapter)")
-    p.add_argument("--loraplus-ratio", type=float, default=d.loraplus_ratio,
-                   help="LoRA+: B's learning rate over A's (PEFT's loraplus_lr_ratio)")
+    settings.cli_args(p, "lora")
 
 
 def _lora_config(a, method: str | None = None) -> LoraConfig:
-    return LoraConfig(rank=a.rank, alpha=a.alpha, targets=parse_targets(a.targets), side=a.side, layers=a.layers,
-                      dropout=a.lora_dropout, method=method or a.method, loraplus_ratio=a.loraplus_ratio)
+    fields_ = settings.from_args(a, "lora")
+    return LoraConfig(**{**fields_, "method": method or fields_["method"]})
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    t = TrainConfig()
-    p.add_argument("--steps", type=int, default=t.steps)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--train-size", type=int, default=t.train_size, help="pairs from the start of the train split")
-    p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--optimizer", default=t.optimizer)
-    p.add_argument("--dataset", default=t.data, choices=("news", "europarl"),
-                   help="training data: news (newstest2008-2013; held-out curve on newstest2014) or europarl "
-                        "(the WMT16 train split; held-out curve on Europarl rows 19,500+)")
-    p.add_argument("--eval-every", type=int, default=t.eval_every,
-                   help="held-out and validation loss, and the sample translations, every N steps")
-    p.add_argument("--eval-size", type=int, default=t.eval_size, help="newstest2015 pairs for validation loss")
-    p.add_argument("--heldout-size", type=int, default=t.heldout_size,
-                   help="held-out pairs of the training distribution for the held-out curve")
-    p.add_argument("--early-stop", type=int, default=t.early_stop, metavar="PATIENCE",
-                   help="stop when the held-out loss has not improved for PATIENCE evaluations (0 = off)")
-    p.add_argument("--samples", default="\n".join(t.samples),
-                   help="sentences translated at every evaluation point, separated by '|' or newlines "
-                        "('' = none)")
-    p.add_argument("--bleu-size", type=int, default=t.bleu_size,
-                   help="newstest2016 sentences scored with BLEU/chrF after the run (0 = skip)")
+    settings.cli_args(p, "train")
     p.add_argument("--data", default="auto", choices=("auto", "hub", "bundled", "hub-stream"),
                    help="where the WMT16 pairs come from; hub-stream reads the full hub train split (4.5M "
                         "pairs) as training goes, without downloading it first (needs the hub)")
-    p.add_argument("--batching", default=t.batching, choices=("grouped", "padded"),
-                   help="grouped: batches of similar-length pairs, each trimmed to its longest pair (one "
-                        "trace serves every length); padded: every batch padded to the longest pair of the "
-                        "training data (one shape)")
-    p.add_argument("--first-step", default=t.first_step, choices=("eager", "compiled"),
-                   help="eager: step 1 runs eagerly while the step is traced, so the first loss comes soon; "
-                        "compiled: wait for the trace, for a lower peak memory (on flan-t5-base, BENCHMARKS.md)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="compute precision of training (auto: bf16 where the hardware does it fast; "
                         "weights, LoRA factors and the loss stay float32)")
-    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, metavar="N",
-                   help="save a checkpoint (adapter, optimiser state, data position, dropout clock) every N "
-                        "steps and at the end, in the run's checkpoints/ directory (0 = off)")
     p.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"),
                    help="tf.distribute strategy: one device, all local GPUs (mirrored), or the workers in "
                         "TF_CONFIG (multiworker)")
@@ -242,13 +201,8 @@ def _run_config(a, rank=None, seed=None, method=None) -> RunConfig:
     lr = _method_lr(getattr(a, "method_lr", "")).get(lora.method, a.lr)
     if a.data == "hub-stream" and a.dataset != "europarl":
         raise ConfigError("--data hub-stream streams the WMT16 train split: use it with --dataset europarl")
-    return RunConfig(model=a.model, lora=lora,
-                     train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=lr, train_size=a.train_size,
-                                       seed=a.seed if seed is None else seed, optimizer=a.optimizer,
-                                       eval_every=a.eval_every, eval_size=a.eval_size, bleu_size=a.bleu_size,
-                                       data=a.dataset, heldout_size=a.heldout_size, early_stop=a.early_stop,
-                                       samples=a.samples.replace("|", "\n"), batching=a.batching,
-                                       first_step=a.first_step, checkpoint_every=a.checkpoint_every))
+    train = {**settings.from_args(a, "train"), "lr": lr, **({} if seed is None else {"seed": seed})}
+    return RunConfig(model=a.model, lora=lora, train=TrainConfig(**train))
 
 
 def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict] | None = None) -> None:

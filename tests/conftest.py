@@ -146,3 +146,13 @@ def cli_sweep(tmp_path_factory):
                           timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, out
+
+
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (``-n 2 --dist loadgroup``), the tests that share a session fixture run in one worker,
+    so the shared app is still launched once (and restarted once) and the CLI sweep runs once."""
+    for item in items:
+        for fixture in ("shared_app", "cli_sweep"):
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(fixture))
+                break

@@ -56,6 +56,7 @@ def test_train_streams_updates_then_translate_gives_two_columns(client, app):
     assert zero["lora"] == zero["base"] == out["base"][:1]
 
 
+@pytest.mark.slow
 def test_repeat_with_seeds_gives_the_mean_and_spread_over_seeds(client):
     with pytest.raises(Exception, match="keeps at most 4 runs"):     # 3 ranks × 2 seeds over the session cap
         client.predict(ranks="1,2,4", seeds="0,1", steps=2, api_name="/sweep")
@@ -143,6 +144,7 @@ def test_runs_are_listed_per_session_and_translate_uses_the_chosen_run(app):
         other.predict(text="Hello.", run_id=first["run_id"], api_name="/translate")
 
 
+@pytest.mark.slow
 def test_rank_sweep_through_the_api(client):
     job = client.submit(ranks="1,2", steps=3, train_size=16, bleu_size=4, api_name="/sweep")
     updates = list(job)

@@ -42,7 +42,9 @@ def test_bench_quick_json_emits_every_figure():
     # real data: one epoch of the same pairs for every flavour, so the same real tokens; ours all compiled,
     # and length grouping leaves less padding than one shape for all
     grouped, padded = fig["real_grouped"], fig["real_padded"]
-    assert grouped["tokens"] == padded["tokens"] and grouped["compiled_steps"] == grouped["steps"] == 32
+    epoch = fig["throughput_pairs"] // fig["batch"]   # one epoch of the smoke run's pairs
+    assert fig["throughput_pairs"] == 64 and grouped["tokens"] == padded["tokens"]
+    assert grouped["compiled_steps"] == grouped["steps"] == epoch
     assert grouped["padding_pct"] < padded["padding_pct"] and grouped["batching"].startswith("length-grouped")
     assert fig["real_tokens_per_s"] == padded["tokens_per_s"] and padded["batching"].startswith("every batch padded")
     if have_peft:

@@ -77,11 +77,11 @@ def test_the_app_in_a_real_browser(shared_app, tmp_path):
         page.screenshot(path=str(SHOTS / "1-loaded.png"), full_page=True)
 
         # the rank slider: the breakdown follows, before any training
-        r32 = preview("micro", LoraConfig(rank=32)).trainable
+        r4 = preview("micro", LoraConfig(rank=4)).trainable
         rank_box = page.locator("#rank input[type=number]")
-        rank_box.fill("32")
+        rank_box.fill("4")
         rank_box.press("Enter")
-        expect(breakdown).to_contain_text(f"{r32:,} trainable", timeout=30_000)
+        expect(breakdown).to_contain_text(f"{r4:,} trainable", timeout=30_000)
 
         # Train: the chart draws the raw and the smoothed train loss and the held-out curve, and the
         # sample table shows the German of the base model and of the adapter at each evaluation
@@ -90,19 +90,19 @@ def test_the_app_in_a_real_browser(shared_app, tmp_path):
         steps_box.press("Enter")
         page.locator("#eval-options").get_by_text("Evaluation, early stopping").click()
         every = page.locator("#eval-every input[type=number]")
-        every.fill("10")
+        every.fill("5")
         every.press("Enter")
         page.locator("#train-btn").click()
         page.wait_for_function("""() => {
             const el = document.querySelector('#loss-plot .js-plotly-plot');
             const held = el && el.data && el.data.find(t => (t.name || '').startsWith('held-out loss, newstest2014'));
-            return held && held.x && held.x.length >= 4;    // base + 3 evaluations
+            return held && held.x && held.x.length >= 4;    // base + 3 evaluations (step 15)
         }""", timeout=240_000)
         expect(page.locator("#status")).to_contain_text("running", timeout=10_000)
-        assert _trace_points(page, "smoothed (EMA 0.9)") >= 30 and _trace_points(page, "each batch") >= 30
+        assert _trace_points(page, "smoothed (EMA 0.9)") >= 15 and _trace_points(page, "each batch") >= 15
         table = page.locator("#samples-table")
         expect(table).to_contain_text("base model (step 0)", timeout=30_000)
-        expect(table).to_contain_text("LoRA at step 30", timeout=30_000)
+        expect(table).to_contain_text("LoRA at step 15", timeout=30_000)
         expect(table).to_contain_text(DEFAULT_SAMPLES[0])
         live = _points(page)
         page.locator("#loss-plot").scroll_into_view_if_needed()
@@ -112,7 +112,7 @@ def test_the_app_in_a_real_browser(shared_app, tmp_path):
         # Stop: the run ends as stopped, well before its 2000 steps
         page.locator("#stop-btn").click()
         expect(page.locator("#status")).to_contain_text("stopped", timeout=60_000)
-        assert 30 <= live <= _points(page) < 4000   # two train traces: raw and smoothed
+        assert 15 <= live <= _points(page) < 4000   # two train traces: raw and smoothed
 
         # Translate: base and LoRA side by side
         page.locator("#en-text textarea").fill("The session is resumed.\nI thank the Commissioner.")
@@ -126,7 +126,7 @@ def test_the_app_in_a_real_browser(shared_app, tmp_path):
         page.locator("#translations").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "3-translated.png"), full_page=True)
         # Inside the adapter: the stopped run's ΔW heatmap and spectra
-        expect(page.locator("#inspect-pick input")).to_have_value(re.compile("r=32"), timeout=30_000)
+        expect(page.locator("#inspect-pick input")).to_have_value(re.compile("r=4"), timeout=30_000)
         page.locator("#inspect-btn").click()
         page.wait_for_function("""() => {
             const el = document.querySelector('#delta-heatmap .js-plotly-plot');
@@ -140,13 +140,13 @@ def test_the_app_in_a_real_browser(shared_app, tmp_path):
         # What it learned and forgot: the scale curve, the truncation curve and intruder dimensions
         page.locator("#measure-btn").click()
         expect(page.locator("#measured")).to_contain_text("intruder dimensions", timeout=120_000)
-        assert _figure_points(page, "#truncation") == 32       # k = 1..32 for the r=32 run
+        assert _figure_points(page, "#truncation") == 4        # k = 1..4 for the r=4 run
         assert _figure_points(page, "#run-forgetting") >= 5    # the scale curve's five points (+ the run)
         page.locator("#truncation").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "5-learned-and-forgot.png"))
 
         # Compare methods in one click: LoRA, DoRA and full fine-tuning, short runs
-        for box, value in (("#steps", "12"), ("#bleu-size", "0"), ("#rank", "4")):
+        for box, value in (("#steps", "4"), ("#bleu-size", "0")):
             field = page.locator(f"{box} input[type=number]")
             field.fill(value)
             field.press("Enter")
@@ -155,9 +155,11 @@ def test_the_app_in_a_real_browser(shared_app, tmp_path):
         expect(page.locator("#status")).to_contain_text("Method comparison", timeout=60_000)
         expect(page.locator("#status")).to_contain_text("run 3/3", timeout=300_000)
         expect(page.locator("#status")).to_contain_text("completed", timeout=300_000)
-        # The live page does not list the last run of the comparison on the new tiny (found 2026-12-04,
-        # not yet mended: neither the timer nor Refresh applies the update once the full fine-tuning run
-        # has finished, while the same records render after a reload). A reload keeps the browser's runs.
+        # Not yet mended (found 2026-12-04, traced further the same day): the live page's two run tables
+        # (#groups-table and the comparison table) stop taking updates during a comparison. The server's
+        # refresh after the last run returns all three groups, the plots of the same message are redrawn
+        # (the forgetting and seed plots list "full"), but neither Dataframe re-renders, with no console
+        # error, also after Refresh; a reload renders them. A reload keeps the browser's runs.
         page.reload(wait_until="domcontentloaded")
         expect(page.locator("#groups-table")).to_contain_text("full fine-tuning", timeout=120_000)
         expect(page.locator("#groups-table")).to_contain_text("dora · r=4")

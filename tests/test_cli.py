@@ -122,6 +122,7 @@ def test_train_json_lines_and_unloadable_model(tmp_path, capsys):
     assert bad.returncode == 2 and "no model directory" in bad.stderr
 
 
+@pytest.mark.slow
 def test_sweep_writes_one_record_per_rank_and_seed_and_a_summary_over_seeds(cli_sweep):
     stdout, tmp_path = cli_sweep      # conftest: ranks 8,2 × seeds 0,1 on micro, 8 BLEU sentences
     records = [json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json")]

@@ -66,6 +66,7 @@ def test_a_cli_run_by_hub_names_reads_the_model_and_wmt16_from_the_hub_cache(hub
     assert rec["quality"]["n"] == 4
 
 
+@pytest.mark.slow
 def test_the_app_builds_on_the_hub_model_with_no_fallback(hub_home, tmp_path):
     """app.py's default model, loaded and built into the page as app.py does (not served: the suite launches
     the app twice, conftest.shared_app): the page names google/flan-t5-small and has no fallback notice."""

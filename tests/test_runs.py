@@ -164,6 +164,7 @@ def test_download_import_and_merged_export_through_the_lab(recorded, bundled_tin
     assert translate(merged, bundled_tiny.tokenizer, sentences, compiled=False) == at_one
 
 
+@pytest.mark.slow
 def test_two_training_slots_train_two_jobs_at_once_on_separate_models(bundled_tiny, tmp_path, monkeypatch):
     import time
 

@@ -3,9 +3,12 @@ the same controls, bad links are refused value by value, and the command lines p
 parser, into exactly the config the page's Train button makes."""
 
 import shlex
+from dataclasses import fields
 
 import pytest
 
+from lora_demo.app.common import Form
+from lora_demo.core import settings
 from lora_demo.present import share
 from lora_demo.cli import _parser, _run_config
 from lora_demo.core.config import METHODS, LoraConfig, RunConfig, TrainConfig
@@ -49,7 +52,7 @@ def test_the_command_line_makes_the_pages_config(method, layers, seeds):
                      train=TrainConfig(steps=30, batch_size=4, lr=2e-3, train_size=256, seed=3, eval_every=10,
                                        early_stop=2, bleu_size=20, checkpoint_every=5, data="europarl",
                                        samples=("One sentence.", "Another one.")))
-    values = {**share.values_of(page, depth=6), "seeds": seeds, "ranks": "4", "methods": method}
+    values = {**settings.values_of(page, depth=6), "seeds": seeds, "ranks": "4", "methods": method}
     lines = share.cli_lines(values, "tiny", "fp32", "bundled", depth=6, samples=page.train.samples)
     args = _parser().parse_args(shlex.split(lines["train"])[3:])
     assert args.command == ("train" if seeds == 1 else "sweep")
@@ -61,3 +64,30 @@ def test_the_command_line_makes_the_pages_config(method, layers, seeds):
     sweep = _parser().parse_args(shlex.split(lines["sweep"])[3:])
     assert _run_config(sweep, rank=4, seed=3, method=method).train.lr == page.train.lr
     assert f"--methods {method}" in lines["methods"]
+
+
+def test_the_link_follows_a_users_edit_once_and_a_restore_once(tmp_path):
+    """The breakdown, the budget and the link are computed from the page's initial controls. Each control's own edit (.input) updates the link; controls set by code (a link restored, a run
+    duplicated, a method's learning rate filled in) are followed by one link update after them, never by
+    one per control (a .change on every control fired it once for each restored control)."""
+    import functools
+
+    from lora_demo.app import build_demo
+    from lora_demo.app.sections import configure
+    from lora_demo.core.models import load_model
+    from lora_demo.lab import Lab
+
+    demo = build_demo(Lab(load_model("micro"), runs_dir=tmp_path))
+    fns = demo.fns
+    # the form's handlers work on exactly the inputs they are wired with, at the page's initial values
+    for f in fns.values():
+        if getattr(f.fn, "func", None) in (configure.ui_params, configure.ui_budget, configure.ui_share):
+            out = f.fn({c: c.value for c in f.inputs})
+            text = " ".join(map(str, out.values() if isinstance(out, dict) else out))
+            assert "⚠️" not in text and "fix the setup" not in text, (f.fn.func.__name__, text[:300])
+    sharing = [f for f in fns.values() if isinstance(f.fn, functools.partial) and f.fn.func is configure.ui_share]
+    triggers = [t[1] for f in sharing for t in f.targets]
+    assert "change" not in triggers and triggers.count("input") == len(fields(Form)) + 2   # + ranks, methods
+    after = {getattr(fns[f.trigger_after].fn, "func", fns[f.trigger_after].fn).__name__
+             for f in sharing if f.trigger_after is not None}
+    assert after == {"ui_from_url", "ui_duplicate", "<lambda>"}

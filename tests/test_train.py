@@ -219,6 +219,7 @@ def test_grouped_batches_of_many_widths_run_one_traced_step(model, bundled_tiny)
     assert lora_layers(model)
 
 
+@pytest.mark.slow
 def test_first_step_compiled_waits_for_the_trace_and_trains_the_same(model, bundled_tiny):
     """first_step="compiled" (less peak memory on large models) skips the eager step: every step is
     compiled, and in float32 the losses equal those of the default eager first step."""

@@ -126,6 +126,7 @@ def test_a_dropped_client_does_not_stop_its_run(app):
     assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_the_run_limit_per_session_refuses_with_advice_and_delete_makes_room(app):
     c, other = client(app), client(app)
     ids = [c.submit(seed=1, steps=1, train_size=16, bleu_size=0, api_name="/train").result()["run_id"]

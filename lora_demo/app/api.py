@@ -21,7 +21,8 @@ from lora_demo.core.params import preview
 from lora_demo.lab import Lab
 from lora_demo.lab.records import summary_row
 from lora_demo.app.common import DEFAULT_RANKS, errors, key_of
-from lora_demo.app.common import depth, lora_config, run_config
+from lora_demo.app.common import api_values, depth
+from lora_demo.core import settings
 from lora_demo.app.common import import_files
 
 _T = TrainConfig()   # API defaults are the config's defaults
@@ -49,15 +50,17 @@ class Api:
     def _key(self, request, presented) -> str:
         return key_of(self.lab, request, presented)
 
-    def _lora(self, rank, alpha, targets, side, first_layer, last_layer, method="lora", loraplus_ratio=16.0):
-        return lora_config(self.lab, rank, alpha, ["q", "v"] if targets is None else targets, side, first_layer,
-                                    last_layer, method=method, loraplus_ratio=loraplus_ratio)
+    def _config(self, params: dict, **values):
+        """The run's config from an endpoint's parameters (the settings table's ``api`` names)."""
+        samples = params.get("samples")
+        return settings.config_of({**api_values(self.lab, params), **values}, self.lab.loaded.name, depth(self.lab),
+                                  samples=samples or ())
 
     @errors
     def params(self, rank: int = 8, alpha: float = 16.0, targets: list[str] | None = None, side: str = "both",
                first_layer: int = 0, last_layer: int = -1, method: str = "lora") -> dict:
         """Exact parameter breakdown for a LoRA config on the loaded model (no training needed)."""
-        cfg = self._lora(rank, alpha, targets, side, first_layer, last_layer, method)
+        cfg = settings.lora_of(api_values(self.lab, locals()), depth(self.lab))
         b = preview(self.lab.loaded.model.config, cfg)
         return {**b.to_dict(), "rows": b.rows(), "config": {"rank": cfg.rank, "alpha": cfg.alpha,
                                                            "targets": list(cfg.targets), "side": cfg.side,
@@ -77,12 +80,8 @@ class Api:
         rslora, dora, pissa, loraplus (with ``loraplus_ratio``) or full; ``checkpoint_every``: steps between
         checkpoints (0 = off), which /resume continues from.
         Every message carries ``owner_key``: with it, any client may stop, use or delete the run."""
+        cfg = self._config(locals())
         key = self._key(request, owner_key)
-        cfg = run_config(self.lab, self._lora(rank, alpha, targets, side, first_layer, last_layer, method,
-                                             loraplus_ratio), steps,
-                                  batch_size, lr, train_size, seed, optimizer, bleu_size, data=data,
-                                  eval_every=eval_every, early_stop=early_stop, samples=samples or (),
-                                  checkpoint_every=checkpoint_every)
         job = self.lab.submit(cfg, key)
         for status in self.lab.watch(job):
             yield {**status, "owner_key": key}
@@ -100,15 +99,12 @@ class Api:
         and with each of ``methods`` ("lora,dora,full"; default: lora); runs with the same seed share the
         data order. Streams every run's status; the last message also has ``groups`` (each config's
         held-out mean and spread over seeds) and ``verdicts`` between neighbouring configs."""
+        params = dict(locals())
         key = self._key(request, owner_key)
         ranks_list = parse_ranks(ranks)
         seed_list = parse_seeds(seeds) if str(seeds or "").strip() else [seed]
         method_list = parse_methods(methods) if str(methods or "").strip() else ["lora"]
-        cfg = run_config(self.lab, self._lora(ranks_list[0], alpha, targets, side, first_layer, last_layer,
-                                             method_list[0], loraplus_ratio), steps,
-                                  batch_size, lr, train_size, seed, optimizer, bleu_size, data=data,
-                                  eval_every=eval_every, early_stop=early_stop, samples=samples or (),
-                                  checkpoint_every=checkpoint_every)
+        cfg = self._config(params, rank=ranks_list[0], method=method_list[0])
         jobs = self.lab.submit_sweep(expand_sweep(cfg, ranks_list, seed_list, method_list), key)
         for job in jobs:
             for _ in self.lab.watch(job):
@@ -134,7 +130,7 @@ class Api:
         """A run's settings as the page's controls (``values``), the page link's query and the
         ``python -m lora_demo`` command lines that train the same run."""
         job = self.lab.session_job(run_id, self._key(request, owner_key))
-        values = share.values_of(job.config, depth(self.lab))
+        values = settings.values_of(job.config, depth(self.lab))
         full = {**values, "ranks": str(values["rank"]), "methods": values["method"]}
         return {"values": values, "query": share.to_query(values),
                 "cli": share.cli_lines(full, self.lab.loaded.name, self.lab.precision, self.lab.data_source,

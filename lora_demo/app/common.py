@@ -11,14 +11,15 @@ import gradio as gr
 
 from lora_demo.lab import owners
 from lora_demo.present import plots
-from lora_demo.core.config import MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, parse_seeds
+from lora_demo.core import settings
+from lora_demo.core.config import MODULES, ConfigError, LoraConfig, RunConfig, parse_seeds
 from lora_demo.core.inject import MODULE_PATH, dense_sites, select_paths
 from lora_demo.core.events import summary_text
 from lora_demo.lab import Lab
 from lora_demo.lab.records import Job
 from pathlib import Path
 
-DEFAULT_RANKS = "1,2,4,8,16"
+DEFAULT_RANKS = settings.PAGE_DEFAULTS["ranks"]
 READY = "Ready. Press **Train** to start a run."
 
 
@@ -86,24 +87,20 @@ def adapted_layers(lab: Lab, lora: LoraConfig) -> int:
     return len(select_paths([site.path for site in dense_sites(lab.loaded.model)], lora))
 
 
-def lora_config(lab: Lab, rank, alpha, targets, side, first_layer, last_layer, method: str = "lora",
-                loraplus_ratio: float = 16.0) -> LoraConfig:
-    """A config from form values; a block range covering every block means all of them (None)."""
-    last = depth(lab) - 1 if last_layer is None or last_layer == -1 else last_layer
-    first = 0 if first_layer is None else first_layer
-    layers = None if (first, last) == (0, depth(lab) - 1) else (first, last)
-    return LoraConfig(rank=rank, alpha=alpha, targets=targets if targets is not None else (), side=side,
-                      layers=layers, method=method or "lora",
-                      loraplus_ratio=16.0 if loraplus_ratio is None else loraplus_ratio)
-
-
-def run_config(lab: Lab, lora: LoraConfig, steps, batch_size, lr, train_size, seed, optimizer, bleu_size,
-               **more) -> RunConfig:
-    """``more``: further TrainConfig fields (data, eval_every, early_stop, samples, ...); None = default."""
-    more = {k: v for k, v in more.items() if v is not None}
-    return RunConfig(model=lab.loaded.name, lora=lora,
-                     train=TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_size=train_size,
-                                       seed=seed, optimizer=optimizer, bleu_size=bleu_size, **more))
+def api_values(lab: Lab, params: dict) -> dict:
+    """An API call's parameters (named as the settings table's ``api``) -> control values under URL keys.
+    Left out: parameters the call does not have. ``targets`` None and ``last_layer`` -1 mean the default
+    targets and the last block."""
+    values = {}
+    for key, s in settings.BY_KEY.items():
+        if not s.field or s.api[0] not in params:
+            continue
+        if s.kind == "range":
+            first, last = (params.get(n) for n in s.api)
+            values[key] = (first or 0, depth(lab) - 1 if last is None or last == -1 else last)
+        elif not (s.kind == "list" and params[s.api[0]] is None):
+            values[key] = params[s.api[0]]
+    return values
 
 
 @dataclass
@@ -146,20 +143,17 @@ class Form:
     checkpoint: gr.Slider     # checkpoint every N steps (0 = off)
 
     LORA = ("rank", "alpha", "targets", "side", "first", "last", "method", "ratio")
-    # share.NAMES -> the form field(s) behind each (blocks: first and last)
-    SHARED = {"method": ("method",), "ratio": ("ratio",), "rank": ("rank",), "alpha": ("alpha",),
-              "targets": ("targets",), "stacks": ("side",), "blocks": ("first", "last"), "steps": ("steps",),
-              "batch": ("batch",), "lr": ("lr",), "pairs": ("train_size",), "optimizer": ("optimizer",),
-              "seed": ("seed",), "seeds": ("seeds",), "data": ("data",), "bleu": ("bleu_size",),
-              "eval": ("eval_every",), "patience": ("early_stop",), "ckpt": ("checkpoint",)}
+    # URL key -> the form field(s) behind each (blocks: first and last), from the settings table
+    SHARED = {key: s.form for key, s in settings.BY_KEY.items() if s.form}
 
     def shared(self) -> dict[str, tuple]:
-        """share.NAMES of the form -> its components."""
+        """URL keys of the form -> its components."""
         return {name: tuple(getattr(self, f) for f in fs) for name, fs in self.SHARED.items()}
 
     def named(self, v: dict) -> dict:
-        """The form's values under share.NAMES."""
-        return {name: (v[c[0]], v[c[1]]) if len(c) == 2 else v[c[0]] for name, c in self.shared().items()}
+        """The form's values under URL keys (those of the components in ``v``: a handler may take a few)."""
+        return {name: (v[c[0]], v[c[1]]) if len(c) == 2 else v[c[0]] for name, c in self.shared().items()
+                if c[0] in v}
 
     @property
     def components(self) -> set:
@@ -169,16 +163,18 @@ class Form:
     def lora_components(self) -> set:
         return {getattr(self, name) for name in self.LORA}
 
-    def lora(self, lab: Lab, v: dict, rank=None, method=None):
-        return lora_config(lab, v[self.rank] if rank is None else rank, v[self.alpha], v[self.targets], v[self.side],
-                               v[self.first], v[self.last], method=method or v[self.method],
-                               loraplus_ratio=v[self.ratio])
+    def _values(self, lab: Lab, v: dict, rank=None, method=None) -> dict:
+        named = self.named(v)
+        last = named["blocks"][1]
+        named["blocks"] = (named["blocks"][0] or 0, depth(lab) - 1 if last is None or last == -1 else last)
+        return {**named, **({"rank": rank} if rank is not None else {}), **({"method": method} if method else {})}
+
+    def lora(self, lab: Lab, v: dict, rank=None, method=None) -> LoraConfig:
+        return settings.lora_of(self._values(lab, v, rank, method), depth(lab))
 
     def run(self, lab: Lab, v: dict, rank=None, method=None) -> RunConfig:
-        return run_config(lab, self.lora(lab, v, rank, method), v[self.steps], v[self.batch], v[self.lr], v[self.train_size],
-                              v[self.seed], v[self.optimizer], v[self.bleu_size], data=v[self.data],
-                              eval_every=v[self.eval_every], early_stop=v[self.early_stop],
-                              samples=v[self.samples] or "", checkpoint_every=v[self.checkpoint])
+        return settings.config_of(self._values(lab, v, rank, method), lab.loaded.name, depth(lab),
+                                  samples=v[self.samples] or "")
 
     def seed_list(self, v: dict) -> list[int]:
         """The seeds to repeat with: N seeds from the form's seed."""

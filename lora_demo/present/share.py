@@ -4,7 +4,8 @@ The page's controls are named values (``NAMES``: the URL's keys). ``to_query`` w
 string, ``from_query`` reads one back, checking each value against the control's own limits (a bad one is
 left out with a notice, never half applied), ``hidden`` reads the instructor's ``hide=`` list, and
 ``cli_lines`` gives the ``python -m lora_demo`` commands that run the same setup from a terminal.
-``values_of`` turns a run's config back into the controls (duplicate a run). No gradio here.
+The kinds and the run's config <-> controls mapping (``settings.values_of``) come from the settings table.
+No gradio here.
 """
 
 from __future__ import annotations
@@ -13,14 +14,11 @@ import shlex
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlencode
 
-from lora_demo.core.config import DEFAULT_SAMPLES, METHODS, LoraConfig, RunConfig
+from lora_demo.core.config import DEFAULT_SAMPLES, METHODS
+from lora_demo.core.settings import KINDS, cli_flags, config_of, fmt
 
-# URL key -> the kind of value. "blocks" is first-last; "seeds" is how many seeds the Train button repeats
-# with; "ranks" and "methods" are the lists of the Sweep ranks and Compare methods buttons.
-KINDS = {"method": "choice", "ratio": "float", "rank": "int", "alpha": "float", "targets": "list", "stacks": "choice",
-         "blocks": "range", "steps": "int", "batch": "int", "lr": "float", "pairs": "int", "optimizer": "choice",
-         "seed": "int", "seeds": "int", "data": "choice", "bleu": "int", "eval": "int", "patience": "int",
-         "ckpt": "int", "ranks": "text", "methods": "text"}
+# URL key -> the kind of value, from the settings table. "blocks" is first-last; "seeds" is how many seeds
+# the Train button repeats with; "ranks" and "methods" are the lists of the Sweep and Compare buttons.
 NAMES = tuple(KINDS)
 
 
@@ -34,13 +32,6 @@ class Limit:
     choices: tuple = ()
 
 
-def _fmt(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:g}"
-    return str(value)
-
 
 def to_query(values: dict) -> str:
     """The controls as a query string, in ``NAMES`` order ("blocks" takes (first, last))."""
@@ -49,7 +40,7 @@ def to_query(values: dict) -> str:
         if name not in values or values[name] is None:
             continue
         v = values[name]
-        out.append((name, f"{int(v[0])}-{int(v[1])}" if name == "blocks" else _fmt(v)))
+        out.append((name, f"{int(v[0])}-{int(v[1])}" if name == "blocks" else fmt(v)))
     return urlencode(out, safe=",")
 
 
@@ -124,45 +115,28 @@ def hidden(query: str | dict) -> tuple[set[str], list[str]]:
                                 if unknown else [])
 
 
-def values_of(config: RunConfig, depth: int) -> dict:
-    """A run's config as the controls' values (the Train button would make the same config)."""
-    lo, tr = config.lora, config.train
-    first, last = lo.layers if lo.layers else (0, depth - 1)
-    return {"method": lo.method, "ratio": lo.loraplus_ratio, "rank": lo.rank, "alpha": lo.alpha,
-            "targets": list(lo.targets), "stacks": lo.side, "blocks": (first, last), "steps": tr.steps,
-            "batch": tr.batch_size, "lr": tr.lr, "pairs": tr.train_size, "optimizer": tr.optimizer, "seed": tr.seed,
-            "seeds": 1, "data": tr.data, "bleu": tr.bleu_size, "eval": tr.eval_every, "patience": tr.early_stop,
-            "ckpt": tr.checkpoint_every}
-
-
 def cli_lines(v: dict, model: str, precision: str, source: str = "auto", depth: int | None = None,
               samples: tuple[str, ...] = DEFAULT_SAMPLES, out: str = "runs-cli") -> dict[str, str]:
     """The commands that run the page's Train, Sweep ranks and Compare methods with these controls
-    (``v`` as ``from_query`` gives it, every name present). The same seed gives the same losses."""
-    first, last = (int(x) for x in v["blocks"])
-    layers = "all" if depth is not None and (first, last) == (0, depth - 1) else f"{first}-{last}"
-    common = ["--model", model, "--precision", precision, "--alpha", _fmt(float(v["alpha"])),
-              "--targets", ",".join(v["targets"]), "--side", v["stacks"], "--layers", layers,
-              "--steps", str(int(v["steps"])), "--batch-size", str(int(v["batch"])), "--lr", _fmt(float(v["lr"])),
-              "--train-size", str(int(v["pairs"])), "--optimizer", v["optimizer"], "--dataset", v["data"],
-              "--eval-every", str(int(v["eval"])), "--early-stop", str(int(v["patience"])),
-              "--bleu-size", str(int(v["bleu"])), "--checkpoint-every", str(int(v["ckpt"]))]
+    (``v`` under URL keys, as ``from_query`` gives it). The flags come from the settings table, so each
+    line gives the config the page's button makes; the same seed gives the same losses."""
+    config = config_of(v, model, depth, samples=tuple(samples))
+    common = ["--model", model, "--precision", precision, *cli_flags(config, skip=_OWN)]
     if source != "auto":
         common += ["--data", source]
-    if tuple(samples) != tuple(DEFAULT_SAMPLES):
-        common += ["--samples", "|".join(samples)]
-    seed, n = int(v["seed"]), int(v["seeds"])
+    seed, n = config.train.seed, int(v.get("seeds") or 1)
     seeds = ",".join(str(seed + i) for i in range(n))
-    rank = str(int(v["rank"]))
-    if float(v["ratio"]) != LoraConfig().loraplus_ratio:   # (the config keeps it whatever the method)
-        common += ["--loraplus-ratio", _fmt(float(v["ratio"]))]
-    method = ["--method", v["method"]]
+    rank = str(config.lora.rank)
+    method = ["--method", config.lora.method]
     own_lr = ["--method-lr", ""]   # a sweep at the page's learning rate, whatever the method
     train = (["train", *method, "--rank", rank, "--seed", str(seed), *common, "--out", f"{out}/run"] if n == 1 else
              ["sweep", *method, *own_lr, "--ranks", rank, "--seeds", seeds, *common, "--out", f"{out}/seeds"])
-    sweep = ["sweep", *method, *own_lr, "--ranks", str(v.get("ranks") or rank).replace(" ", ""), "--seeds", seeds, *common,
-             "--out", f"{out}/sweep"]
+    sweep = ["sweep", *method, *own_lr, "--ranks", str(v.get("ranks") or rank).replace(" ", ""), "--seeds", seeds,
+             *common, "--out", f"{out}/sweep"]
     listed = str(v.get("methods") or ",".join(METHODS)).replace(" ", "")
     methods = ["sweep", "--methods", listed, "--ranks", rank, "--seeds", seeds, *common, "--out", f"{out}/methods"]
     return {name: shlex.join(["python", "-m", "lora_demo", *args])
             for name, args in (("train", train), ("sweep", sweep), ("methods", methods))}
+
+
+_OWN = ("lora.method", "lora.rank", "train.seed")   # placed first, or as lists in a sweep

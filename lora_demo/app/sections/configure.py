@@ -12,8 +12,9 @@ import gradio as gr
 
 from lora_demo.app.common import (DEFAULT_RANKS, PRIVATE, READY, Form, Shared, browser_key, depth, errors, live, loss_of,
                                    modules, run_label, samples_frame)
-from lora_demo.core.config import (MAX_SAMPLES, METHOD_LABELS, METHOD_LR, METHODS, ConfigError, defaults_for,
-                                   expand_sweep, limits, parse_methods, parse_ranks)
+from lora_demo.core.config import (MAX_SAMPLES, METHOD_LABELS, METHOD_LR, METHODS, SIDES, ConfigError, LoraConfig,
+                                   defaults_for, expand_sweep, parse_methods, parse_ranks)
+from lora_demo.core import settings
 from lora_demo.core.models import is_gpu
 from lora_demo.core.params import preview
 from lora_demo.lab import Lab
@@ -42,18 +43,32 @@ class Configure:
     resumed: object
 
 
+def _slider(key: str, value, elem_id: str | None = None, **more) -> gr.Slider:
+    """The page control of a numeric setting: its limits and label from the settings table."""
+    st = settings.BY_KEY[key]
+    return gr.Slider(st.lo, st.top, value=value, step=st.step, label=st.label, elem_id=elem_id or key, **more)
+
+
+def _number(key: str, value, elem_id: str | None = None, **more) -> gr.Number:
+    st = settings.BY_KEY[key]
+    return gr.Number(value=value, label=st.label, minimum=st.lo, maximum=st.top, elem_id=elem_id or key, **more)
+
+
+def _label(key: str) -> str:
+    return settings.BY_KEY[key].label
+
+
 def _lora_fields(lab: Lab) -> dict:
-    blocks, found = depth(lab), modules(lab)
+    blocks, found, d = depth(lab), modules(lab), LoraConfig()
     with gr.Row():
-        method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="lora", label="method",
+        method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value=d.method, label=_label("method"),
                              elem_id="method", scale=3)
-        ratio = gr.Number(value=16, minimum=1, maximum=1024, label="LoRA+ ratio (B's rate / A's)",
-                          visible=False, elem_id="loraplus-ratio", scale=1)
-    rank = gr.Slider(1, 64, value=8, step=1, label="rank r", elem_id="rank")
-    alpha = gr.Slider(1, 128, value=16, step=1, label="alpha (update scaled by alpha / r)", elem_id="alpha")
-    targets = gr.CheckboxGroup(found, value=[m for m in ("q", "v") if m in found],
-                               label="target modules (attention q/k/v/o, FFN wi*/wo)", elem_id="targets")
-    side = gr.Radio(["both", "encoder", "decoder"], value="both", label="stacks", elem_id="stacks")
+        ratio = _number("ratio", d.loraplus_ratio, "loraplus-ratio", visible=False, scale=1)
+    rank = _slider("rank", d.rank)
+    alpha = _slider("alpha", d.alpha)
+    targets = gr.CheckboxGroup(found, value=[m for m in d.targets if m in found], label=_label("targets"),
+                               elem_id="targets")
+    side = gr.Radio(list(SIDES), value=d.side, label=_label("stacks"), elem_id="stacks")
     with gr.Row():
         first = gr.Slider(0, blocks - 1, value=0, step=1, label="first block", elem_id="first-block")
         last = gr.Slider(0, blocks - 1, value=blocks - 1, step=1, label="last block", elem_id="last-block")
@@ -61,35 +76,30 @@ def _lora_fields(lab: Lab) -> dict:
 
 
 def _training_fields() -> dict:
-    lim, dflt = limits(), defaults_for(is_gpu())
+    dflt = defaults_for(is_gpu())
     with gr.Row():
-        steps = gr.Slider(1, lim.max_steps, value=dflt.steps, step=1, label="steps", elem_id="steps")
-        batch = gr.Slider(1, lim.max_batch_size, value=dflt.batch_size, step=1, label="batch size", elem_id="batch")
+        steps = _slider("steps", dflt.steps)
+        batch = _slider("batch", dflt.batch_size)
     with gr.Row():
-        lr = gr.Number(value=dflt.lr, label="learning rate", minimum=1e-6, maximum=1.0, elem_id="lr")
-        train_size = gr.Slider(8, lim.max_train_size, value=dflt.train_size, step=8,
-                               label="training pairs", elem_id="pairs")
+        lr = _number("lr", dflt.lr)
+        train_size = _slider("pairs", dflt.train_size)
     with gr.Row():
         optimizer = gr.Dropdown([(OPTIMIZER_LABELS[o], o) for o in available_optimizers()],
-                                value="adamw", label="optimizer", elem_id="optimizer")
-        seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=2**31 - 1, elem_id="seed")
-    bleu_size = gr.Slider(0, 500, value=dflt.bleu_size, step=10,
-                          label="BLEU/chrF sentences after the run (newstest2016; 0 = skip)", elem_id="bleu-size")
+                                value=dflt.optimizer, label=_label("optimizer"), elem_id="optimizer")
+        seed = _number("seed", dflt.seed, precision=0)
+    bleu_size = _slider("bleu", dflt.bleu_size, "bleu-size")
     with gr.Row():
         data = gr.Dropdown([("news (newstest2008–2013; held-out: newstest2014)", "news"),
                             ("Europarl (WMT16 train; held-out: rows 19,500+)", "europarl")],
-                           value=dflt.data, label="training data", elem_id="data")
-        seeds = gr.Slider(1, 5, value=1, step=1, label="repeat with N seeds (seed, seed+1, …)", elem_id="seeds")
+                           value=dflt.data, label=_label("data"), elem_id="data")
+        seeds = _slider("seeds", settings.BY_KEY["seeds"].default)
     with gr.Accordion("Evaluation, early stopping and sample sentences", open=False, elem_id="eval-options"):
         with gr.Row():
-            eval_every = gr.Slider(1, 200, value=dflt.eval_every, step=1,
-                                   label="evaluate every N steps (held-out loss, samples)", elem_id="eval-every")
-            early_stop = gr.Slider(0, 20, value=dflt.early_stop, step=1, elem_id="patience",
-                                   label="early stopping patience (evaluations; 0 = off)")
-            checkpoint = gr.Slider(0, 200, value=dflt.checkpoint_every, step=1, elem_id="ckpt-every",
-                                   label="checkpoint every N steps, and at the end (resume from it; 0 = off)")
+            eval_every = _slider("eval", dflt.eval_every, "eval-every")
+            early_stop = _slider("patience", dflt.early_stop)
+            checkpoint = _slider("ckpt", dflt.checkpoint_every, "ckpt-every")
         samples = gr.Textbox("\n".join(dflt.samples), lines=3, max_lines=MAX_SAMPLES,
-                             label=f"sample sentences translated at every evaluation (up to {MAX_SAMPLES})")
+                             label=f"{settings.BY_FIELD['train.samples'].label} (up to {MAX_SAMPLES})")
     return dict(steps=steps, batch=batch, lr=lr, train_size=train_size, optimizer=optimizer, seed=seed,
                 bleu_size=bleu_size, data=data, seeds=seeds, eval_every=eval_every, early_stop=early_stop,
                 checkpoint=checkpoint, samples=samples)
@@ -106,10 +116,10 @@ def _actions() -> SimpleNamespace:
                                  elem_id="resume-steps", scale=1)
         resume_btn = gr.Button("⏯ Resume", elem_id="resume-btn", scale=1, size="sm")
     with gr.Row(equal_height=True):
-        ranks = gr.Textbox(DEFAULT_RANKS, label="rank sweep: ranks (each repeated with the N seeds)", scale=2)
+        ranks = gr.Textbox(DEFAULT_RANKS, label=_label("ranks"), scale=2)
         sweep_btn = gr.Button("Sweep ranks", scale=1)
     with gr.Row(equal_height=True):
-        methods = gr.Textbox(",".join(METHODS), label="compare methods at this rank (each repeated with the N seeds; "
+        methods = gr.Textbox(settings.BY_KEY["methods"].default, label=f"{_label('methods')} (each repeated with the N seeds; "
                              "LoRA+ and full fine-tuning at their own measured learning rates: "
                              f"{', '.join(f'{m} {r:g}' for m, r in METHOD_LR.items())})", scale=2, elem_id="methods")
         methods_btn = gr.Button("Compare methods", scale=1, elem_id="methods-btn")
@@ -158,12 +168,16 @@ def build(lab: Lab, shared: Shared) -> Configure:
         with gr.Column(scale=3, min_width=420):
             view = _view()
     form = Form(**fields_)
+    breakdown, budget, filled = _wire_form(lab, form, view)
+    from_url, sharing, address = _wire_share(lab, form, act)
+    *clicked, duplicated = _wire_runs(lab, form, shared, act, view)
+    for programmatic in (filled, duplicated):   # controls set by code: the link follows once
+        programmatic.then(**sharing).then(**address)
     return Configure(form, view.status, view.loss_plot, [view.status, view.loss_plot, view.samples_tbl, view.optim_plot],
-                     view.smoothing, act.run_pick, *_wire_form(lab, form, view), *_wire_share(lab, form, act),
-                     *_wire_runs(lab, form, shared, act, view))
+                     view.smoothing, act.run_pick, breakdown, budget, from_url, sharing, address, *clicked)
 
 
-def _wire_form(lab: Lab, form: Form, view) -> tuple[dict, dict]:
+def _wire_form(lab: Lab, form: Form, view) -> tuple[dict, dict, object]:
     """The parameter breakdown and the predicted budget follow the form."""
     shows = dict(status=view.status, loss_plot=view.loss_plot, summary=view.summary, table=view.table,
                  params_plot=view.params_plot, budget_md=view.budget_md)
@@ -176,11 +190,11 @@ def _wire_form(lab: Lab, form: Form, view) -> tuple[dict, dict]:
         c.change(show_progress="hidden", **budgeted)
     # each method's measured learning rate fills in (LoRA+ and full fine-tuning want smaller ones); editable
     form_lr = defaults_for(is_gpu()).lr
-    form.method.input(lambda m: (gr.update(visible=m == "loraplus"), METHOD_LR.get(m, form_lr)), [form.method],
-                      [form.ratio, form.lr], show_progress="hidden", **PRIVATE)
+    filled = form.method.input(lambda m: (gr.update(visible=m == "loraplus"), METHOD_LR.get(m, form_lr)),
+                               [form.method], [form.ratio, form.lr], show_progress="hidden", **PRIVATE)
     view.show_optim.change(lambda on: gr.update(visible=bool(on)), [view.show_optim], [view.optim_plot],
                            show_progress="hidden", **PRIVATE)
-    return breakdown, budgeted
+    return breakdown, budgeted, filled
 
 
 def _wire_share(lab: Lab, form: Form, act) -> tuple[dict, dict, dict]:
@@ -192,8 +206,10 @@ def _wire_share(lab: Lab, form: Form, act) -> tuple[dict, dict, dict]:
                    inputs=form.components | {act.ranks, act.methods}, outputs=[act.link, act.cli],
                    show_progress="hidden", **PRIVATE)
     address = dict(fn=None, inputs=[act.link], outputs=[act.link], js=ADDRESS_JS, show_progress="hidden", **PRIVATE)
+    # .input, not .change: a user's edit updates the link once. The programmatic updates (a link restored,
+    # a run duplicated, a method's learning rate filled in) run the pair once after them, not once per control.
     for c in form.components | {act.ranks, act.methods}:
-        c.change(**sharing).then(**address)
+        c.input(**sharing).then(**address)
     act.copy_btn.click(None, [act.link], None, js=COPY_JS, **PRIVATE)
     from_url = dict(fn=partial(ui_from_url, lab, controls, buttons, form.ratio, act.share_note), inputs=[act.link],
                     outputs=[c for cs in (*controls.values(), *buttons.values()) for c in cs] + [act.share_note],
@@ -214,11 +230,11 @@ def _wire_runs(lab: Lab, form: Form, shared: Shared, act, view) -> tuple:
     act.stop_btn.click(partial(ui_stop, lab), [shared.run_id], [view.status], **run)
     resumed = act.resume_btn.click(partial(ui_resume, lab, shared, view.smoothing, act.run_pick, act.resume_steps),
                                    {shared.session, view.smoothing, act.run_pick, act.resume_steps}, outputs, **run)
-    act.dup_btn.click(partial(ui_duplicate, lab, form, shared, act.run_pick, view.status),
-                      {shared.session, act.run_pick}, [*form.components, view.status], **PRIVATE)
+    duplicated = act.dup_btn.click(partial(ui_duplicate, lab, form, shared, act.run_pick, view.status),
+                                   {shared.session, act.run_pick}, [*form.components, view.status], **PRIVATE)
     view.smoothing.change(partial(ui_redraw, lab), [shared.run_id, view.smoothing], [view.loss_plot],
                           show_progress="hidden", **PRIVATE)
-    return trained, swept, compared, resumed
+    return trained, swept, compared, resumed, duplicated
 
 
 # ---------------------------------------------------------------------------
@@ -358,7 +374,7 @@ def ui_from_url(lab: Lab, controls: dict, buttons: dict, ratio, note, search: st
 def ui_duplicate(lab: Lab, form: Form, shared: Shared, run_pick, status, v: dict) -> dict:
     """A run's settings into the controls (edit them, then Train): nothing starts."""
     job = lab.session_job(v[run_pick], browser_key(v[shared.session]))
-    values = share.values_of(job.config, depth(lab))
+    values = settings.values_of(job.config, depth(lab))
     out: dict = {comp: (values[name][i] if len(comps) == 2 else values[name])
                  for name, comps in form.shared().items() for i, comp in enumerate(comps)}
     out[form.samples] = "\n".join(job.config.train.samples)
