@@ -148,11 +148,12 @@ def cli_sweep(tmp_path_factory):
     return proc.stdout, out
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """With pytest-xdist (``-n 2 --dist loadgroup``), the tests that share a session fixture run in one worker,
-    so the shared app is still launched once (and restarted once) and the CLI sweep runs once."""
-    for item in items:
-        for fixture in ("shared_app", "cli_sweep"):
-            if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(fixture))
-                break
+    so the shared app is still launched once (and restarted once) and the CLI sweep runs once. Marked as each
+    test is collected, before xdist reads the marks into the node ids."""
+    for fixture in ("shared_app", "cli_sweep"):
+        if fixture in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(fixture))
+            break
+

@@ -1,6 +1,8 @@
 """The app launched for real on a local port (conftest.shared_app: `python app.py --model micro`), driven by
 gradio_client."""
 
+import os
+
 import pytest
 from conftest import final_row
 from gradio_client import Client
@@ -307,3 +309,11 @@ def test_methods_through_the_api_train_analyse_translate_and_refuse_what_does_no
         client.predict(run_id=full["run_id"], api_name="/download_adapter")
     with pytest.raises(Exception, match="no low-rank factors"):
         client.predict(run_id=full["run_id"], api_name="/inspect")
+
+
+def test_under_two_workers_the_app_tests_share_one_worker(app, request):
+    """pytest-xdist's loadgroup keeps every test of the shared app in one worker (conftest marks them), so the
+    suite launches the app once (and restarts it once), never once per worker."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        assert request.node.nodeid.endswith("@shared_app"), request.node.nodeid
+    assert len(list(app[1].glob("app-*.log"))) == 1   # this app's first launch (the restart comes last)
