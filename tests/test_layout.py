@@ -39,3 +39,17 @@ def test_the_package_is_split_by_concern():
                           if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "plotly" in (getattr(n, "module", "") or
                                  " ".join(a.name for a in n.names)) for n in ast.walk(ast.parse(p.read_text()))))
     assert plotly_users == ["lora_demo/present/plots.py"], plotly_users
+
+
+def test_each_app_section_builds_into_a_dataclass():
+    """One section per file under app/sections/, and its build() returns a dataclass of what the page
+    chains on (no dicts of string keys)."""
+    sections = sorted((ROOT / "lora_demo" / "app" / "sections").glob("[!_]*.py"))
+    assert len(sections) >= 5
+    for path in sections:
+        tree = ast.parse(path.read_text())
+        dataclasses = {n.name for n in tree.body if isinstance(n, ast.ClassDef)
+                       and any("dataclass" in ast.unparse(d) for d in n.decorator_list)}
+        build = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build")
+        returned = ast.unparse(build.returns) if build.returns else None
+        assert returned in dataclasses, (path.name, returned, dataclasses)

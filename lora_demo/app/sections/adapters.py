@@ -4,6 +4,7 @@ every check done before anything is written, and deleting a run."""
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +20,16 @@ from lora_demo.app.common import file_paths, import_files
 PICK_HINT = "Train a run or import an adapter; its files and size show here."
 
 
-def build(lab: Lab, shared: Shared) -> dict:
+@dataclass
+class Adapters:
+    """What the page chains on from this section."""
+
+    pick: gr.Dropdown                # the run to download, export or delete
+    deleted: object                  # the Delete and Import events: the runs refresh follows them
+    imported: object
+
+
+def build(lab: Lab, shared: Shared) -> Adapters:
     gr.Markdown("### 5 · Adapters: download, import, merged export\n"
                 "Adapters are saved in PyTorch **PEFT** format (`adapter_config.json` + "
                 "`adapter_model.safetensors`): `PeftModel.from_pretrained(base, folder)` loads one as-is. "
@@ -49,7 +59,7 @@ def build(lab: Lab, shared: Shared) -> dict:
     deleted = delete_btn.click(partial(ui_delete, lab), owned, [info], **PRIVATE)
     imported = import_btn.click(partial(ui_import, lab), [upload, shared.session],
                                 [import_note, upload, shared.session], **PRIVATE)
-    return dict(pick=pick, deleted=deleted, imported=imported)
+    return Adapters(pick, deleted, imported)
 
 
 def adapter_info(lab: Lab, job: Job) -> str:

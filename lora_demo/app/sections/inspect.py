@@ -4,6 +4,7 @@ is next to W, whether two ranks learned the same directions (φ), and the predic
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from functools import partial
 
 import gradio as gr
@@ -23,7 +24,15 @@ INTRO = ("### 6 · Inside the adapter: what it learned, where, and what it cost\
          "learned magnitudes rescale the columns on top (see ΔM and ΔD below).")
 
 
-def build(lab: Lab, shared: Shared) -> dict:
+@dataclass
+class Inspect:
+    """What the page chains on from this section."""
+
+    pick: gr.Dropdown                # the run to look inside
+    compare_pick: gr.Dropdown        # a second run, for the subspace similarity
+
+
+def build(lab: Lab, shared: Shared) -> Inspect:
     gr.Markdown(INTRO)
     with gr.Row():
         pick = gr.Dropdown([], label="run", allow_custom_value=False, elem_id="inspect-pick")
@@ -49,7 +58,7 @@ def build(lab: Lab, shared: Shared) -> dict:
     intruder_plot = gr.Plot(plots.intruder_figure({}), show_label=False, elem_id="intruders")
     measure_btn.click(partial(ui_measure, lab), [pick, shared.session],
                       [measured, forget_plot, trunc_plot, intruder_plot], **PRIVATE)
-    return dict(pick=pick, compare_pick=compare_pick)
+    return Inspect(pick, compare_pick)
 
 
 LEARNED = ("#### What it learned and what it forgot\n"

@@ -4,6 +4,7 @@ per-sentence chrF against reference German, the LoRA scale, and parts of the ada
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from functools import partial
 
 import gradio as gr
@@ -19,7 +20,14 @@ EXAMPLES = ["The weather is nice today.", "I would like to thank the Commissione
             "Obama receives Netanyahu.", "The European Parliament adopted the resolution."]
 
 
-def build(lab: Lab, shared: Shared) -> dict:
+@dataclass
+class Translate:
+    """What the page chains on from this section."""
+
+    run_pick: gr.Dropdown            # the run whose adapter translates (the runs refresh fills it)
+
+
+def build(lab: Lab, shared: Shared) -> Translate:
     gr.Markdown("### 4 · Translate: base vs LoRA\n" + FLAN_NOTE)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
@@ -46,7 +54,7 @@ def build(lab: Lab, shared: Shared) -> dict:
     for trigger in (translate_btn.click, text.submit):
         trigger(partial(ui_translate, lab, c), set(c.values()), [out_table, diff, note], concurrency_limit=None,
                 **PRIVATE)
-    return dict(run_pick=run_pick)
+    return Translate(run_pick)
 
 
 @errors
