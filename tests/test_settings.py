@@ -56,7 +56,7 @@ def test_every_page_setting_walks_url_config_cli_config(key):
     assert got != s.default and got == (tuple(value) if isinstance(value, list) else value), (key, got)
     assert settings.values_of(page, DEPTH)[key] == (tuple(value) if s.kind == "range" else value)
     line = share.cli_lines({**settings.values_of(page, DEPTH), "ranks": "", "methods": ""}, "tiny", "fp32",
-                           depth=DEPTH, samples=page.train.samples)["train"]
+                           "auto", DEPTH, samples=page.train.samples)["train"]
     args = _parser().parse_args(shlex.split(line)[3:])
     assert _run_config(args) == page, line
 

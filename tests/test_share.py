@@ -87,7 +87,12 @@ def test_the_link_follows_a_users_edit_once_and_a_restore_once(tmp_path):
             assert "⚠️" not in text and "fix the setup" not in text, (f.fn.func.__name__, text[:300])
     sharing = [f for f in fns.values() if isinstance(f.fn, functools.partial) and f.fn.func is configure.ui_share]
     triggers = [t[1] for f in sharing for t in f.targets]
-    assert "change" not in triggers and triggers.count("input") == len(fields(Form)) + 2   # + ranks, methods
+    # every control but the method (+ the ranks and methods lists): the method's edit fills in its learning
+    # rate first, and the link follows that fill once
+    assert "change" not in triggers and triggers.count("input") == len(fields(Form)) - 1 + 2
+    method_id = next(f.inputs[0]._id for f in fns.values() if getattr(f.fn, "__name__", "") == "<lambda>"
+                     and f.outputs and len(f.outputs) == 2 and f.inputs and f.inputs[0].elem_id == "method")
+    assert method_id not in {t[0] for f in sharing for t in f.targets}
     after = {getattr(fns[f.trigger_after].fn, "func", fns[f.trigger_after].fn).__name__
              for f in sharing if f.trigger_after is not None}
     assert after == {"ui_from_url", "ui_duplicate", "<lambda>"}

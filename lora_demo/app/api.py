@@ -21,7 +21,7 @@ from lora_demo.core.params import preview
 from lora_demo.lab import Lab
 from lora_demo.lab.records import summary_row
 from lora_demo.app.common import DEFAULT_RANKS, errors, key_of
-from lora_demo.app.common import api_values, depth
+from lora_demo.app.common import depth
 from lora_demo.core import settings
 from lora_demo.app.common import import_files
 
@@ -53,14 +53,14 @@ class Api:
     def _config(self, params: dict, **values):
         """The run's config from an endpoint's parameters (the settings table's ``api`` names)."""
         samples = params.get("samples")
-        return settings.config_of({**api_values(self.lab, params), **values}, self.lab.loaded.name, depth(self.lab),
+        return settings.config_of({**settings.from_api(params), **values}, self.lab.loaded.name, depth(self.lab),
                                   samples=samples or ())
 
     @errors
     def params(self, rank: int = 8, alpha: float = 16.0, targets: list[str] | None = None, side: str = "both",
                first_layer: int = 0, last_layer: int = -1, method: str = "lora") -> dict:
         """Exact parameter breakdown for a LoRA config on the loaded model (no training needed)."""
-        cfg = settings.lora_of(api_values(self.lab, locals()), depth(self.lab))
+        cfg = settings.lora_of(settings.from_api(locals()), depth(self.lab))
         b = preview(self.lab.loaded.model.config, cfg)
         return {**b.to_dict(), "rows": b.rows(), "config": {"rank": cfg.rank, "alpha": cfg.alpha,
                                                            "targets": list(cfg.targets), "side": cfg.side,

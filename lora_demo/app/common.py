@@ -87,22 +87,6 @@ def adapted_layers(lab: Lab, lora: LoraConfig) -> int:
     return len(select_paths([site.path for site in dense_sites(lab.loaded.model)], lora))
 
 
-def api_values(lab: Lab, params: dict) -> dict:
-    """An API call's parameters (named as the settings table's ``api``) -> control values under URL keys.
-    Left out: parameters the call does not have. ``targets`` None and ``last_layer`` -1 mean the default
-    targets and the last block."""
-    values = {}
-    for key, s in settings.BY_KEY.items():
-        if not s.field or s.api[0] not in params:
-            continue
-        if s.kind == "range":
-            first, last = (params.get(n) for n in s.api)
-            values[key] = (first or 0, depth(lab) - 1 if last is None or last == -1 else last)
-        elif not (s.kind == "list" and params[s.api[0]] is None):
-            values[key] = params[s.api[0]]
-    return values
-
-
 @dataclass
 class Shared:
     """Per-browser states that several sections read or write."""
@@ -163,17 +147,14 @@ class Form:
     def lora_components(self) -> set:
         return {getattr(self, name) for name in self.LORA}
 
-    def _values(self, lab: Lab, v: dict, rank=None, method=None) -> dict:
-        named = self.named(v)
-        last = named["blocks"][1]
-        named["blocks"] = (named["blocks"][0] or 0, depth(lab) - 1 if last is None or last == -1 else last)
-        return {**named, **({"rank": rank} if rank is not None else {}), **({"method": method} if method else {})}
+    def _values(self, v: dict, rank=None, method=None) -> dict:
+        return {**self.named(v), **({"rank": rank} if rank is not None else {}), **({"method": method} if method else {})}
 
     def lora(self, lab: Lab, v: dict, rank=None, method=None) -> LoraConfig:
-        return settings.lora_of(self._values(lab, v, rank, method), depth(lab))
+        return settings.lora_of(self._values(v, rank, method), depth(lab))
 
     def run(self, lab: Lab, v: dict, rank=None, method=None) -> RunConfig:
-        return settings.config_of(self._values(lab, v, rank, method), lab.loaded.name, depth(lab),
+        return settings.config_of(self._values(v, rank, method), lab.loaded.name, depth(lab),
                                   samples=v[self.samples] or "")
 
     def seed_list(self, v: dict) -> list[int]:

@@ -142,16 +142,20 @@ def values_of(config: RunConfig, depth: int) -> dict:
     return out
 
 
+def _cli_text(s: Setting, value) -> str:
+    """A config value as its CLI flag takes it: a block range as "0-7" or "all", the sample sentences one per
+    line, a list comma-separated, a whole float without its ".0"."""
+    if s.kind == "range":
+        return "all" if value is None else f"{value[0]}-{value[1]}"
+    return "\n".join(value) if s.name == "samples" else fmt(value)
+
+
 def cli_args(parser, part: str) -> None:
     """The train command's flags of one part ("lora" or "train") of the config, with the config's defaults."""
     for s in SETTINGS:
         if s.part != part or not s.cli:
             continue
-        default = s.default
-        if s.kind == "range":
-            default = "all" if default is None else f"{default[0]}-{default[1]}"
-        elif s.kind in ("list", "text"):
-            default = ("\n" if s.name == "samples" else ",").join(default)
+        default = s.default if s.kind in ("int", "float") else _cli_text(s, s.default)
         parser.add_argument(s.cli, default=default, help=s.help or s.label, choices=s.choices or None,
                             type={"int": int, "float": float}.get(s.kind, str))
 
@@ -166,6 +170,21 @@ def from_args(args, part: str) -> dict:
     return out
 
 
+def from_api(params: dict) -> dict:
+    """An API call's parameters (named as the table's ``api``) -> control values under URL keys. Left out:
+    parameters the call does not have, and ``targets`` None (the default targets). A block range's
+    ``last_layer`` -1 means the last block (``_split`` reads it so)."""
+    values = {}
+    for key, s in BY_KEY.items():
+        if not s.field or s.api[0] not in params:
+            continue
+        if s.kind == "range":
+            values[key] = tuple(params.get(n) for n in s.api)
+        elif not (s.kind == "list" and params[s.api[0]] is None):
+            values[key] = params[s.api[0]]
+    return values
+
+
 def _split(values: dict, depth: int) -> tuple[dict, dict]:
     """Control values under URL keys -> (LoraConfig fields, TrainConfig fields). A block range covering
     every block means all blocks (None). A None value (an emptied box) is passed on, for the config to
@@ -175,8 +194,9 @@ def _split(values: dict, depth: int) -> tuple[dict, dict]:
         s = BY_KEY.get(key)
         if s is None or not s.field:
             continue
-        if s.kind == "range":
-            first, last = (int(x) for x in value)
+        if s.kind == "range":   # first None: block 0; last None or -1: the last block (the API's default)
+            first, last = value
+            first, last = int(first or 0), depth - 1 if last is None or last == -1 else int(last)
             value = None if (first, last) == (0, depth - 1) else (first, last)
         (lora if s.part == "lora" else train)[s.name] = value
     return lora, train
@@ -210,11 +230,9 @@ def cli_flags(config: RunConfig, skip: tuple[str, ...] = ()) -> list[str]:
         if not s.field or not s.key or s.field in skip:
             continue
         value = getattr(getattr(config, s.part), s.name)
-        if s.kind == "range":
-            value = "all" if value is None else f"{value[0]}-{value[1]}"
-        elif s.name == "loraplus_ratio" and value == s.default:
+        if s.name == "loraplus_ratio" and value == s.default:
             continue
-        out += [s.cli, fmt(value)]
+        out += [s.cli, _cli_text(s, value)]
     if config.train.samples != BY_FIELD["train.samples"].default:
         out += ["--samples", "|".join(config.train.samples)]
     return out

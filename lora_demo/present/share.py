@@ -115,7 +115,7 @@ def hidden(query: str | dict) -> tuple[set[str], list[str]]:
                                 if unknown else [])
 
 
-def cli_lines(v: dict, model: str, precision: str, source: str = "auto", depth: int | None = None,
+def cli_lines(v: dict, model: str, precision: str, source: str, depth: int,
               samples: tuple[str, ...] = DEFAULT_SAMPLES, out: str = "runs-cli") -> dict[str, str]:
     """The commands that run the page's Train, Sweep ranks and Compare methods with these controls
     (``v`` under URL keys, as ``from_query`` gives it). The flags come from the settings table, so each

@@ -208,7 +208,9 @@ def _wire_share(lab: Lab, form: Form, act) -> tuple[dict, dict, dict]:
     address = dict(fn=None, inputs=[act.link], outputs=[act.link], js=ADDRESS_JS, show_progress="hidden", **PRIVATE)
     # .input, not .change: a user's edit updates the link once. The programmatic updates (a link restored,
     # a run duplicated, a method's learning rate filled in) run the pair once after them, not once per control.
-    for c in form.components | {act.ranks, act.methods}:
+    # The method's own edit is followed by its learning-rate fill (build() chains the link after that), so it
+    # is not wired here: the link would be made twice, the first time with the old learning rate.
+    for c in (form.components - {form.method}) | {act.ranks, act.methods}:
         c.input(**sharing).then(**address)
     act.copy_btn.click(None, [act.link], None, js=COPY_JS, **PRIVATE)
     from_url = dict(fn=partial(ui_from_url, lab, controls, buttons, form.ratio, act.share_note), inputs=[act.link],
