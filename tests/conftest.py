@@ -148,12 +148,23 @@ def cli_sweep(tmp_path_factory):
     return proc.stdout, out
 
 
+GROUPED = ("shared_app", "cli_sweep", "pt_dir", "hub_home", "recorded")
+
+
 def pytest_itemcollected(item):
-    """With pytest-xdist (``-n 2 --dist loadgroup``), the tests that share a session fixture run in one worker,
-    so the shared app is still launched once (and restarted once) and the CLI sweep runs once. Marked as each
-    test is collected, before xdist reads the marks into the node ids."""
-    for fixture in ("shared_app", "cli_sweep"):
+    """With pytest-xdist (``-n 2 --dist loadgroup``), the tests that share a costly session or module fixture
+    run in one worker, so the shared app is still launched once (and restarted once), the CLI sweep runs
+    once, and so do the PyTorch copy of tiny, the stand-in hub and the recorded run. Marked as each test is
+    collected, before xdist reads the marks into the node ids."""
+    for fixture in GROUPED:
         if fixture in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group(fixture))
             break
 
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first. Over two workers each worker takes the next test as it finishes one, so a
+    long test collected last (the bench, the default tiny run) ran alone at the end while the other worker
+    idled. Tests in an xdist group keep their order (the group runs as one unit in one worker)."""
+    items.sort(key=lambda item: not (item.get_closest_marker("slow") and not item.get_closest_marker("xdist_group")))

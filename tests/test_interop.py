@@ -106,6 +106,7 @@ def test_base_models_agree(tf_tiny, pt_dir):
                                tf_tiny.tokenizer), atol=ATOL)
 
 
+@pytest.mark.slow
 def test_cli_trained_adapter_runs_in_peft_with_the_same_logits_and_translations(tf_tiny, pt_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "lora_demo", "train", "--model", "micro", "--rank", "4",

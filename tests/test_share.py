@@ -96,3 +96,20 @@ def test_the_link_follows_a_users_edit_once_and_a_restore_once(tmp_path):
     after = {getattr(fns[f.trigger_after].fn, "func", fns[f.trigger_after].fn).__name__
              for f in sharing if f.trigger_after is not None}
     assert after == {"ui_from_url", "ui_duplicate", "<lambda>"}
+
+
+def test_every_table_on_the_page_redraws_all_its_rows(tmp_path):
+    """Gradio 6.17's Dataframe keeps drawing the rows of its first update until something scrolls it; the
+    page sends each table a scroll after each change of its value (the browser test sees the method
+    comparison's table grow from one group to three, live)."""
+    import gradio as gr
+
+    from lora_demo.app import ROWS_JS, build_demo
+    from lora_demo.core.models import load_model
+    from lora_demo.lab import Lab
+
+    demo = build_demo(Lab(load_model("micro"), runs_dir=tmp_path))
+    tables = {b._id for b in demo.blocks.values() if isinstance(b, gr.Dataframe)}
+    nudged = {t[0] for f in demo.fns.values() if f.js == ROWS_JS and f.fn is None for t in f.targets
+              if t[1] == "change"}
+    assert len(tables) >= 6 and tables == nudged

@@ -27,6 +27,21 @@ CSS = """
 """
 
 
+# Gradio 6.17's Dataframe draws its rows through a virtual window that it re-reads only when the row
+# count goes from 0 to N (gradio-app/gradio#13611, fixed upstream by #13744 in a release past our pin). A
+# table that grows from 1 to 3 rows then keeps showing 1 until the page is reloaded. A scroll event on its
+# viewport makes the window re-read, so each Dataframe sends one after its value changes.
+ROWS_JS = ("() => { setTimeout(() => document.querySelectorAll('.virtual-table-viewport')"
+           ".forEach(e => e.dispatchEvent(new Event('scroll'))), 30); }")
+
+
+def show_every_row(demo: gr.Blocks) -> None:
+    """Keep every Dataframe on the page showing all of its rows as its row count changes (see ROWS_JS)."""
+    for block in list(demo.blocks.values()):
+        if isinstance(block, gr.Dataframe):
+            block.change(None, None, None, js=ROWS_JS, show_progress="hidden", **PRIVATE)
+
+
 def header(lab: Lab) -> None:
     info = device_info()
     gr.Markdown(f"# 🧪 LoRA Lab\nLow-rank adaptation of **FLAN-T5** in TensorFlow, English → German on WMT16. "
@@ -86,6 +101,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
         demo.load(**config.from_url).then(**config.sharing).then(**config.address)
         demo.load(**config.breakdown)
         demo.load(**config.budget)
+        show_every_row(demo)
     return demo
 
 
