@@ -1,6 +1,6 @@
 """Build the bundled offline models reproducibly: ``assets/tiny`` and ``assets/micro``.
 
-    python scripts/build_tiny.py                 # tiny: the app's offline translator (about an hour on 2 cores)
+    python scripts/build_tiny.py                 # tiny: the app's offline translator (about 75 minutes on 2 cores)
     python scripts/build_tiny.py --size micro    # micro: the test suite's small model (minutes)
 
 Both are small T5s with FLAN-T5's layout (gated-GELU FFN, untied lm_head), pre-trained from random
@@ -82,10 +82,10 @@ SIZES = {
     "tiny": Recipe(
         config=dict(vocab_size=8000, d_model=256, d_kv=64, num_heads=4, d_ff=768, num_layers=3,
                     num_decoder_layers=3),
-        steps=3200, batch_size=64, lr=1e-2, warmup=400, label_smoothing=0.1, dropout=0.1,
+        steps=5200, batch_size=64, lr=1e-2, warmup=400, label_smoothing=0.1, dropout=0.1,
         buckets=(16, 24, 32, 48, 64), train_rows=(0, 19500), heldout_rows=(19500, 20000), precision="fp32",
         optimizer="adafactor", corpora=("multi30k", "europarl"), vocab_corpora=("multi30k", "europarl", "news"),
-        token_budget=2048, eval_every=800),
+        token_budget=2048, eval_every=1300),
     "micro": Recipe(
         config=dict(vocab_size=4000, d_model=128, d_kv=32, num_heads=4, d_ff=384, num_layers=3,
                     num_decoder_layers=3),

@@ -36,10 +36,10 @@ METHOD_LABELS = {
 DATASETS = TRAIN_PAIRS
 # Sentences translated at every evaluation point of a run, base model first. Chosen by measurement
 # (docs/default-run.md): of 104 short newstest2014 sentences (never trained on), the three whose chrF
-# against the reference rose most on every one of three seeds of the default run.
-DEFAULT_SAMPLES = ("Jazz and classical music belong together at the jazz location of Stuttgart.",
-                   "The scientists behind the project hope that Elisa could achieve this.",
-                   "If you can do that, Khan said, the public gets more comfortable.")
+# against the reference rose most on every one of three seeds of the default run, on the tiny of 2026-12-04.
+DEFAULT_SAMPLES = ("13.7 billion years ago, our cosmos was created by the Big Bang.",
+                   "2014 is to be a year of celebration in Geisingen",
+                   "In addition to this, there were also electrical machines for wood processing.")
 MAX_SAMPLES, MAX_SAMPLE_CHARS = 5, 200
 
 
@@ -215,11 +215,11 @@ FIRST_STEP = ("eager", "compiled")
 @dataclass(frozen=True)
 class TrainConfig:
     # Defaults measured on the bundled offline model (docs/default-run.md): about a minute on 2 cores
-    # with loading and scoring; the held-out loss falls 1.3-1.5% over three seeds (the 5% aim is not met).
-    steps: int = 120                # ~30 s of training on tiny (2 cores), ~1 min with loading and scoring
+    # with loading and scoring; the held-out loss falls 1.7-1.8% over three seeds (the 5% aim is not met).
+    steps: int = 120                # ~33 s of training on tiny (2 cores), ~1 min with loading and scoring
     batch_size: int = 8
-    lr: float = 1e-3                # measured on tiny (docs/default-run.md): held-out -1.3% at 1e-3 and at 5e-4,
-                                    # -0.6% at 3e-3, +8.9% at 1e-2 (it diverges), over the same 120 steps
+    lr: float = 1e-3                # measured on tiny (docs/default-run.md): held-out -1.7% at 1e-3, -1.4% at 2e-3,
+                                    # -0.2% at 3e-3 over 240 steps (the training pairs' loss falls, news does not)
     train_size: int = 1024          # pairs from the start of the training data: ~1 epoch in a default run
     seed: int = 0                   # weights of A, dropout and data order all follow it
     optimizer: str = "adamw"
