@@ -162,9 +162,11 @@ def pytest_itemcollected(item):
             break
 
 
-
 def pytest_collection_modifyitems(items):
     """The longest tests first. Over two workers each worker takes the next test as it finishes one, so a
     long test collected last (the bench, the default tiny run) ran alone at the end while the other worker
     idled. Tests in an xdist group keep their order (the group runs as one unit in one worker)."""
-    items.sort(key=lambda item: not (item.get_closest_marker("slow") and not item.get_closest_marker("xdist_group")))
+    def long_and_alone(item) -> bool:
+        return bool(item.get_closest_marker("slow")) and not item.get_closest_marker("xdist_group")
+
+    items.sort(key=lambda item: 0 if long_and_alone(item) else 1)   # stable: the rest keep their order

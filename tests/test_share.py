@@ -66,19 +66,25 @@ def test_the_command_line_makes_the_pages_config(method, layers, seeds):
     assert f"--methods {method}" in lines["methods"]
 
 
-def test_the_link_follows_a_users_edit_once_and_a_restore_once(tmp_path):
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """The app's page built in-process on micro (not served): its components and event wiring."""
+    from lora_demo.app import build_demo
+    from lora_demo.core.models import load_model
+    from lora_demo.lab import Lab
+
+    return build_demo(Lab(load_model("micro"), runs_dir=tmp_path_factory.mktemp("page-runs")))
+
+
+def test_the_link_follows_a_users_edit_once_and_a_restore_once(page):
     """The breakdown, the budget and the link are computed from the page's initial controls. Each control's own edit (.input) updates the link; controls set by code (a link restored, a run
     duplicated, a method's learning rate filled in) are followed by one link update after them, never by
     one per control (a .change on every control fired it once for each restored control)."""
     import functools
 
-    from lora_demo.app import build_demo
     from lora_demo.app.sections import configure
-    from lora_demo.core.models import load_model
-    from lora_demo.lab import Lab
 
-    demo = build_demo(Lab(load_model("micro"), runs_dir=tmp_path))
-    fns = demo.fns
+    fns = page.fns
     # the form's handlers work on exactly the inputs they are wired with, at the page's initial values
     for f in fns.values():
         if getattr(f.fn, "func", None) in (configure.ui_params, configure.ui_budget, configure.ui_share):
@@ -98,18 +104,15 @@ def test_the_link_follows_a_users_edit_once_and_a_restore_once(tmp_path):
     assert after == {"ui_from_url", "ui_duplicate", "<lambda>"}
 
 
-def test_every_table_on_the_page_redraws_all_its_rows(tmp_path):
+def test_every_table_on_the_page_redraws_all_its_rows(page):
     """Gradio 6.17's Dataframe keeps drawing the rows of its first update until something scrolls it; the
     page sends each table a scroll after each change of its value (the browser test sees the method
     comparison's table grow from one group to three, live)."""
     import gradio as gr
 
-    from lora_demo.app import ROWS_JS, build_demo
-    from lora_demo.core.models import load_model
-    from lora_demo.lab import Lab
+    from lora_demo.app import ROWS_JS
 
-    demo = build_demo(Lab(load_model("micro"), runs_dir=tmp_path))
-    tables = {b._id for b in demo.blocks.values() if isinstance(b, gr.Dataframe)}
-    nudged = {t[0] for f in demo.fns.values() if f.js == ROWS_JS and f.fn is None for t in f.targets
+    tables = {b._id for b in page.blocks.values() if isinstance(b, gr.Dataframe)}
+    nudged = {t[0] for f in page.fns.values() if f.js == ROWS_JS and f.fn is None for t in f.targets
               if t[1] == "change"}
     assert len(tables) >= 6 and tables == nudged
