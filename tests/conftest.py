@@ -77,14 +77,46 @@ def launch(tmp_path, *args, env: dict | None = None):
     raise TimeoutError("app did not start")
 
 
+def _lab_client_class():
+    """``gradio_client.Client`` with its one stream race closed (gradio_client 2.x, with Gradio 6.17's sse_v3).
+
+    The server ends a session's event stream right after the last pending event completes
+    (``close_stream``). A client's ``predict`` returns on ``process_completed``, a moment before its stream
+    thread has read ``close_stream`` and finished. If the next request is posted in that moment, the client
+    either sees the stream still open and opens none, or finds the old stream's future not yet done; either
+    way the old stream's done-callback then appends ``None`` to every pending event, the new one included,
+    and that request fails with an empty ``CancelledError`` (seen once in CI, on the bad-input test's second
+    request). This client waits, before posting, for a stream with nothing pending to finish and for its
+    callbacks to run; with a request in flight on the same client (never done in these tests) it posts at
+    once, as the library does."""
+    import threading
+
+    from gradio_client import Client
+
+    class LabClient(Client):
+        def send_data(self, data, hash_data, protocol, request_headers):
+            future = self.streaming_future
+            if future is not None and not self.pending_event_ids:
+                finished = threading.Event()
+                future.add_done_callback(lambda _: finished.set())   # runs after the library's own callback
+                if not finished.wait(30):
+                    raise TimeoutError("the previous event stream did not close within 30 s")
+            return super().send_data(data, hash_data, protocol, request_headers)
+
+    return LabClient
+
+
+def lab_client(url: str):
+    """A gradio client for one test's requests, one at a time (see ``_lab_client_class``)."""
+    return _lab_client_class()(url, verbose=False)
+
+
 def final_row(url: str, run_id: str, timeout: float = 300) -> dict:
     """The run's /runs row once it has ended, read by a fresh client (any session: all_runs): what the
     server recorded, beside what a client's stream said."""
     import time
 
-    from gradio_client import Client
-
-    watcher, deadline = Client(url, verbose=False), time.time() + timeout
+    watcher, deadline = lab_client(url), time.time() + timeout
     while time.time() < deadline:
         row = next((r for r in watcher.predict(all_runs=True, api_name="/runs") if r["run_id"] == run_id), None)
         if row is not None and row["status"] not in ("queued", "running"):

@@ -4,8 +4,7 @@ gradio_client."""
 import os
 
 import pytest
-from conftest import final_row
-from gradio_client import Client
+from conftest import final_row, lab_client
 
 from lora_demo.core.config import LoraConfig
 from lora_demo.core.params import preview
@@ -18,7 +17,7 @@ def app(shared_app):
 
 @pytest.fixture
 def client(app):
-    return Client(app[0], verbose=False)
+    return lab_client(app[0])
 
 
 def test_params_endpoint_matches_the_arithmetic(client):
@@ -74,7 +73,7 @@ def test_repeat_with_seeds_gives_the_mean_and_spread_over_seeds(client):
 def test_stop_ends_the_run_as_stopped(client, app):
     """A second client stops the run with the owner key while the first client's stream is open; that stream
     ends by itself with the run stopped. No client ever has two requests open at once."""
-    second = Client(app[0], verbose=False)
+    second = lab_client(app[0])
     job = client.submit(steps=400, train_size=32, bleu_size=0, api_name="/train")
     updates = []
     for update in job:
@@ -87,7 +86,7 @@ def test_stop_ends_the_run_as_stopped(client, app):
     assert updates[-1]["status"] == "stopped" and updates[-1]["step"] < 400, updates[-1]
     assert final_row(app[0], update["run_id"])["status"] == "stopped"
     # the next run starts cleanly
-    nxt = Client(app[0], verbose=False).submit(steps=2, train_size=16, bleu_size=0, api_name="/train")
+    nxt = lab_client(app[0]).submit(steps=2, train_size=16, bleu_size=0, api_name="/train")
     assert nxt.result()["status"] == "completed"
 
 
@@ -95,11 +94,11 @@ def test_the_owner_key_works_from_any_client_and_is_never_listed_logged_or_writt
     """Run ownership survives the connection: a key from /train lets a new client list, translate with,
     inspect, download and delete the run; without it the run stays private. The key appears in no listing,
     no file in the runs directory and no line of the server log."""
-    first = Client(app[0], verbose=False)
+    first = lab_client(app[0])
     final = first.submit(rank=2, steps=3, train_size=16, bleu_size=0, api_name="/train").result()
     key, run_id = final["owner_key"], final["run_id"]
     assert len(key) >= 32 and key != run_id
-    later = Client(app[0], verbose=False)   # e.g. the same script after a crash
+    later = lab_client(app[0])   # e.g. the same script after a crash
     assert later.predict(api_name="/runs") == []
     with pytest.raises(Exception, match="another session"):
         later.predict(text="Hello.", run_id=run_id, api_name="/translate")
@@ -129,7 +128,7 @@ def test_bad_input_gets_a_clear_message_and_the_app_keeps_working(client):
 
 
 def test_runs_are_listed_per_session_and_translate_uses_the_chosen_run(app):
-    mine, other = Client(app[0], verbose=False), Client(app[0], verbose=False)
+    mine, other = lab_client(app[0]), lab_client(app[0])
     first = mine.submit(rank=2, steps=3, train_size=16, bleu_size=0, api_name="/train").result()
     second = mine.submit(rank=8, steps=3, train_size=16, bleu_size=0, api_name="/train").result()
     listed = mine.predict(api_name="/runs")
@@ -159,7 +158,7 @@ def test_rank_sweep_through_the_api(client):
 
 
 def test_stop_cancels_the_rest_of_a_sweep(client, app):
-    second = Client(app[0], verbose=False)
+    second = lab_client(app[0])
     job = client.submit(ranks="1,2,4", steps=400, train_size=16, bleu_size=0, api_name="/sweep")
     asked = None
     for update in job:
@@ -193,7 +192,7 @@ def test_adapter_download_import_and_bad_uploads(client, app, tmp_path):
         names = sorted(n.split("/")[-1] for n in zf.namelist())
         conf = json.loads(zf.read(next(n for n in zf.namelist() if n.endswith("adapter_config.json"))))
     assert names == ["adapter_config.json", "adapter_model.safetensors"] and conf["r"] == 4
-    other = Client(app[0], verbose=False)
+    other = lab_client(app[0])
     with pytest.raises(Exception, match="another session"):
         other.predict(run_id=run["run_id"], api_name="/download_adapter")
 

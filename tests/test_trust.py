@@ -12,8 +12,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import final_row
-from gradio_client import Client
+from conftest import final_row, lab_client
 
 from lora_demo import adapters
 from lora_demo.analysis.evaluate import translate_both
@@ -28,8 +27,8 @@ def app(shared_app):
     return shared_app   # conftest: LORA_LAB_FAULT=FAULTS, LORA_LAB_MAX_RUNS_PER_SESSION=4, fp32
 
 
-def client(app) -> Client:
-    return Client(app[0], verbose=False)
+def client(app):
+    return lab_client(app[0])
 
 
 @pytest.mark.slow
