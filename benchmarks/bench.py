@@ -6,7 +6,10 @@ weights (no download), batch 8, 64 source + 64 target tokens, LoRA r=8 on q,v.
 
 - ``lora_step_s``: our training step (the one ``train()`` compiles: autograph off), median of
   several steps, at the chosen precision (``auto`` = bf16 where the CPU or GPU does it fast).
-- ``plain_step_s``: the plain baseline: ``tf.function`` with autograph on, float32.
+- ``plain_step_s``: the plain baseline: ``tf.function`` with autograph on, float32, through our layers.
+- ``naive_step_s``: an independent baseline written from scratch (benchmarks/naive.py: a 15-line LoRA
+  layer on q and v, Hugging Face's model as built, autograph on, Adam, float32, dropout on);
+  ``naive_ratio`` = naive / ours at the chosen precision, ``naive_ratio_fp32`` the same for our fp32 step.
 - ``first_loss_s`` / ``plain_first_loss_s``: from "Train pressed" (model loaded) to the first loss.
 - ``second_run_first_loss_s``: the same, for a second ``train()`` run with the same shapes on the
   same model (bundled WMT16 pairs, tokenised by the bundled tokenizer), which reuses the first run's
@@ -20,8 +23,10 @@ weights (no download), batch 8, 64 source + 64 target tokens, LoRA r=8 on q,v.
 - ``full_step_s``: full fine-tuning (every weight trainable, AdamW), float32.
 - ``peak_rss_lora_mb`` / ``peak_rss_full_mb``: each in its own process (flan-t5-base, or
   flan-t5-small with ``--quick``), so one measurement never inflates the other.
-- ``translate_1_s`` / ``translate_16_s``: base and LoRA columns together, as the app does it
-  (compiled generate, adapter merged for the LoRA column), 64 new tokens, compile excluded.
+- ``translate_1_s`` / ``translate_16_s``: base and LoRA columns together, as the app does it (one
+  compiled decode of the sentences twice over, the second copy on W + ΔW), 64 new tokens, compile
+  excluded; ``translate_*_two_decodes_s`` the way it was done before (a base decode, then one with the
+  adapter merged), on the same weights and inputs in the same run.
 - ``peft_step_s``: PyTorch + PEFT, same shapes, when both are installed (else null).
 - ``mfu``: model FLOPs of our LoRA step / step time / the matmul peak measured here.
 """
@@ -38,6 +43,7 @@ import numpy as np
 
 from benchmarks import BATCH, RANK, SOURCE, TARGET
 from benchmarks.machine import median_s, machine, machine_lines, matmul_peak, peak_rss_kb
+from benchmarks.naive import naive_step
 from benchmarks.peft_baseline import peft_real_throughput, peft_step
 
 SMALL, BASE = "google/flan-t5-small", "google/flan-t5-base"
@@ -204,37 +210,61 @@ def full_step(name: str, precision: str, steps: int = 3) -> float:
     return median_s(lambda: float(fn(batch)[0]), steps)
 
 
+def _rows(tokens: np.ndarray) -> list[list[int]]:
+    """Generated ids per row without the trailing padding (id 0) that a longer row in the batch adds."""
+    return [np.trim_zeros(row, "b").tolist() for row in tokens]
+
+
 def translate_latency(name: str, precision: str) -> dict:
-    """Base + LoRA columns, as the app's Lab.translate does it, for 1 and 16 sentences."""
+    """Base + LoRA columns for 1 and 16 sentences, both ways on the same weights and inputs: as the app's
+    Lab.translate does it now (one decode of the sentences twice over, the second copy on W + ΔW:
+    core.rowsplit), and as it did before (a base decode, then a decode with the adapter merged in).
+    ``translate_outputs_equal`` says whether the two ways gave the same tokens."""
     import tensorflow as tf
 
     from lora_demo import adapters
-    from lora_demo.core.config import LoraConfig
     from lora_demo.analysis.evaluate import _compiled_generate
+    from lora_demo.core import rowsplit
+    from lora_demo.core.config import LoraConfig
     from lora_demo.core.inject import apply_lora, lora_layers, remove_lora
 
     model = _model(name, precision)
+    served = _model(name, precision)      # the same weights (copied before any adapter reorders them), with
+    served.set_weights(model.get_weights())   # second kernel slots
     cfg = LoraConfig(rank=RANK, targets=("q", "v"))
     apply_lora(model, cfg)
     for i, layer in enumerate(lora_layers(model)):
         layer.lora_B.assign(tf.random.stateless_normal(layer.lora_B.shape, seed=(i, 0)) * 0.01)
     state = adapters.adapter_state(model)
     remove_lora(model)
-    out = {}
+    layers = rowsplit.convert(served)
+    rowsplit.load(layers, {p: v + tf.cast(d, v.dtype) for p, (v, d) in adapters.kernel_updates(served, cfg, state).items()})
+    out, same = {}, True
     rng = np.random.default_rng(1)
     for n in (1, 16):
         ids = tf.constant(rng.integers(2, 4000, (n, 32)), tf.int32)
         mask = tf.ones_like(ids)
-        gen = _compiled_generate(model, n, 32, 64)
+        gen, gen2 = _compiled_generate(model, n, 32, 64), _compiled_generate(served, 2 * n, 32, 64)
+        ids2, mask2 = tf.concat([ids, ids], 0), tf.concat([mask, mask], 0)
+        rowsplit.split_of(served).row.assign(n)
         t = time.perf_counter()
         gen(ids, mask).numpy()
         out[f"translate_compile_{n}_s"] = time.perf_counter() - t
+        gen2(ids2, mask2).numpy()
 
-        def both():
-            gen(ids, mask).numpy()
+        def two():
+            base = gen(ids, mask).numpy()
             with adapters.merged_into(model, cfg, state):
-                gen(ids, mask).numpy()
-        out[f"translate_{n}_s"] = median_s(both, 3)
+                return base, gen(ids, mask).numpy()
+
+        def one():
+            return gen2(ids2, mask2).numpy()
+        base, merged = two()
+        halves = one()
+        same = same and _rows(halves) == _rows(base) + _rows(merged)
+        out[f"translate_{n}_two_decodes_s"] = median_s(two, 3)
+        out[f"translate_{n}_s"] = median_s(one, 3)
+    out["translate_outputs_equal"] = bool(same)
     return out
 
 
@@ -266,6 +296,22 @@ def child(kind: str, name: str, precision: str) -> None:
     print(json.dumps({"peak_rss_mb": round(peak_rss_kb() / 1024, 1)}))
 
 
+def _steps(model: str, prec: str, log) -> dict:
+    """Our step against the two baselines: the plain one (our layers, autograph on) and the naive one."""
+    from lora_demo.core.models import model_config
+
+    log("plain baseline step (tf.function, autograph on, fp32)...")
+    plain = lora_steps(model, "fp32", autograph=True)
+    log(f"our LoRA step ({prec})...")
+    ours = lora_steps(model, prec, autograph=False)
+    log("the naive LoRA step written from scratch (autograph on, Adam, fp32, dropout on)...")
+    naive = naive_step(model_config(model), _batch(), rank=RANK)
+    return dict(lora_step_s=ours["step_s"], plain_step_s=plain["step_s"], first_loss_s=ours["first_loss_s"],
+                plain_first_loss_s=plain["first_loss_s"], naive_step_s=naive["step_s"],
+                naive_first_loss_s=naive["first_loss_s"], naive_trained=naive["trained"],
+                naive_ratio=naive["step_s"] / ours["step_s"])
+
+
 def run(quick: bool = False, precision: str = "auto", log=print, model: str = SMALL) -> dict:
     """All figures in one run. ``model`` other than flan-t5-small (e.g. ``tiny``) is for smoke runs."""
     import tensorflow as tf
@@ -281,12 +327,7 @@ def run(quick: bool = False, precision: str = "auto", log=print, model: str = SM
     log("measuring the matmul peak...")
     fig["peak_gflops_fp32"] = matmul_peak("fp32")
     fig["peak_gflops_bf16"] = matmul_peak("bf16")
-    log("plain baseline step (tf.function, autograph on, fp32)...")
-    plain = lora_steps(model, "fp32", autograph=True)
-    log(f"our LoRA step ({prec})...")
-    ours = lora_steps(model, prec, autograph=False)
-    fig.update(lora_step_s=ours["step_s"], plain_step_s=plain["step_s"], first_loss_s=ours["first_loss_s"],
-               plain_first_loss_s=plain["first_loss_s"])
+    fig.update(_steps(model, prec, log))
     log("a second train() run with the same shapes...")
     fig.update(second_run(model, prec))
     pairs_n = fig["throughput_pairs"] = THROUGHPUT_PAIRS if model in (SMALL, BASE) else SMOKE_PAIRS
@@ -303,6 +344,7 @@ def run(quick: bool = False, precision: str = "auto", log=print, model: str = SM
     if prec != "fp32":
         log("our LoRA step (fp32, for reference)...")
         fig["lora_step_fp32_s"] = lora_steps(model, "fp32", autograph=False)["step_s"]
+    fig["naive_ratio_fp32"] = fig["naive_step_s"] / fig.get("lora_step_fp32_s", fig["lora_step_s"])
     log("full fine-tuning step (fp32)...")
     fig["full_step_s"] = full_step(model, "fp32")
     mem_model = model if quick else BASE
@@ -330,7 +372,9 @@ def _bf16_fast(f: dict) -> bool:
     return f["machine"]["cpu_isa"] in ("AMX", "AVX512-BF16")
 
 
-GOALS = [  # (label, goal text, passes(fig)): issue 15's goals, each a ratio within one run
+GOALS = [  # (label, goal text, passes(fig)): issues 15's and 28's goals, each a ratio within one run
+    ("our step vs the naive step", ">= 1.0x the naive step's speed, in fp32 and in the chosen precision",
+     lambda f: f["naive_ratio"] >= 1.0 and f["naive_ratio_fp32"] >= 1.0),
     ("real-data throughput vs PyTorch+PEFT", ">= 2x PEFT's tokens/s (train()'s default batching)",
      lambda f: None if f["peft_real_tokens_per_s"] is None else f["real_tokens_per_s"] >= 2 * f["peft_real_tokens_per_s"]),
     ("real-data throughput, --batching grouped, vs PyTorch+PEFT", ">= 2x PEFT's tokens/s",
@@ -354,7 +398,9 @@ def table(f: dict) -> str:
     rows = [
         ("LoRA step (ours, %s)" % f["precision"], f"{f['lora_step_s']:.3f} s",
          f"{x(f['plain_step_s'], f['lora_step_s'])} faster than plain"),
-        ("plain tf.function step (fp32)", f"{f['plain_step_s']:.3f} s", "baseline"),
+        ("plain tf.function step (fp32)", f"{f['plain_step_s']:.3f} s", "baseline (our layers, autograph on)"),
+        ("naive step from scratch (fp32)", f"{f['naive_step_s']:.3f} s",
+         f"ours runs at {f['naive_ratio']:.2f}x its speed ({f['precision']}), {f['naive_ratio_fp32']:.2f}x in fp32"),
         ("first loss point (ours)", f"{f['first_loss_s']:.1f} s", f"{x(f['plain_first_loss_s'], f['first_loss_s'])} "
                                                                   "sooner than plain"),
         ("first loss point (plain)", f"{f['plain_first_loss_s']:.1f} s", "trace, then first step"),
@@ -371,6 +417,9 @@ def table(f: dict) -> str:
          f"compile once: {f['translate_compile_1_s']:.0f} s"),
         ("translate 16 sentences, base + LoRA", f"{f['translate_16_s']:.2f} s",
          f"compile once: {f['translate_compile_16_s']:.0f} s"),
+        ("translate 16, as two decodes (before)", f"{f['translate_16_two_decodes_s']:.2f} s",
+         f"one decode is {x(f['translate_16_two_decodes_s'], f['translate_16_s'])} faster; same tokens: "
+         f"{'yes' if f['translate_outputs_equal'] else 'NO'}"),
         ("PyTorch + PEFT step", "not installed" if f["peft_step_s"] is None else f"{f['peft_step_s']:.3f} s",
          "" if f["peft_step_s"] is None else f"ours is {x(f['peft_step_s'], f['lora_step_s'])} faster"),
         (f"real data: ours, tokens/s ({f['precision']})", f"{f['real_tokens_per_s']:,.0f}",

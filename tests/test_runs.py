@@ -120,6 +120,32 @@ def test_merged_translation_matches_the_unmerged_adapter_and_restores_the_kernel
     assert base == base_u and merged == lora_u
 
 
+def test_both_columns_come_from_one_decode_equal_to_two_merged_decodes(recorded, bundled_tiny, tmp_path):
+    """The translate box's base and LoRA columns come from one batched decode (core.rowsplit): the
+    sentences twice over, the second copy on W + ΔW. Six sentences are decoded as one batch of 32 rows
+    (their bucket of 16, twice); the German equals a base decode and a merged decode, word for word."""
+    import shutil
+
+    from lora_demo.analysis.evaluate import translate
+    from lora_demo.core.state import state_of
+
+    shutil.copytree(recorded.dir, tmp_path / recorded.id)
+    lab = Lab(bundled_tiny, runs_dir=tmp_path, data_source="bundled")
+    n_weights = len(lab.translator.weights)
+    sentences = [p.en for p in _pairs("test", 6, "news").items]
+    base, lora = lab.translate(sentences, recorded.id, scale=2.0, session="s1")
+    assert {k[1] for k in state_of(lab.translator).generate} == {32}   # one decode, both halves
+    job = lab.jobs[recorded.id]
+    with lab.serving.use() as model:
+        assert base == translate(model, bundled_tiny.tokenizer, sentences)
+    with lab.serving.use(job.config.lora, lab.adapter_of(job), 2.0) as model:
+        assert lora == translate(model, bundled_tiny.tokenizer, sentences)
+    assert sum(b != m for b, m in zip(base, lora)) >= 3, list(zip(base, lora))   # the adapter shows
+    # nothing stays behind: no second kernel on, none counted as a weight
+    assert not any(bool(layer._second.on.numpy()) for layer in lab.serving.split_layers.values())
+    assert len(lab.translator.weights) == n_weights
+
+
 def test_download_import_and_merged_export_through_the_lab(recorded, bundled_tiny, tmp_path):
     """A run's adapter zip imports into another session as a run that translates identically; a bad
     upload changes nothing; the merged export of the imported run loads and matches it."""

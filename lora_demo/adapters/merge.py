@@ -69,6 +69,14 @@ def deltas(cfg: LoraConfig, state: dict[str, np.ndarray], scale: float = 1.0,
     return out
 
 
+def kernel_updates(model, cfg: LoraConfig, state: dict[str, np.ndarray], scale: float = 1.0) -> dict:
+    """{path: (the Dense's kernel variable, ΔW at ``scale``)} for an adapter's layers: what merging adds,
+    computed once for ``merged_into`` and for the split decode of the served model (lab.serving)."""
+    kernels = {s.path: getattr(s.owner, s.attr).kernel for s in dense_sites(model)}
+    base = {p: kernels[p].numpy() for p in _state_paths(state)} if cfg.method == "dora" else None
+    return {p: (kernels[p], d) for p, d in deltas(cfg, state, scale, base).items()}
+
+
 @contextlib.contextmanager
 def merged_into(model, cfg: LoraConfig, state: dict[str, np.ndarray], scale: float = 1.0):
     """Inside the block, ``model``'s kernels carry the adapter (W + ΔW); afterwards they are restored
@@ -80,9 +88,7 @@ def merged_into(model, cfg: LoraConfig, state: dict[str, np.ndarray], scale: flo
     backups = {}
     try:
         if cfg.adapter:
-            kernels = {s.path: getattr(s.owner, s.attr).kernel for s in dense_sites(model)}
-            base = {p: kernels[p].numpy() for p in _state_paths(state)} if cfg.method == "dora" else None
-            updates = [(kernels[p], d) for p, d in deltas(cfg, state, scale, base).items()]
+            updates = list(kernel_updates(model, cfg, state, scale).values())
         else:   # full fine-tuning: W + scale·(W_trained - W) for every weight
             from lora_demo.core.params import keras_name_to_path
 

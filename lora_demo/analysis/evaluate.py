@@ -94,6 +94,32 @@ def translate(model, tokenizer, sentences: list[str], max_new_tokens: int = 64, 
     return out
 
 
+def translate_split(model, tokenizer, sentences: list[str], max_new_tokens: int = 64,
+                    compiled: bool = True) -> tuple[list[str], list[str]]:
+    """(first, second) German of each sentence from one greedy decode per chunk of up to 16: the chunk
+    twice over, its rows split where the second copy starts, on a model whose layers carry second
+    kernels (core.rowsplit: rows before the split use W, rows from it W'). Each row is decoded as it
+    would be alone, so this equals two decodes, one per set of kernels."""
+    from lora_demo.core.rowsplit import NO_ROW, split_of
+
+    split = split_of(model)
+    first: list[str] = []
+    second: list[str] = []
+    try:
+        for i in range(0, len(sentences), BATCH_BUCKETS[-1]):
+            ids, mask, n = encode_chunk(tokenizer, [PROMPT + s for s in sentences[i:i + BATCH_BUCKETS[-1]]])
+            rows = ids.shape[0]
+            split.row.assign(rows)
+            gen = generate_ids(model, np.concatenate([ids, ids]), np.concatenate([mask, mask]), max_new_tokens,
+                               compiled)
+            texts = [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
+            first += texts[:n]
+            second += texts[rows:rows + n]
+    finally:
+        split.row.assign(NO_ROW)
+    return first, second
+
+
 def translate_both(model, tokenizer, sentences: list[str], scale: float = 1.0, **kw) -> tuple[list[str], list[str]]:
     """(base, LoRA) translations. Base is the adapter at scale 0, which is the base model exactly."""
     if not lora_layers(model):

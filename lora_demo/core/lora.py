@@ -217,15 +217,16 @@ class LoraDense(tf.keras.layers.Layer):
             return y
         c, s = self.knobs.scaling, self.knobs.scale
         h = self.dropout(x, training=training) if self.dropout is not None else x
-        h = tf.einsum("...i,ir->...r", tf.cast(h, self.lora_A.dtype), self.lora_A)   # (B, T, in) @ (in, r)
-        h = tf.einsum("...r,ro->...o", h, self.lora_B) * c                # (B, T, r) @ (r, out)
+        # tf.matmul broadcasts the (in, r) factor over (B, T): at the bench shape (flan-t5-small, batch 8,
+        # 64+64 tokens, r=8 on q,v, fp32) the step took 0.98 s this way against 1.28 s with tf.einsum
+        # ("...i,ir->...r") and two scalar products, on the AVX512-BF16 EPYC (BENCHMARKS.md).
+        h = tf.matmul(tf.matmul(tf.cast(h, self.lora_A.dtype), self.lora_A), self.lora_B)   # (B, T, out)
         if self.start is not None:   # minus the frozen start, on the undropped input: x·(W - c·A0·B0)
-            h0 = tf.einsum("...i,ir->...r", tf.cast(x, tf.float32), self.start.a0)
-            h -= tf.einsum("...r,ro->...o", h0, self.start.b0) * c
+            h -= tf.matmul(tf.matmul(tf.cast(x, tf.float32), self.start.a0), self.start.b0)
         if self.magnitude is not None:   # W'x = g ⊙ (x·W + c·x·A·B); blend: y + s·(W'x - y)
             g, yf = self._dora_gain(), tf.cast(y, tf.float32)
-            return tf.cast(yf + s * ((g - 1.0) * yf + g * h), y.dtype)
-        return y + tf.cast(h * s, y.dtype)
+            return tf.cast(yf + s * ((g - 1.0) * yf + g * (c * h)), y.dtype)
+        return y + tf.cast(h * (c * s), y.dtype)
 
     def merge(self) -> None:
         if self.merged:

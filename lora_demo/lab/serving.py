@@ -2,10 +2,12 @@
 
 A request merges the chosen run's update into the model's kernels (W + ΔW) for its own length and
 restores them bit for bit afterwards, so one session's adapter never leaks into another's
-translations and merged inference costs what the base costs. Its layers never change, so its
-compiled generate functions are traced once per shape for the life of the process: runs add no
-compiled programs. Translate, export, the run's samples and BLEU, inspection and analysis all come
-through here, one at a time.
+translations and merged inference costs what the base costs. The translate box's two columns (base
+and an adapter) come from one batched decode instead: each Dense carries a second kernel slot
+(core.rowsplit), filled with W + ΔW for the request, and the batch's second half uses it. Its layers
+never change after that, so its compiled generate functions are traced once per shape for the life of
+the process: runs add no compiled programs. Translate, export, the run's samples and BLEU, inspection
+and analysis all come through here, one at a time.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from lora_demo import adapters
 from lora_demo.analysis import anatomy
-from lora_demo.analysis.evaluate import translate
+from lora_demo.analysis.evaluate import translate, translate_split
+from lora_demo.core import rowsplit
 from lora_demo.core.config import LoraConfig
 from lora_demo.core.inject import base_kernels, lora_layers
 
@@ -28,6 +32,7 @@ class Serving:
         if lora_layers(model):
             raise ValueError("serve a plain base model (no LoRA layers)")
         self.model, self.tokenizer = model, tokenizer
+        self.split_layers = rowsplit.convert(model)    # before any compiled function is traced
         self.lock = threading.Lock()                   # one request at a time merges into the model
         self._kernels: dict[str, np.ndarray] | None = None
         self._norms: dict[str, float] | None = None
@@ -44,7 +49,17 @@ class Serving:
 
     def translate(self, sentences: list[str], cfg: LoraConfig | None = None, state: dict | None = None,
                   scale: float = 1.0) -> tuple[list[str], list[str]]:
-        """(base, with the update at ``scale``) German for each sentence; both the base when no ``state``."""
+        """(base, with the update at ``scale``) German for each sentence; both the base when no ``state``.
+        An adapter's two columns come from one decode (see the module); full fine-tuning changed every
+        weight, not only the Dense kernels, so its column is decoded on its own with the weights merged."""
+        if state is not None and cfg.adapter:
+            with self.lock:
+                updates = adapters.kernel_updates(self.model, cfg, state, scale)
+                rowsplit.load(self.split_layers, {p: var + tf.cast(d, var.dtype) for p, (var, d) in updates.items()})
+                try:
+                    return translate_split(self.model, self.tokenizer, sentences)
+                finally:
+                    rowsplit.clear(self.split_layers)
         with self.use() as model:
             base = translate(model, self.tokenizer, sentences)
         if state is None:
