@@ -28,6 +28,8 @@ weights (no download), batch 8, 64 source + 64 target tokens, LoRA r=8 on q,v.
   excluded; ``translate_*_two_decodes_s`` the way it was done before (a base decode, then one with the
   adapter merged), on the same weights and inputs in the same run.
 - ``peft_step_s``: PyTorch + PEFT, same shapes, when both are installed (else null).
+- ``profile``: the op types that take the most time in our step and in the naive one (TensorFlow's
+  profiler over two steps; ms per step and share of op time), so the two can be compared by op.
 - ``mfu``: model FLOPs of our LoRA step / step time / the matmul peak measured here.
 """
 
@@ -44,6 +46,7 @@ import numpy as np
 from benchmarks import BATCH, RANK, SOURCE, TARGET
 from benchmarks.machine import median_s, machine, machine_lines, matmul_peak, peak_rss_kb
 from benchmarks.naive import naive_step
+from benchmarks.profile import lines as profile_lines, op_table
 from benchmarks.peft_baseline import peft_real_throughput, peft_step
 
 SMALL, BASE = "google/flan-t5-small", "google/flan-t5-base"
@@ -81,8 +84,10 @@ def _model(name: str, precision: str):
         return build_random(name)
 
 
-def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5, eager_first: bool = True) -> dict:
-    """First-loss time (from adding the adapter) and median step time of one step flavour."""
+def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5, eager_first: bool = True,
+               profile: bool = False) -> dict:
+    """First-loss time (from adding the adapter) and median step time of one step flavour; with
+    ``profile``, also its op-type table (benchmarks/profile.py)."""
     import tensorflow as tf
 
     from lora_demo.training.compiled import spec
@@ -112,7 +117,10 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5, eager
         first_loss = float(fn(batch)[0])
         first_s = time.perf_counter() - t0
     fn(batch)
-    return {"first_loss_s": first_s, "step_s": median_s(lambda: float(fn(batch)[0]), steps), "loss": first_loss}
+    out = {"first_loss_s": first_s, "step_s": median_s(lambda: float(fn(batch)[0]), steps), "loss": first_loss}
+    if profile:
+        out["profile"] = op_table(lambda: float(fn(batch)[0]))
+    return out
 
 
 def second_run(name: str, precision: str) -> dict:
@@ -302,14 +310,15 @@ def _steps(model: str, prec: str, log) -> dict:
 
     log("plain baseline step (tf.function, autograph on, fp32)...")
     plain = lora_steps(model, "fp32", autograph=True)
-    log(f"our LoRA step ({prec})...")
-    ours = lora_steps(model, prec, autograph=False)
-    log("the naive LoRA step written from scratch (autograph on, Adam, fp32, dropout on)...")
-    naive = naive_step(model_config(model), _batch(), rank=RANK)
+    log(f"our LoRA step ({prec}), then profiled...")
+    ours = lora_steps(model, prec, autograph=False, profile=True)
+    log("the naive LoRA step written from scratch (autograph on, Adam, fp32, dropout on), then profiled...")
+    naive = naive_step(model_config(model), _batch(), rank=RANK, profile=op_table)
     return dict(lora_step_s=ours["step_s"], plain_step_s=plain["step_s"], first_loss_s=ours["first_loss_s"],
                 plain_first_loss_s=plain["first_loss_s"], naive_step_s=naive["step_s"],
                 naive_first_loss_s=naive["first_loss_s"], naive_trained=naive["trained"],
-                naive_ratio=naive["step_s"] / ours["step_s"])
+                naive_ratio=naive["step_s"] / ours["step_s"],
+                profile={"ours": ours["profile"], "naive": naive["profile"]})
 
 
 def run(quick: bool = False, precision: str = "auto", log=print, model: str = SMALL) -> dict:
@@ -442,12 +451,20 @@ def table(f: dict) -> str:
     lines = machine_lines(f["machine"]) + [""] if "machine" in f else []
     lines += [f"{'figure':<{w}}  {'value':>14}  note", "-" * (w + 40)]
     lines += [f"{a:<{w}}  {b:>14}  {c}" for a, b, c in rows]
-    lines += ["", "goals:"]
+    if "profile" in f:   # where each step's op time goes, by op type
+        lines += [""] + profile_lines(f"ours ({f['precision']}), top op types", f["profile"]["ours"])
+        lines += profile_lines("naive (fp32), top op types", f["profile"]["naive"])
+    return "\n".join(lines + ["", "goals:"] + goal_lines(f))
+
+
+def goal_lines(f: dict) -> list[str]:
+    """Each goal of GOALS, met, MISSED or not measured in this run."""
+    out = []
     for label, goal, ok in GOALS:
         try:
             result = ok(f)
         except (TypeError, KeyError, ZeroDivisionError):
             result = None
         met = "not measured in this run" if result is None else ("met" if result else "MISSED")
-        lines.append(f"  {label}: {goal} -> {met}")
-    return "\n".join(lines)
+        out.append(f"  {label}: {goal} -> {met}")
+    return out

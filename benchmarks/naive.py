@@ -38,9 +38,10 @@ def _attentions(model):
         yield block.layer[1].EncDecAttention
 
 
-def naive_step(config, batch: dict, rank: int = 8, alpha: float = 16.0, steps: int = 5) -> dict:
+def naive_step(config, batch: dict, rank: int = 8, alpha: float = 16.0, steps: int = 5, profile=None) -> dict:
     """Random-weight T5 of ``config`` with the naive LoRA on q and v: first-loss time (wrapping, trace and
-    step 1) and the median time of ``steps`` further steps on ``batch``."""
+    step 1) and the median time of ``steps`` further steps on ``batch``; ``profile(fn)``, if given, is
+    called on the warm step (benchmarks.profile.op_table) and its result returned as ``profile``."""
     from transformers import TFT5ForConditionalGeneration
 
     tf.keras.utils.set_random_seed(0)
@@ -66,5 +67,8 @@ def naive_step(config, batch: dict, rank: int = 8, alpha: float = 16.0, steps: i
     first = float(step(batch))
     first_s = time.perf_counter() - t0
     step(batch)
-    return {"first_loss_s": first_s, "step_s": median_s(lambda: float(step(batch)), steps), "loss": first,
-            "trained": int(sum(v.shape.num_elements() for v in trained))}
+    out = {"first_loss_s": first_s, "step_s": median_s(lambda: float(step(batch)), steps), "loss": first,
+           "trained": int(sum(v.shape.num_elements() for v in trained))}
+    if profile is not None:
+        out["profile"] = profile(lambda: float(step(batch)))
+    return out

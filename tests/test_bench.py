@@ -47,9 +47,16 @@ def test_bench_quick_json_emits_every_figure():
     assert fig["naive_trained"] == preview("micro", LoraConfig(rank=8, targets=("q", "v"))).trainable
     assert fig["naive_ratio"] == pytest.approx(fig["naive_step_s"] / fig["lora_step_s"])
     assert "naive LoRA step written from scratch" in proc.stderr
+    # the profile of both steps: op types with their time per step and share, matmuls among them
+    for side in ("ours", "naive"):
+        table_rows = fig["profile"][side]
+        assert table_rows and all(ms > 0 and 0 < pct <= 100 for _, ms, pct in table_rows), table_rows
+        assert sum(pct for _, _, pct in table_rows) <= 100.001
+        assert any("MatMul" in op for op, _, _ in table_rows), table_rows
     from benchmarks.bench import table   # the human-readable table prints the ratio and its goal
     text = table(fig)
     assert "naive step from scratch (fp32)" in text and "our step vs the naive step" in text
+    assert "naive (fp32), top op types:" in text
     # real data: one epoch of the same pairs for every flavour, so the same real tokens; ours all compiled,
     # and length grouping leaves less padding than one shape for all
     grouped, padded = fig["real_grouped"], fig["real_padded"]
