@@ -85,9 +85,9 @@ def _model(name: str, precision: str):
 
 
 def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5, eager_first: bool = True,
-               profile: bool = False) -> dict:
-    """First-loss time (from adding the adapter) and median step time of one step flavour; with
-    ``profile``, also its op-type table (benchmarks/profile.py)."""
+               profile=None) -> dict:
+    """First-loss time (from adding the adapter) and median step time of one step flavour; ``profile(fn)``,
+    if given, is called on the warm step (benchmarks.profile.op_table) and its result returned as ``profile``."""
     import tensorflow as tf
 
     from lora_demo.training.compiled import spec
@@ -118,8 +118,8 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5, eager
         first_s = time.perf_counter() - t0
     fn(batch)
     out = {"first_loss_s": first_s, "step_s": median_s(lambda: float(fn(batch)[0]), steps), "loss": first_loss}
-    if profile:
-        out["profile"] = op_table(lambda: float(fn(batch)[0]))
+    if profile is not None:
+        out["profile"] = profile(lambda: float(fn(batch)[0]))
     return out
 
 
@@ -246,7 +246,7 @@ def translate_latency(name: str, precision: str) -> dict:
     state = adapters.adapter_state(model)
     remove_lora(model)
     layers = rowsplit.convert(served)
-    rowsplit.load(layers, {p: v + tf.cast(d, v.dtype) for p, (v, d) in adapters.kernel_updates(served, cfg, state).items()})
+    rowsplit.load(layers, adapters.merged_kernels(served, cfg, state))
     out, same = {}, True
     rng = np.random.default_rng(1)
     for n in (1, 16):
@@ -311,7 +311,7 @@ def _steps(model: str, prec: str, log) -> dict:
     log("plain baseline step (tf.function, autograph on, fp32)...")
     plain = lora_steps(model, "fp32", autograph=True)
     log(f"our LoRA step ({prec}), then profiled...")
-    ours = lora_steps(model, prec, autograph=False, profile=True)
+    ours = lora_steps(model, prec, autograph=False, profile=op_table)
     log("the naive LoRA step written from scratch (autograph on, Adam, fp32, dropout on), then profiled...")
     naive = naive_step(model_config(model), _batch(), rank=RANK, profile=op_table)
     return dict(lora_step_s=ours["step_s"], plain_step_s=plain["step_s"], first_loss_s=ours["first_loss_s"],

@@ -127,6 +127,7 @@ def test_both_columns_come_from_one_decode_equal_to_two_merged_decodes(recorded,
     import shutil
 
     from lora_demo.analysis.evaluate import translate
+    from lora_demo.core import rowsplit
     from lora_demo.core.state import state_of
 
     shutil.copytree(recorded.dir, tmp_path / recorded.id)
@@ -142,7 +143,7 @@ def test_both_columns_come_from_one_decode_equal_to_two_merged_decodes(recorded,
         assert lora == translate(model, bundled_tiny.tokenizer, sentences)
     assert sum(b != m for b, m in zip(base, lora)) >= 3, list(zip(base, lora))   # the adapter shows
     # nothing stays behind: no second kernel on, none counted as a weight
-    assert not any(bool(layer._second.on.numpy()) for layer in lab.serving.split_layers.values())
+    assert not any(rowsplit.holds(layer) for layer in lab.serving.split_layers.values())
     assert len(lab.translator.weights) == n_weights
 
 

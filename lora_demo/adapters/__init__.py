@@ -23,11 +23,11 @@ from lora_demo.adapters.files import (CONFIG_FILE, FULL_FILE, KEY, MAGNITUDE, ME
                                       run_state, save_adapter, save_run_state, stored_rank, tensor_bytes, write_adapter,
                                       zip_dir)
 from lora_demo.adapters.merge import (assign_state, delta, delta_svd, deltas, export_merged, kernel_updates,
-                                     merged_into)
+                                     merged_into, merged_kernels)
 from lora_demo.adapters.upload import check_fits, parse_adapter, parse_safetensors, read_adapter, read_files
 
 __all__ = ["CONFIG_FILE", "FULL_FILE", "KEY", "MAGNITUDE", "MERGE_NOTE", "PREFIX", "WEIGHTS_FILE", "Adapter",
            "AdapterError", "adapter_state", "assign_state", "check_fits", "delta", "delta_svd", "deltas", "describe", "export_merged",
-           "full_state", "kernel_updates", "load_state", "merged_into", "parse_adapter", "parse_safetensors", "peft_config",
+           "full_state", "kernel_updates", "load_state", "merged_into", "merged_kernels", "parse_adapter", "parse_safetensors", "peft_config",
            "read_adapter", "read_files", "run_state", "save_adapter", "save_run_state", "stored_rank", "tensor_bytes",
            "write_adapter", "zip_dir"]

@@ -77,6 +77,13 @@ def kernel_updates(model, cfg: LoraConfig, state: dict[str, np.ndarray], scale: 
     return {p: (kernels[p], d) for p, d in deltas(cfg, state, scale, base).items()}
 
 
+def merged_kernels(model, cfg: LoraConfig, state: dict[str, np.ndarray], scale: float = 1.0) -> dict:
+    """{path: W + ΔW} for an adapter's layers, the same float32 sum ``merged_into`` leaves in the kernels."""
+    import tensorflow as tf
+
+    return {p: var + tf.cast(d, var.dtype) for p, (var, d) in kernel_updates(model, cfg, state, scale).items()}
+
+
 @contextlib.contextmanager
 def merged_into(model, cfg: LoraConfig, state: dict[str, np.ndarray], scale: float = 1.0):
     """Inside the block, ``model``'s kernels carry the adapter (W + ΔW); afterwards they are restored

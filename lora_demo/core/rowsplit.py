@@ -30,17 +30,13 @@ class _Split:
             self.row = tf.Variable(NO_ROW, dtype=tf.int32, trainable=False, name="split_row")
 
 
-class _Second:
-    """A layer's second kernel W' and whether it has one now (its shape follows what is assigned)."""
-
-    def __init__(self):
-        self.kernel = tf.Variable(tf.zeros((0, 0)), shape=tf.TensorShape([None, None]), trainable=False,
-                                  name="second_kernel")
-        self.on = tf.Variable(False, trainable=False, name="second_on")
+def _empty() -> tf.Tensor:
+    return tf.zeros((0, 0))
 
 
 class SplitDense(tf.keras.layers.Dense):
-    """A bias-free Dense whose rows from ``split.row`` on use ``second.kernel`` when ``second.on``."""
+    """A bias-free Dense whose rows from ``split.row`` on use its second kernel, when it holds one (an
+    empty 0 x 0 kernel is none)."""
 
     def call(self, inputs):
         dense = tf.keras.layers.Dense.call
@@ -48,10 +44,10 @@ class SplitDense(tf.keras.layers.Dense):
         def split():
             k = tf.minimum(self._split.row, tf.shape(inputs)[0])
             rank = inputs.shape.rank
-            second = tf.tensordot(inputs[k:], tf.cast(self._second.kernel, self.compute_dtype), [[rank - 1], [0]])
+            second = tf.tensordot(inputs[k:], tf.cast(self._second, self.compute_dtype), [[rank - 1], [0]])
             return tf.concat([dense(self, inputs[:k]), second], axis=0)
 
-        out = tf.cond(self._second.on, split, lambda: dense(self, inputs))
+        out = tf.cond(tf.size(self._second) > 0, split, lambda: dense(self, inputs))
         out.set_shape(inputs.shape[:-1].concatenate([self.units]))
         return out
 
@@ -71,7 +67,8 @@ def convert(model) -> dict[str, SplitDense]:
                 raise ValueError(f"{site.path}: expected a bias-free linear Dense as in T5")
             layer.__class__ = SplitDense
             object.__setattr__(layer, "_split", split)
-            object.__setattr__(layer, "_second", _Second())
+            object.__setattr__(layer, "_second", tf.Variable(   # W' (its shape follows what is assigned)
+                _empty(), shape=tf.TensorShape([None, None]), trainable=False, name="second_kernel"))
         if not isinstance(layer, SplitDense):
             raise ValueError(f"{site.path}: {type(layer).__name__} cannot take a second kernel")
         layers[site.path] = layer
@@ -82,22 +79,20 @@ def split_of(model) -> _Split:
     return model._lora_lab_split
 
 
+def holds(layer: SplitDense) -> bool:
+    """Whether the layer holds a second kernel now."""
+    return int(tf.size(layer._second)) > 0
+
+
 def load(layers: dict[str, SplitDense], kernels: dict[str, tf.Tensor]) -> None:
-    """Second kernels for the paths in ``kernels``; every other layer uses W for all rows."""
+    """Second kernels for the paths in ``kernels``; every other layer gives its memory back and uses W
+    for all rows."""
     for path, layer in layers.items():
         if path in kernels:
-            layer._second.kernel.assign(kernels[path])
-            layer._second.on.assign(True)
-        elif bool(layer._second.on.numpy()):
-            clear_one(layer)
-
-
-def clear_one(layer: SplitDense) -> None:
-    layer._second.on.assign(False)
-    layer._second.kernel.assign(tf.zeros((0, 0)))   # the memory goes back
+            layer._second.assign(kernels[path])
+        elif holds(layer):
+            layer._second.assign(_empty())
 
 
 def clear(layers: dict[str, SplitDense]) -> None:
-    for layer in layers.values():
-        if bool(layer._second.on.numpy()):
-            clear_one(layer)
+    load(layers, {})

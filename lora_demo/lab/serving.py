@@ -17,7 +17,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
 from lora_demo import adapters
 from lora_demo.analysis import anatomy
@@ -54,8 +53,7 @@ class Serving:
         weight, not only the Dense kernels, so its column is decoded on its own with the weights merged."""
         if state is not None and cfg.adapter:
             with self.lock:
-                updates = adapters.kernel_updates(self.model, cfg, state, scale)
-                rowsplit.load(self.split_layers, {p: var + tf.cast(d, var.dtype) for p, (var, d) in updates.items()})
+                rowsplit.load(self.split_layers, adapters.merged_kernels(self.model, cfg, state, scale))
                 try:
                     return translate_split(self.model, self.tokenizer, sentences)
                 finally:
