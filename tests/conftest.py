@@ -16,9 +16,12 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "TF_NUM_INTRAOP_THREADS" not in os.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import threading  # noqa: E402
+
 import lora_demo  # noqa: E402,F401  (pins Keras before TensorFlow loads)
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from gradio_client import Client  # noqa: E402
 from transformers import T5Config, TFT5ForConditionalGeneration  # noqa: E402
 
 
@@ -84,38 +87,32 @@ def launch(tmp_path, *args, env: dict | None = None):
     raise TimeoutError("app did not start")
 
 
-def _lab_client_class():
-    """``gradio_client.Client`` with its one stream race closed (gradio_client 2.x, with Gradio 6.17's sse_v3).
+class LabClient(Client):
+    """``gradio_client.Client`` with its one stream race closed (gradio_client 2.5, with Gradio 6.17's sse_v3).
 
     The server ends a session's event stream right after the last pending event completes
     (``close_stream``). A client's ``predict`` returns on ``process_completed``, a moment before its stream
     thread has read ``close_stream`` and finished. If the next request is posted in that moment, the client
     either sees the stream still open and opens none, or finds the old stream's future not yet done; either
     way the old stream's done-callback then appends ``None`` to every pending event, the new one included,
-    and that request fails with an empty ``CancelledError`` (seen once in CI, on the bad-input test's second
-    request). This client waits, before posting, for a stream with nothing pending to finish and for its
-    callbacks to run; with a request in flight on the same client (never done in these tests) it posts at
-    once, as the library does."""
-    import threading
+    and that request fails with an empty ``CancelledError`` (seen once in CI, on the twelfth of the
+    bad-input test's back-to-back requests). This client waits, before posting, for a stream with nothing
+    pending to finish and for its callbacks to run; with a request in flight on the same client (never done
+    in these tests) it posts at once, as the library does."""
 
-    from gradio_client import Client
-
-    class LabClient(Client):
-        def send_data(self, data, hash_data, protocol, request_headers):
-            future = self.streaming_future
-            if future is not None and not self.pending_event_ids:
-                finished = threading.Event()
-                future.add_done_callback(lambda _: finished.set())   # runs after the library's own callback
-                if not finished.wait(30):
-                    raise TimeoutError("the previous event stream did not close within 30 s")
-            return super().send_data(data, hash_data, protocol, request_headers)
-
-    return LabClient
+    def send_data(self, data, hash_data, protocol, request_headers):
+        future = self.streaming_future
+        if future is not None and not self.pending_event_ids:
+            finished = threading.Event()
+            future.add_done_callback(lambda _: finished.set())   # runs after the library's own callback
+            if not finished.wait(30):
+                raise TimeoutError("the previous event stream did not close within 30 s")
+        return super().send_data(data, hash_data, protocol, request_headers)
 
 
-def lab_client(url: str):
-    """A gradio client for one test's requests, one at a time (see ``_lab_client_class``)."""
-    return _lab_client_class()(url, verbose=False)
+def lab_client(url: str) -> LabClient:
+    """A gradio client for one test's requests, one at a time (see ``LabClient``)."""
+    return LabClient(url, verbose=False)
 
 
 def final_row(url: str, run_id: str, timeout: float = 300) -> dict:
