@@ -34,11 +34,14 @@ def test_news_is_bundled_byte_identical_and_split_by_year():
     with gzip.open(data.BUNDLED_DIR / "news.jsonl.gz", "rb") as fh:
         digest = hashlib.sha256(fh.read()).hexdigest()
     assert digest == "4266a4141d847f24d594a5dc06d1e2465753597855e46ba667669e1e271eac64"
-    train = data.training_pairs("news", 20000)          # all of newstest2008-2013
+    train = data.training_pairs("news", 20000)          # all of newstest2008-2010
     held = data.heldout_pairs("news", 500)
-    assert len(train) == data.NEWS_TRAIN_PAIRS == 16071 and len(held) == 500 and held.split == "newstest2014"
+    base = data.news_pairs(data.NEWS_BASE_SETS)          # newstest2011-2013: the tiny base's news
+    assert len(train) == data.NEWS_TRAIN_PAIRS == 7065 and len(held) == 500 and held.split == "newstest2014"
+    assert len(base) == 9006 and train.split == "news: newstest2008-2010"
     assert train.items[0].en == "Food: Where European inflation slipped up"
     assert not {p.en for p in train.items} & {p.en for p in held.items}   # held out: never trained on
+    assert not {p.en for p in base.items} & ({p.en for p in train.items} | {p.en for p in held.items})
 
 
 def test_europarl_held_out_rows_are_never_training_rows():

@@ -36,10 +36,10 @@ METHOD_LABELS = {
 DATASETS = TRAIN_PAIRS
 # Sentences translated at every evaluation point of a run, base model first. Chosen by measurement
 # (docs/default-run.md): of 104 short newstest2014 sentences (never trained on), the three whose chrF
-# against the reference rose most on every one of three seeds of the default run, on the tiny of 2026-12-04.
-DEFAULT_SAMPLES = ("13.7 billion years ago, our cosmos was created by the Big Bang.",
-                   "2014 is to be a year of celebration in Geisingen",
-                   "In addition to this, there were also electrical machines for wood processing.")
+# against the reference rose most on every one of three seeds of the default run, on the tiny of 2026-12-05.
+DEFAULT_SAMPLES = ("It was not something people wanted.",
+                   "Built by experts",
+                   "A deed was drafted in Kirchen, in which both towns are mentioned.")
 MAX_SAMPLES, MAX_SAMPLE_CHARS = 5, 200
 
 
@@ -214,12 +214,12 @@ FIRST_STEP = ("eager", "compiled")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Defaults measured on the bundled offline model (docs/default-run.md): about a minute on 2 cores
-    # with loading and scoring; the held-out loss falls 1.7-1.8% over three seeds (the 5% aim is not met).
-    steps: int = 120                # ~33 s of training on tiny (2 cores), ~1 min with loading and scoring
+    # Defaults measured on the bundled offline model (docs/default-run.md): under a minute on 2 cores
+    # with loading and scoring; the held-out loss falls 0.6-1.0% over three seeds (the 5% aim is not met).
+    steps: int = 120                # ~22 s of training on tiny (2 cores, 2026-12-05), under 1 min with loading and scoring
     batch_size: int = 8
-    lr: float = 1e-3                # measured on tiny (docs/default-run.md): held-out -1.7% at 1e-3, -1.4% at 2e-3,
-                                    # -0.2% at 3e-3 over 240 steps (the training pairs' loss falls, news does not)
+    lr: float = 1e-3                # measured on tiny (docs/default-run.md): held-out -0.6% at 1e-3, -0.7% at 3e-4,
+                                    # +1.0% at 3e-3 (the training pairs' loss falls, news barely does)
     train_size: int = 1024          # pairs from the start of the training data: ~1 epoch in a default run
     seed: int = 0                   # weights of A, dropout and data order all follow it
     optimizer: str = "adamw"
@@ -231,7 +231,7 @@ class TrainConfig:
     max_source_len: int = 64
     max_target_len: int = 64
     bleu_size: int = 100            # newstest2016 sentences scored with BLEU/chrF after the run; 0 = skip
-    data: str = "news"              # training data: "news" (newstest2008-2013) or "europarl" (WMT16 train)
+    data: str = "news"              # training data: "news" (newstest2008-2010) or "europarl" (WMT16 train)
     heldout_size: int = 64          # fixed held-out pairs of the training distribution, never trained on
     early_stop: int = 0             # stop when the held-out loss has not improved for N evaluations; 0 = off
     samples: tuple[str, ...] = DEFAULT_SAMPLES   # translated at every evaluation point

@@ -27,8 +27,8 @@ TINY_DIR = ASSETS / "tiny"
 BUNDLED = {"tiny": TINY_DIR, "micro": ASSETS / "micro"}
 DEFAULT_MODEL = "google/flan-t5-small"
 SHIPPED_CONFIGS = {"google/flan-t5-small": "flan-t5-small.json", "google/flan-t5-base": "flan-t5-base.json"}
-TINY_LABEL = ("tiny (bundled offline model: a 10M-parameter T5 pre-trained from scratch on Multi30k captions and "
-              "Europarl; see assets/tiny/build_info.json)")
+TINY_LABEL = ("tiny (bundled offline model: a 10M-parameter T5 pre-trained from scratch on Multi30k captions, "
+              "Europarl and newstest2011-2013 news; see assets/tiny/build_info.json)")
 MICRO_LABEL = "micro (bundled test model: a 2.5M-parameter T5, not a translator)"
 
 

@@ -90,7 +90,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("train.seed", "int", "seed", ("seed",), "--seed", ("seed",), "seed", 0, 2**31 - 1),
     S("", "int", "seeds", ("seeds",), "--seeds", ("seeds",), "repeat with N seeds (seed, seed+1, …)", 1, 5, 1),
     S("train.data", "choice", "data", ("data",), "--dataset", ("data",), "training data", choices=tuple(DATASETS),
-      help="training data: news (newstest2008-2013; held-out curve on newstest2014) or europarl (the WMT16 "
+      help="training data: news (newstest2008-2010; held-out curve on newstest2014) or europarl (the WMT16 "
            "train split; held-out curve on Europarl rows 19,500+)"),
     S("train.bleu_size", "int", "bleu", ("bleu_size",), "--bleu-size", ("bleu_size",),
       "BLEU/chrF sentences after the run (newstest2016; 0 = skip)", 0, 500, 10),

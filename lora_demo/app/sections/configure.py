@@ -89,7 +89,7 @@ def _training_fields() -> dict:
         seed = _number("seed", dflt.seed, precision=0)
     bleu_size = _slider("bleu", dflt.bleu_size, "bleu-size")
     with gr.Row():
-        data = gr.Dropdown([("news (newstest2008–2013; held-out: newstest2014)", "news"),
+        data = gr.Dropdown([("news (newstest2008–2010; held-out: newstest2014)", "news"),
                             ("Europarl (WMT16 train; held-out: rows 19,500+)", "europarl")],
                            value=dflt.data, label=_label("data"), elem_id="data")
         seeds = _slider("seeds", settings.BY_KEY["seeds"].default)
