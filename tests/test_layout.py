@@ -53,3 +53,19 @@ def test_each_app_section_builds_into_a_dataclass():
         build = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build")
         returned = ast.unparse(build.returns) if build.returns else None
         assert returned in dataclasses, (path.name, returned, dataclasses)
+
+
+def test_every_binary_in_the_tree_goes_through_lfs_on_a_space():
+    """A Space refuses plain files over 10 MB: .gitattributes routes every tracked binary through LFS
+    (git's own answer, from `git check-attr`), and leaves text files as text."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    paths = [p for p in files.decode().split("\0") if p and (ROOT / p).is_file()]
+    binary = [p for p in paths if b"\0" in (ROOT / p).read_bytes()[:8192]]
+    assert {"assets/tiny/tf_model.h5", "docs/img/screenshot.png"} <= set(binary)
+    out = subprocess.run(["git", "check-attr", "filter", "--", *binary, "app.py", "README.md"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    attr = dict(line.rsplit(": filter: ", 1) for line in out.splitlines())
+    assert [p for p in binary if attr[p] != "lfs"] == []
+    assert attr["app.py"] == attr["README.md"] == "unspecified"
