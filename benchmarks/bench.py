@@ -30,6 +30,10 @@ weights (no download), batch 8, 64 source + 64 target tokens, LoRA r=8 on q,v.
 - ``peft_step_s``: PyTorch + PEFT, same shapes, when both are installed (else null).
 - ``profile``: the op types that take the most time in our step and in the naive one (TensorFlow's
   profiler over two steps; ms per step and share of op time), so the two can be compared by op.
+- ``default_run_s``: the default run's training time (steps and evaluation points), run as a user runs
+  it (``python -m lora_demo train``, every default) in its own process; details (steps, mean step,
+  evaluation points, the whole command's time) under ``default_run``. On a test model (micro, tiny) it
+  is cut to 20 steps, a smoke run.
 - ``mfu``: model FLOPs of our LoRA step / step time / the matmul peak measured here.
 """
 
@@ -45,6 +49,7 @@ import numpy as np
 
 from benchmarks import BATCH, RANK, SOURCE, TARGET
 from benchmarks.machine import median_s, machine, machine_lines, matmul_peak, peak_rss_kb
+from benchmarks.default_run import default_run
 from benchmarks.naive import naive_step
 from benchmarks.profile import lines as profile_lines, op_table
 from benchmarks.peft_baseline import peft_real_throughput, peft_step
@@ -150,6 +155,7 @@ def second_run(name: str, precision: str) -> dict:
 
 THROUGHPUT_PAIRS = 256   # bundled news pairs for the real-data figures: one epoch of 32 batches of 8
 SMOKE_PAIRS = 64         # the same on a test model (micro, tiny): a smoke run that checks the figures print
+DEFAULT_RUN_SMOKE_STEPS = 20   # on a test model: the default run cut to one evaluation interval, no BLEU
 
 
 def _tiny_tokenizer(name: str):
@@ -370,6 +376,10 @@ def run(quick: bool = False, precision: str = "auto", log=print, model: str = SM
     fig.update(translate_latency(model, "fp32"))
     log("PyTorch + PEFT step (if installed)...")
     fig["peft_step_s"] = peft_step(model, _batch())
+    short = None if model in (SMALL, BASE) else DEFAULT_RUN_SMOKE_STEPS
+    log(f"the default run, as `python -m lora_demo train` runs it ({short or 'all'} steps, its own process)...")
+    fig["default_run"] = default_run(model, prec, short, tokenizer)
+    fig["default_run_s"] = fig["default_run"]["training_s"]
     flops = step_flops(model_config(model))
     peak = fig["peak_gflops_bf16"] if prec == "bf16" else fig["peak_gflops_fp32"]
     fig["step_gflop"] = flops / 1e9
@@ -398,6 +408,8 @@ GOALS = [  # (label, goal text, passes(fig)): issues 15's and 28's goals, each a
     ("translate 16 sentences (base + LoRA)", "<= 3 s (the goal is set for AVX2)",
      lambda f: f["translate_16_s"] <= 3),
     ("second run, same shapes", "no tracing again", lambda f: not f["second_run_traced"]),
+    ("the default run on flan-t5-small", "about a minute of training (<= 75 s) on 2 cores",
+     lambda f: None if not (f["default_run"]["default"] and f["model"] == SMALL) else f["default_run_s"] <= 75),
 ]
 
 
@@ -444,6 +456,11 @@ def table(f: dict) -> str:
         ("MFU of our LoRA step", f"{100 * f['mfu']:.1f}%", f"{f['step_gflop']:.0f} GFLOP/step; peak "
          f"{f['peak_gflops_' + f['precision']]:.0f} GFLOP/s ({f['precision']}, measured)"),
     ]
+    d = f.get("default_run")
+    if d:
+        rows.append(("default run (`train`, every default)" if d["default"] else f"default run cut to {d['steps']} steps",
+                     f"{d['training_s']:.1f} s", f"training: {d['steps']} steps of {d['mean_step_s']:.3f} s and "
+                     f"{d['eval_points']} evaluation points; the whole command {d['command_s']:.0f} s"))
     if "base_lora_step_s" in f:
         rows.append(("flan-t5-base LoRA / full step", f"{f['base_lora_step_s']:.2f} / {f['base_full_step_s']:.2f} s",
                      ""))

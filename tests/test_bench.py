@@ -17,7 +17,8 @@ from lora_demo.core.params import preview
 
 KEYS = ["lora_step_s", "plain_step_s", "first_loss_s", "plain_first_loss_s", "full_step_s", "peak_rss_lora_mb",
         "peak_rss_full_mb", "translate_1_s", "translate_16_s", "translate_16_two_decodes_s", "peft_step_s", "mfu", "real_tokens_per_s", "grouped_tokens_per_s", "peak_rss_lora_compiled_first_mb",
-        "peft_real_tokens_per_s", "naive_step_s", "naive_first_loss_s", "naive_ratio", "naive_ratio_fp32"]
+        "peft_real_tokens_per_s", "naive_step_s", "naive_first_loss_s", "naive_ratio", "naive_ratio_fp32",
+        "default_run_s"]
 
 
 @pytest.mark.slow
@@ -53,10 +54,15 @@ def test_bench_quick_json_emits_every_figure():
         assert table_rows and all(ms > 0 and 0 < pct <= 100 for _, ms, pct in table_rows), table_rows
         assert sum(pct for _, _, pct in table_rows) <= 100.001
         assert any("MatMul" in op for op, _, _ in table_rows), table_rows
+    # the default run as `train` runs it, in its own process, cut to 20 steps on a test model: one evaluation
+    # interval, so the base point and one more on the held-out curve
+    run = fig["default_run"]
+    assert (run["steps"], run["default"], run["eval_points"]) == (20, False, 2), run
+    assert 0 < run["mean_step_s"] * run["steps"] < run["training_s"] < run["command_s"]
     from benchmarks.bench import table   # the human-readable table prints the ratio and its goal
     text = table(fig)
     assert "naive step from scratch (fp32)" in text and "our step vs the naive step" in text
-    assert "naive (fp32), top op types:" in text
+    assert "naive (fp32), top op types:" in text and "default run cut to 20 steps" in text
     # real data: one epoch of the same pairs for every flavour, so the same real tokens; ours all compiled,
     # and length grouping leaves less padding than one shape for all
     grouped, padded = fig["real_grouped"], fig["real_padded"]
