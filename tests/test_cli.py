@@ -88,7 +88,7 @@ def test_train_then_translate_with_the_adapter(tmp_path):
 # the tiny rebuilt 2026-12-05 (8,400 steps, news 2011-2013 in its mix): the held-out loss fell by 0.024,
 # 0.032 and 0.043, and the loss of 32 fixed training pairs by 0.198, 0.212 and 0.229; an adapter that learned
 # nothing leaves both exactly at the base model's. The smoothed train loss (different batches each step, so
-# noisier) fell by 0.072-0.135. Each margin is half the smallest fall measured.
+# noisier) fell by 0.072-0.135. The held-out and probe margins are half the smallest fall measured.
 HELDOUT_MARGIN = 0.012
 PROBE_MARGIN = 0.1
 SMOOTHED_MARGIN = 0.03
