@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 
-def default_run(name: str, precision: str, steps: int | None = None, tokenizer=None) -> dict:
+def default_run(name: str, precision: str, tokenizer, steps: int | None = None) -> dict:
     """Training seconds (steps and evaluation points, from the run's record), mean step, and the wall
     time of the whole command (load and the BLEU scoring after the run included). ``steps`` shortens
     the run (a smoke run); None is the default run."""
@@ -24,10 +24,10 @@ def default_run(name: str, precision: str, steps: int | None = None, tokenizer=N
         model_dir, run_dir = Path(tmp) / "model", Path(tmp) / "run"
         build_random(name).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-        args = ["--model", str(model_dir), "--precision", precision, "--out", str(run_dir)]
-        args += ["--steps", str(steps), "--bleu-size", "0"] if steps else []
+        options = ["--precision", precision] + (["--steps", str(steps), "--bleu-size", "0"] if steps else [])
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "lora_demo", "train", *args], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "lora_demo", "train", "--model", str(model_dir), *options,
+                               "--out", str(run_dir)], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode:
             raise RuntimeError(f"the default run failed: {proc.stderr[-2000:]}")
@@ -36,4 +36,4 @@ def default_run(name: str, precision: str, steps: int | None = None, tokenizer=N
     return {"model": name, "steps": s["steps_done"], "default": steps is None, "training_s": s["elapsed_s"],
             "mean_step_s": s["mean_step_s"], "first_loss_s": s["first_loss_s"],
             "eval_points": len(rec["heldout_losses"]), "bleu_size": cfg["bleu_size"], "command_s": wall,
-            "args": " ".join(args[:1] + ["<random " + name + ">"] + args[2:4] + args[6:])}
+            "args": " ".join(["--model", f"<random {name}>", *options])}

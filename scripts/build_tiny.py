@@ -73,8 +73,8 @@ class Recipe:
     buckets: tuple            # padded lengths; () = every batch padded to 64 + 64, long pairs truncated
     train_rows: tuple         # Europarl rows the base trains on
     heldout_rows: tuple       # Europarl rows held out for the in-domain score
-    precision: str            # "fp32"; "auto": pure bf16 where the CPU has fast bf16; "mixed": Keras'
-                              # mixed_bfloat16 there (float32 weights, bf16 matmuls), else fp32. Saved as float32.
+    precision: str            # "fp32", or "mixed": Keras' mixed_bfloat16 where the CPU has fast bf16
+                              # (float32 weights, bf16 matmuls), else fp32. Weights are float32 either way.
     optimizer: str = "adam"   # "adam", or "adafactor": updates scaled by each weight's RMS
     corpora: tuple = ("europarl",)          # what the base trains on ("multi30k", "europarl", "news_base")
     repeats: tuple = ()       # (corpus, times) pairs: corpora seen more than once per epoch
@@ -257,18 +257,13 @@ def what_the_base_saw(recipe: Recipe) -> str:
             f"{', '.join(recipe.vocab_corpora)} text; {news}.")
 
 
-def build_policy(precision: str) -> str:
-    """The Keras policy the base is built and trained under: "mixed" is mixed_bfloat16 (float32 weights,
-    bf16 matmuls: 1.5x faster per step on the AVX512-BF16 EPYC) where the CPU has fast bf16, else float32."""
-    if precision == "mixed":
-        return "mixed_bfloat16" if models.resolve_precision("auto") == "bf16" else "float32"
-    return "bfloat16" if models.resolve_precision(precision) == "bf16" else "float32"
-
-
-def to_float32(model, precision: str):
-    """The model to save: a bf16-built model's weights copied into a float32 one, since bf16 weights
-    in tf_model.h5 do not load back into the float32 model the app builds."""
-    return models.copy_model(model, "fp32") if precision == "bf16" else model
+def build_precision(precision: str) -> str:
+    """What the base is built and trained under (``models.precision_policy``): "mixed" where the CPU has
+    fast bf16 (bf16 matmuls, 1.5x faster per step on the AVX512-BF16 EPYC), else "fp32". Pure bf16 is
+    never used here: its weights would be saved as bf16, which the app's float32 model cannot load."""
+    if precision not in ("mixed", "fp32"):
+        raise ValueError(f"a recipe's precision is 'mixed' or 'fp32', got {precision!r}")
+    return "mixed" if precision == "mixed" and models.resolve_precision("auto") == "bf16" else "fp32"
 
 
 def main(argv=None) -> None:
@@ -284,8 +279,7 @@ def main(argv=None) -> None:
         recipe = replace(recipe, steps=args.steps, warmup=min(recipe.warmup, args.steps // 4))
     if args.eval_every is not None:
         recipe = replace(recipe, eval_every=args.eval_every)
-    policy = build_policy(recipe.precision)
-    precision = "bf16" if policy == "bfloat16" else "fp32"
+    precision = build_precision(recipe.precision)
 
     tf.keras.utils.set_random_seed(args.seed)
     tf.config.experimental.enable_op_determinism()
@@ -301,19 +295,14 @@ def main(argv=None) -> None:
     train_vocab([p for c in recipe.vocab_corpora for p in corpora[c]], out, recipe.config["vocab_size"])
     tokenizer = T5TokenizerFast(vocab_file=str(out / "spiece.model"), extra_ids=0)
     config = T5Config(**recipe.config, **LAYOUT, dropout_rate=recipe.dropout)
-    before = tf.keras.mixed_precision.global_policy()
-    tf.keras.mixed_precision.set_global_policy(policy)
-    try:
+    with models.precision_policy(precision):
         model = TFT5ForConditionalGeneration(config)
         model(model.dummy_inputs)
-    finally:
-        tf.keras.mixed_precision.set_global_policy(before)
     # transformers initialises the untied lm_head with stddev 1, which gives a
     # first loss near 40 at this width; scale it to stddev d_model**-0.5.
     model.lm_head.kernel.assign(model.lm_head.kernel * config.d_model**-0.5)
 
     trained = pretrain(model, tokenizer, train_pairs, recipe, args.seed, heldout)
-    model = to_float32(model, precision)
     model.config.dropout_rate = 0.0  # the shipped model has no dropout; LoRA has its own
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -323,7 +312,7 @@ def main(argv=None) -> None:
     card = {
         "built_by": f"scripts/build_tiny.py --size {args.size}" + (f" --steps {args.steps}" if args.steps else ""),
         "seed": args.seed,
-        "recipe": {**asdict(recipe), "precision": policy},
+        "recipe": {**asdict(recipe), "precision": {"mixed": "mixed_bfloat16", "fp32": "float32"}[precision]},
         "params": int(shipped.count_params()),
         "what_the_base_saw": what_the_base_saw(recipe),
         "training": trained,

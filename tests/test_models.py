@@ -91,6 +91,24 @@ def test_precision_auto_follows_the_hardware():
         resolve_precision("fp16")   # T5 overflows in fp16
 
 
+def test_precision_policy_stores_bf16_once_or_keeps_float32_weights_when_mixed():
+    """bf16 stores the weights in bf16; "mixed" (the tiny base's build) keeps float32 weights and computes in
+    bf16, so a model it trains saves float32 weights; the global policy is restored after either."""
+    from lora_demo.core.models import precision_policy
+
+    before = tf.keras.mixed_precision.global_policy().name
+    for precision, weights, compute in (("bf16", "bfloat16", "bfloat16"), ("mixed", "float32", "bfloat16"),
+                                        ("fp32", "float32", "float32")):
+        with precision_policy(precision):
+            layer = tf.keras.layers.Dense(4)
+            out = layer(tf.ones((1, 3)))
+        assert (layer.kernel.dtype.name, out.dtype.name) == (weights, compute), precision
+        assert tf.keras.mixed_precision.global_policy().name == before
+    with pytest.raises(ValueError, match="precision must be one of"):
+        with precision_policy("fp16"):
+            pass
+
+
 def test_offline_the_page_says_it_fell_back_to_tiny(tmp_path):
     """The default model offline: the page built on it says at the top that it runs the bundled tiny and how to
     choose a model (built in-process; the suite's launched app runs micro)."""

@@ -268,9 +268,15 @@ def precision_policy(precision: str):
     one to bf16 in every step, which costs the casts' time and holds their copies for the backward
     pass. The computation is the same either way, since a frozen weight rounded once equals one
     rounded per step. LoRA factors, their gradients, the optimiser state and the loss stay float32
-    (LoraDense is float32 whatever the policy)."""
+    (LoraDense is float32 whatever the policy).
+
+    "mixed" is Keras' mixed_bfloat16 (float32 weights, bf16 compute): what trains every weight, as the
+    tiny base's build does, since bf16-stored weights would lose its small updates."""
+    policies = {"bf16": "bfloat16", "fp32": "float32", "mixed": "mixed_bfloat16"}
+    if precision not in policies:
+        raise ValueError(f"precision must be one of {', '.join(policies)}, got {precision!r}")
     before = tf.keras.mixed_precision.global_policy()
-    tf.keras.mixed_precision.set_global_policy("bfloat16" if precision == "bf16" else "float32")
+    tf.keras.mixed_precision.set_global_policy(policies[precision])
     try:
         yield
     finally:

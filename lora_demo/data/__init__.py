@@ -153,16 +153,15 @@ def training_pairs(dataset: str, n: int, source: str = "auto") -> Pairs:
     """The first ``n`` training pairs of ``dataset``: "news" (newstest2008-2010, bundled) or
     "europarl" (the WMT16 train split, hub or bundled; its first rows are Europarl)."""
     if dataset == "news":
-        items = _read_bundled("news", n, sets=NEWS_TRAIN_SETS)
-        return Pairs(tuple(items), "bundled", NEWS_TRAIN_NAME)
+        return news_pairs(NEWS_TRAIN_SETS, n, name=NEWS_TRAIN_NAME)
     if n > EUROPARL_HELDOUT_START:
         raise ValueError(f"at most {EUROPARL_HELDOUT_START} Europarl training pairs; the rest are held out")
     return load_pairs("train", n, source=source)
 
 
-def news_pairs(sets: tuple[str, ...]) -> Pairs:
-    """Every bundled news pair of the named newstest ``sets`` (for the tiny base's build)."""
-    return Pairs(tuple(_read_bundled("news", None, sets=sets)), "bundled", "news: " + ", ".join(sets))
+def news_pairs(sets: tuple[str, ...], n: int | None = None, name: str | None = None) -> Pairs:
+    """The first ``n`` (default: every) bundled news pairs of the newstest ``sets``, in file order."""
+    return Pairs(tuple(_read_bundled("news", n, sets=sets)), "bundled", name or "news: " + ", ".join(sets))
 
 
 def heldout_pairs(dataset: str, n: int) -> Pairs:
