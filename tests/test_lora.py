@@ -168,3 +168,25 @@ def test_step_dropout_masks_follow_seed_and_step_in_eager_and_compiled_code():
     clock.seed.assign(3)
     np.testing.assert_array_equal(compiled(x).numpy(), a)       # and back: a pure function of both
     np.testing.assert_array_equal(drop(x, training=False).numpy(), x.numpy())
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 512), (31, 5, 77)])   # even last axis: two flags per draw; odd: one
+def test_step_dropout_drops_at_its_rate_and_the_same_elements_in_bf16_and_fp32(shape):
+    from lora_demo.core.lora import DropoutClock, StepDropout
+
+    clock = DropoutClock()
+    clock.seed.assign(5)
+    drop = StepDropout(0.1, clock, salt=3)
+    x = tf.random.stateless_uniform(shape, (1, 2), 1.0, 2.0)
+    fp32 = drop(x, training=True).numpy()
+    bf16 = drop(tf.cast(x, tf.bfloat16), training=True).numpy().astype(np.float32)
+    dropped = fp32 == 0
+    np.testing.assert_array_equal(bf16 == 0, dropped)
+    sd = (0.1 * 0.9 / dropped.size) ** 0.5
+    assert abs(dropped.mean() - 0.1) < 5 * sd                     # P(drop) = 6,554 / 65,536 = 0.10001
+    np.testing.assert_allclose(fp32[~dropped], x.numpy()[~dropped] / 0.9, rtol=1e-6)   # kept: scaled by 1/(1-rate)
+    assert len(set(map(tuple, dropped.reshape(-1, shape[-1])[:64]))) == 64            # rows differ: no repeated draw
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = drop(x, training=True)
+    np.testing.assert_allclose(tape.gradient(y, x).numpy(), np.where(dropped, 0.0, 1 / 0.9), rtol=1e-6)   # d/dx = mask

@@ -56,7 +56,42 @@ class StepDropout(tf.keras.layers.Layer):
     def call(self, x, training=None):
         if not training or self.rate == 0:
             return x
-        return tf.nn.experimental.stateless_dropout(x, self.rate, seed=self.clock.key(self.salt))
+        return _masked(x, keep_mask(tf.shape(x), x.shape, self.rate, self.clock.key(self.salt), x.dtype))
+
+
+@tf.custom_gradient
+def _masked(x, mask):
+    """x · mask whose backward pass keeps only the mask (a plain product would also keep x alive for a
+    gradient with respect to the mask, which nothing needs)."""
+    def grad(upstream):
+        return upstream * mask, None
+    return x * mask, grad
+
+
+MASK_LEVELS = 1 << 16   # a keep/drop flag is one 16-bit draw: the rate is exact to 1/65,536
+
+
+def keep_mask(shape: tf.Tensor, static_shape: tf.TensorShape, rate: float, seed: tf.Tensor,
+              dtype: tf.DType) -> tf.Tensor:
+    """Inverted dropout's multiplier: 1/(1-rate) where kept, 0 where dropped, with P(drop) = round(rate·2¹⁶)/2¹⁶.
+
+    Each flag is a 16-bit slice of a stateless Philox draw, so one 32-bit draw gives two flags:
+    ``tf.nn.experimental.stateless_dropout`` draws a float per element, then scales x and selects, and
+    in the backward pass selects and scales again. Drawing half the bits, and scaling x by one
+    multiplier (whose gradient is one product), costs less per step; the draw does not depend on
+    ``dtype``, so a bf16 step drops the same elements as a float32 one."""
+    threshold = round(rate * MASK_LEVELS)
+    scale, zero = tf.constant(1.0 / (1.0 - rate), dtype), tf.constant(0.0, dtype)
+    last = static_shape[-1] if static_shape.rank else None
+    if last is not None and last % 2 == 0:
+        draw_shape = tf.concat([shape[:-1], [last // 2]], 0)
+        bits = tf.random.stateless_uniform(draw_shape, seed, minval=None, maxval=None, dtype=tf.uint32)
+        flags = tf.reshape(tf.bitcast(bits, tf.uint16), shape)           # (..., last/2, 2) -> (..., last)
+        keep = flags >= tf.constant(threshold, tf.uint16)
+    else:   # an odd last axis: one draw per flag
+        flags = tf.random.stateless_uniform(shape, seed, minval=0, maxval=MASK_LEVELS, dtype=tf.int32)
+        keep = flags >= threshold
+    return tf.where(keep, scale, zero)
 
 
 class _Knobs:
