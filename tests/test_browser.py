@@ -169,6 +169,19 @@ def test_the_app_in_a_real_browser(shared_app, tmp_path):
         page.screenshot(path=str(SHOTS / "6-methods.png"), full_page=False)
         page.locator("#forgetting-plot").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "7-forgetting.png"), full_page=False)
+
+        # Translate with runs beside: the newest run (full fine-tuning) with the LoRA and DoRA runs beside it,
+        # five columns from the page
+        for pick in ("^r=4 q\\+v · completed", "^dora r=4"):
+            page.locator("#beside-pick input").click()
+            page.get_by_role("option", name=re.compile(pick)).click()
+        page.locator("#translate-btn").click()
+        expect(table).to_contain_text("full · ", timeout=60_000)
+        expect(table).to_contain_text("dora r=4 · ")
+        columns = [table.locator(f"[data-testid=cell-0-{c}]").inner_text().strip() for c in range(5)]
+        assert columns[0] == "The session is resumed." and all(columns), columns
+        table.scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "7b-runs-side-by-side.png"), full_page=False)
         _share_resume_duplicate_report(browser, url, shared_app[1], tmp_path)
         browser.close()
 

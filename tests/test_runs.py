@@ -7,7 +7,7 @@ import pytest
 from lora_demo import data
 from lora_demo.lab import owners
 from lora_demo.lab.exports import EXPORT_TTL_S
-from lora_demo.core.config import LoraConfig, RunConfig, TrainConfig, expand_sweep
+from lora_demo.core.config import ConfigError, LoraConfig, RunConfig, TrainConfig, expand_sweep
 from lora_demo.core.inject import remove_lora
 from lora_demo.lab import Lab
 from lora_demo.lab.execute import execute
@@ -120,12 +120,16 @@ def test_merged_translation_matches_the_unmerged_adapter_and_restores_the_kernel
     assert base == base_u and merged == lora_u
 
 
-def test_both_columns_come_from_one_decode_equal_to_two_merged_decodes(recorded, bundled_tiny, tmp_path):
+def test_every_column_comes_from_one_decode_equal_to_merged_decodes(recorded, bundled_tiny, tmp_path):
     """The translate box's base and LoRA columns come from one batched decode (core.rowsplit): the
     sentences twice over, the second copy on W + ΔW. Six sentences are decoded as one batch of 32 rows
-    (their bucket of 16, twice); the German equals a base decode and a merged decode, word for word."""
+    (their bucket of 16, twice); the German equals a base decode and a merged decode, word for word.
+    Then three updates beside the base in one batch of 64 rows, one of them with the encoder's part
+    switched off (so some layers carry W in its slot), each equal to its merged decode; and a request
+    with runs beside, with chrF per column, limits and nothing left behind."""
     import shutil
 
+    from lora_demo.analysis import anatomy
     from lora_demo.analysis.evaluate import translate
     from lora_demo.core import rowsplit
     from lora_demo.core.state import state_of
@@ -142,6 +146,28 @@ def test_both_columns_come_from_one_decode_equal_to_two_merged_decodes(recorded,
     with lab.serving.use(job.config.lora, lab.adapter_of(job), 2.0) as model:
         assert lora == translate(model, bundled_tiny.tokenizer, sentences)
     assert sum(b != m for b, m in zip(base, lora)) >= 3, list(zip(base, lora))   # the adapter shows
+
+    cfg, state = job.config.lora, lab.adapter_of(job)
+    decoder_only = anatomy.switch_off(state, **anatomy.keep_spec(["decoder"], "all", anatomy.COLUMNS))
+    again, columns = lab.serving.translate_many(sentences, [(cfg, state, 2.0), (cfg, decoder_only, 1.0),
+                                                            (cfg, state, 0.5)])
+    assert {k[1] for k in state_of(lab.translator).generate} == {16, 32, 64}   # four copies: one batch of 64
+    assert again == base and columns[0] == lora
+    for column, (part, scale) in zip(columns[1:], ((decoder_only, 1.0), (state, 0.5))):
+        with lab.serving.use(cfg, part, scale) as model:
+            assert column == translate(model, bundled_tiny.tokenizer, sentences)
+    assert columns[1] != lora and columns[2] != lora
+    zipped = lab.adapter_zip(recorded.id)
+    copies = [lab.import_adapter([zipped], session="s1", name=zipped.name).id for _ in range(2)]
+    refs = [p.de for p in _pairs("test", 6, "news").items]
+    out = lab.translate_request("\n".join(sentences), recorded.id, 2.0, "s1", "\n".join(refs), beside=copies)
+    assert [r["run_id"] for r in out["runs"]] == [recorded.id, *copies] and out["base"] == base
+    assert all(r["german"] == lora and r["chrf"] == out["chrf_lora"] for r in out["runs"])   # the same adapter thrice
+    assert len(out["chrf_base"]) == 6 and out["chrf_base"] != out["chrf_lora"]
+    with pytest.raises(ConfigError, match="at most 4 runs side by side, got 5"):
+        lab.translate_request("Hello.", recorded.id, 1.0, "s1", beside=[*copies, "a", "b", copies[0]])
+    with pytest.raises(ConfigError, match="no run 'nope'"):
+        lab.translate_request("Hello.", recorded.id, 1.0, "s1", beside=["nope"])
     # nothing stays behind: no second kernel on, none counted as a weight
     assert not any(rowsplit.holds(layer) for layer in lab.serving.split_layers.values())
     assert len(lab.translator.weights) == n_weights
@@ -216,7 +242,7 @@ def test_runs_translate_samples_and_bleu_through_one_compiled_translator(bundled
     another rank compiles nothing new (the training model's fresh LoRA layers would, every run, and
     XLA keeps each program: that cost memory per run)."""
     from dataclasses import replace
-
+    
     from lora_demo.analysis.evaluate import translate
     from lora_demo.core.state import state_of
     from lora_demo.training.samples import SAMPLE_TOKENS

@@ -95,29 +95,28 @@ def translate(model, tokenizer, sentences: list[str], max_new_tokens: int = 64, 
 
 
 def translate_split(model, tokenizer, sentences: list[str], max_new_tokens: int = 64,
-                    compiled: bool = True) -> tuple[list[str], list[str]]:
-    """(first, second) German of each sentence from one greedy decode per chunk of up to 16: the chunk
-    twice over, its rows split where the second copy starts, on a model whose layers carry second
-    kernels (core.rowsplit: rows before the split use W, rows from it W'). Each row is decoded as it
-    would be alone, so this equals two decodes, one per set of kernels."""
+                    compiled: bool = True, copies: int = 2) -> tuple[list[str], ...]:
+    """The German of each sentence under each of ``copies`` sets of kernels, from one greedy decode per
+    chunk of up to 16: the chunk ``copies`` times over, copy 0 on W and copy g on slot g - 1 of a model
+    whose layers carry kernel slots (core.rowsplit). Each row is decoded as it would be alone, so this
+    equals one decode per set of kernels. Returns one list per copy."""
     from lora_demo.core.rowsplit import NO_ROW, split_of
 
     split = split_of(model)
-    first: list[str] = []
-    second: list[str] = []
+    columns: list[list[str]] = [[] for _ in range(copies)]
     try:
         for i in range(0, len(sentences), BATCH_BUCKETS[-1]):
             ids, mask, n = encode_chunk(tokenizer, [PROMPT + s for s in sentences[i:i + BATCH_BUCKETS[-1]]])
             rows = ids.shape[0]
             split.row.assign(rows)
-            gen = generate_ids(model, np.concatenate([ids, ids]), np.concatenate([mask, mask]), max_new_tokens,
-                               compiled)
+            gen = generate_ids(model, np.concatenate([ids] * copies), np.concatenate([mask] * copies),
+                               max_new_tokens, compiled)
             texts = [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
-            first += texts[:n]
-            second += texts[rows:rows + n]
+            for g, column in enumerate(columns):
+                column += texts[g * rows:g * rows + n]
     finally:
         split.row.assign(NO_ROW)
-    return first, second
+    return tuple(columns)
 
 
 def translate_both(model, tokenizer, sentences: list[str], scale: float = 1.0, **kw) -> tuple[list[str], list[str]]:

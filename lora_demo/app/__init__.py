@@ -92,7 +92,7 @@ def build_demo(lab: Lab) -> gr.Blocks:
                            [shared.session, shared.run_id, *config.views], **PRIVATE)
         refresh = runs.connect(lab, shared, listing, after=[config.trained, config.swept, config.compared,
                                                             config.resumed, files.deleted, files.imported],
-                               pickers={words.run_pick: "newest", files.pick: "newest",
+                               pickers={words.run_pick: "newest", words.beside_pick: "several", files.pick: "newest",
                                         inside.pick: "newest", inside.compare_pick: "second",
                                         config.run_pick: "any"})
         loaded.then(**refresh).then(partial(configure.ui_follow, lab), [shared.run_id],

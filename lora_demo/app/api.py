@@ -167,12 +167,14 @@ class Api:
     @errors
     def translate(self, text: str, run_id: str = "", scale: float = 1.0, reference: str = "",
                   sides: list[str] | None = None, blocks: str = "all", modules: list[str] | None = None,
-                  owner_key: str = "", request: gr.Request = None) -> dict:
+                  beside: list[str] | None = None, owner_key: str = "", request: gr.Request = None) -> dict:
         """English lines -> base and LoRA German side by side (default run: this session's newest).
         With reference German (one line per sentence), per-sentence chrF for both. ``sides``, ``blocks``
-        and ``modules`` keep only part of the adapter on (e.g. sides=["decoder"], modules=["self q"])."""
+        and ``modules`` keep only part of the adapter on (e.g. sides=["decoder"], modules=["self q"]).
+        ``beside``: up to three more run ids; ``runs`` then holds each run's German (and chrF), every
+        column from one batched decode with the base."""
         return self.lab.translate_request(text, run_id, scale, self._key(request, owner_key), reference,
-                                          anatomy.keep_spec(sides, blocks, modules))
+                                          anatomy.keep_spec(sides, blocks, modules), beside=beside)
 
     @errors
     def inspect(self, run_id: str, owner_key: str = "", request: gr.Request = None) -> dict:

@@ -1,16 +1,17 @@
-"""Both columns in one batched decode: the base rows and the adapted rows of one batch.
+"""Several columns in one batched decode: the base rows and the rows of each adapter in one batch.
 
-The translate box shows each sentence twice, by the base model and with a run's update. Merged
-inference decodes the batch twice (kernels W, then W + ΔW). Here the served model's Dense layers take a
-second kernel: the batch is the sentences twice over, rows before ``split`` use W and rows from it on
-use W' = W + ΔW, formed exactly as ``adapters.merged_into`` forms it (the same float32 sum), and applied
-by the same ``tensordot`` Keras' Dense uses. So each row sees what it would see alone and one greedy
-decode gives both columns, at the matmul cost of the two decodes but with one decoding loop, one set of
-kernel launches per token, and the encoder and lm_head run once on the doubled batch.
+The translate box shows each sentence by the base model and with one or more runs' updates. Merged
+inference decodes the batch once per column (kernels W, then W + ΔW of each run). Here the served model's
+Dense layers take up to ``SLOTS`` further kernels: the batch is the sentences G + 1 times over (G runs);
+the first copy uses W and copy g uses slot g's W'_g = W + ΔW_g, formed exactly as ``adapters.merged_into``
+forms it (the same float32 sum), and applied by the same matrix product Keras' Dense uses (the input
+flattened to rows, one ``MatMul``). So each row sees what it would see alone and one greedy decode gives
+every column, at the matmul cost of the separate decodes but with one decoding loop, one set of kernel
+launches per token, and the encoder and lm_head run once on the larger batch.
 
 Layers are converted in place (``__class__`` becomes ``SplitDense``): the same objects, the same
-kernel variables and paths, so merging, exporting and reading kernels work as before. The second
-kernel and the switches are plain attributes Keras does not track, so they are never weights or saved.
+kernel variables and paths, so merging, exporting and reading kernels work as before. The slots and the
+switch are plain attributes Keras does not track, so they are never weights or saved.
 """
 
 from __future__ import annotations
@@ -19,41 +20,47 @@ import tensorflow as tf
 
 from lora_demo.core.inject import dense_sites
 
-NO_ROW = 2 ** 30   # split at a row no batch reaches: every row uses W
+NO_ROW = 2 ** 30   # copies of NO_ROW rows: no batch reaches the second, so every row uses W
+SLOTS = 4          # runs one decode can show beside the base model
 
 
 class _Split:
-    """The batch row from which converted layers use their second kernel, one per model."""
+    """The rows per copy of the sentences (where copy 1 starts), one per model."""
 
     def __init__(self):
         with tf.device("/CPU:0"):
             self.row = tf.Variable(NO_ROW, dtype=tf.int32, trainable=False, name="split_row")
 
 
-def _empty() -> tf.Tensor:
-    return tf.zeros((0, 0))
+def _empty(layer) -> tf.Tensor:
+    """An empty slot: (in, 0), so the rows it would take (none) still multiply through."""
+    return tf.zeros((layer.kernel.shape[0], 0))
 
 
 class SplitDense(tf.keras.layers.Dense):
-    """A bias-free Dense whose rows from ``split.row`` on use its second kernel, when it holds one (an
-    empty 0 x 0 kernel is none)."""
+    """A bias-free Dense whose batch is copies of ``split.row`` rows: copy 0 uses the kernel W and copy g
+    its slot g - 1, when the layer holds kernels (slot 0 not empty)."""
 
     def call(self, inputs):
         dense = tf.keras.layers.Dense.call
 
         def split():
-            k = tf.minimum(self._split.row, tf.shape(inputs)[0])
-            rank = inputs.shape.rank
-            second = tf.tensordot(inputs[k:], tf.cast(self._second, self.compute_dtype), [[rank - 1], [0]])
-            return tf.concat([dense(self, inputs[:k]), second], axis=0)
+            rows = tf.shape(inputs)[0]
+            n = tf.minimum(self._split.row, rows)
+            parts = [dense(self, inputs[:n])]
+            for g, kernel in enumerate(self._slots, start=1):   # copies past the batch are empty
+                part = inputs[tf.minimum(g * n, rows):tf.minimum((g + 1) * n, rows)]
+                flat = tf.matmul(tf.reshape(part, [-1, tf.shape(part)[-1]]), tf.cast(kernel, self.compute_dtype))
+                parts.append(tf.reshape(flat, tf.concat([tf.shape(part)[:-1], [self.units]], 0)))
+            return tf.concat(parts, axis=0)
 
-        out = tf.cond(tf.size(self._second) > 0, split, lambda: dense(self, inputs))
+        out = tf.cond(tf.size(self._slots[0]) > 0, split, lambda: dense(self, inputs))
         out.set_shape(inputs.shape[:-1].concatenate([self.units]))
         return out
 
 
 def convert(model) -> dict[str, SplitDense]:
-    """Give every q/k/v/o/wi*/wo Dense of a plain TF T5 a second kernel slot (once; its compiled
+    """Give every q/k/v/o/wi*/wo Dense of a plain TF T5 ``SLOTS`` kernel slots (once; its compiled
     functions must be traced after this). Returns the layers by path."""
     split = getattr(model, "_lora_lab_split", None)
     if split is None:
@@ -67,10 +74,11 @@ def convert(model) -> dict[str, SplitDense]:
                 raise ValueError(f"{site.path}: expected a bias-free linear Dense as in T5")
             layer.__class__ = SplitDense
             object.__setattr__(layer, "_split", split)
-            object.__setattr__(layer, "_second", tf.Variable(   # W' (its shape follows what is assigned)
-                _empty(), shape=tf.TensorShape([None, None]), trainable=False, name="second_kernel"))
+            object.__setattr__(layer, "_slots", [tf.Variable(   # W'_g (its shape follows what is assigned)
+                _empty(layer), shape=tf.TensorShape([None, None]), trainable=False, name=f"slot_{g}")
+                for g in range(SLOTS)])
         if not isinstance(layer, SplitDense):
-            raise ValueError(f"{site.path}: {type(layer).__name__} cannot take a second kernel")
+            raise ValueError(f"{site.path}: {type(layer).__name__} cannot take further kernels")
         layers[site.path] = layer
     return layers
 
@@ -80,19 +88,25 @@ def split_of(model) -> _Split:
 
 
 def holds(layer: SplitDense) -> bool:
-    """Whether the layer holds a second kernel now."""
-    return int(tf.size(layer._second)) > 0
+    """Whether the layer holds kernels now."""
+    return int(tf.size(layer._slots[0])) > 0
 
 
-def load(layers: dict[str, SplitDense], kernels: dict[str, tf.Tensor]) -> None:
-    """Second kernels for the paths in ``kernels``; every other layer gives its memory back and uses W
-    for all rows."""
+def load(layers: dict[str, SplitDense], kernels: dict[str, tf.Tensor] | list[dict[str, tf.Tensor]]) -> None:
+    """Slot g of each layer gets ``kernels[g]``'s W' for its path (one dict: slot 0 alone). A layer that some
+    run changes and run g leaves alone gets W itself in slot g; every other slot and layer gives its
+    memory back, and a layer that no run changes uses W for all rows."""
+    groups = [kernels] if isinstance(kernels, dict) else list(kernels)
+    if len(groups) > SLOTS:
+        raise ValueError(f"at most {SLOTS} runs in one decode, got {len(groups)}")
     for path, layer in layers.items():
-        if path in kernels:
-            layer._second.assign(kernels[path])
-        elif holds(layer):
-            layer._second.assign(_empty())
+        used = any(path in group for group in groups)
+        for g, slot in enumerate(layer._slots):
+            if used and g < len(groups):
+                slot.assign(groups[g].get(path, layer.kernel))
+            elif int(tf.size(slot)) > 0:
+                slot.assign(_empty(layer))
 
 
 def clear(layers: dict[str, SplitDense]) -> None:
-    load(layers, {})
+    load(layers, [])

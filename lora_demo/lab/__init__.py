@@ -24,13 +24,12 @@ from pathlib import Path
 
 from lora_demo import adapters, data
 from lora_demo.analysis import anatomy, budget
-from lora_demo.analysis.evaluate import sentence_chrf
-from lora_demo.core.config import ConfigError, RunConfig, clean_sentences, limits
+from lora_demo.core.config import ConfigError, RunConfig, limits
 from lora_demo.core.events import RunResumed
 from lora_demo.core.inject import dense_sites, lora_layers, select_paths
 from lora_demo.core.models import LoadedModel, copy_model, model_precision, resolve_precision
 from lora_demo.core.params import preview
-from lora_demo.lab import exports, insight
+from lora_demo.lab import exports, insight, requests
 from lora_demo.lab.execute import execute
 from lora_demo.lab.records import Job
 from lora_demo.lab.runqueue import RunQueue
@@ -241,15 +240,24 @@ class Lab:
                   session: str | None = None, keep: dict | None = None) -> tuple[list[str], list[str]]:
         """(base, LoRA) German for each sentence, with run ``run_id``'s adapter at ``scale``.
         ``keep`` (anatomy.switch_off's sides / blocks / modules) leaves only part of the adapter on."""
-        job = self.owned(run_id, session) if run_id else None
-        if job is None:
+        if not run_id:
             return self.serving.translate(sentences)
-        state = self.adapter_of(job)
-        if keep:
-            if not job.config.lora.adapter:
-                raise ConfigError("switching parts off works on adapters; full fine-tuning changed every weight")
-            state = anatomy.switch_off(state, **keep)
-        return self.serving.translate(sentences, job.config.lora, state, scale)
+        base, (lora,) = self.translate_runs(sentences, [run_id], scale, session, keep)
+        return base, lora
+
+    def translate_runs(self, sentences: list[str], run_ids: list[str], scale: float = 1.0,
+                       session: str | None = None, keep: dict | None = None) -> tuple[list[str], list[list[str]]]:
+        """The base German and one column per run, each run's adapters in one batched decode with the base."""
+        updates = []
+        for run_id in run_ids:
+            job = self.owned(run_id, session)
+            state = self.adapter_of(job)
+            if keep:
+                if not job.config.lora.adapter:
+                    raise ConfigError("switching parts off works on adapters; full fine-tuning changed every weight")
+                state = anatomy.switch_off(state, **keep)
+            updates.append((job.config.lora, state, scale))
+        return self.serving.translate_many(sentences, updates)
 
     def inspect(self, run_id: str, session: str | None = None) -> dict:
         job = self.owned(run_id, session)
@@ -267,29 +275,6 @@ class Lab:
         return insight.budget_of(self.owned(run_id, session))
 
     def translate_request(self, text, run_id: str, scale, session: str, reference: str = "",
-                          keep: dict | None = None) -> dict:
-        """A translate request as the app and the API make it: cleaned lines, base and LoRA German (by
-        default with this session's newest usable run), notices, and per-sentence chrF when reference
-        German is given one line per sentence."""
-        sentences, notices = clean_sentences(text)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= float(scale) <= 2.0:
-            raise ConfigError(f"LoRA scale must be between 0 and 2, got {scale!r}")
-        if run_id and run_id not in self.jobs:
-            raise ConfigError(f"no run {run_id!r}")
-        if not run_id:   # this session's newest usable run
-            usable = [j.id for j in self.runs(session) if self.usable(j)]
-            run_id = usable[-1] if usable else ""
-        if not run_id:
-            notices.append("no trained adapter in this session yet: an untrained LoRA equals the base model exactly")
-        base, lora = self.translate(sentences, run_id or None, float(scale), session=session, keep=keep)
-        if keep and run_id:
-            notices.append(anatomy.describe_keep(keep))
-        out = {"english": sentences, "base": base, "lora": lora, "run_id": run_id, "notices": notices,
-               "chrf_base": None, "chrf_lora": None}
-        refs = [" ".join(r.split()) for r in (reference or "").splitlines() if r.strip()]
-        if refs and len(refs) != len(sentences):
-            notices.append(f"{len(refs)} reference lines for {len(sentences)} sentences: chrF needs one per line")
-        elif refs:
-            out["chrf_base"] = [round(sentence_chrf(h, r), 2) for h, r in zip(base, refs)]
-            out["chrf_lora"] = [round(sentence_chrf(h, r), 2) for h, r in zip(lora, refs)]
-        return out
+                          keep: dict | None = None, beside: list[str] | None = None) -> dict:
+        """A translate request as the app and the API make it (see requests.translate_request)."""
+        return requests.translate_request(self, text, run_id, scale, session, reference, keep, beside)

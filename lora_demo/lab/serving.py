@@ -2,9 +2,9 @@
 
 A request merges the chosen run's update into the model's kernels (W + ΔW) for its own length and
 restores them bit for bit afterwards, so one session's adapter never leaks into another's
-translations and merged inference costs what the base costs. The translate box's two columns (base
-and an adapter) come from one batched decode instead: each Dense carries a second kernel slot
-(core.rowsplit), filled with W + ΔW for the request, and the batch's second half uses it. Its layers
+translations and merged inference costs what the base costs. The translate box's columns (base
+and one or more adapters) come from one batched decode instead: each Dense carries kernel slots
+(core.rowsplit), filled with W + ΔW of each run for the request, and each copy of the batch uses one. Its layers
 never change after that, so its compiled generate functions are traced once per shape for the life of
 the process: runs add no compiled programs. Translate, export, the run's samples and BLEU, inspection
 and analysis all come through here, one at a time.
@@ -24,6 +24,9 @@ from lora_demo.analysis.evaluate import translate, translate_split
 from lora_demo.core import rowsplit
 from lora_demo.core.config import LoraConfig
 from lora_demo.core.inject import base_kernels, lora_layers
+
+
+SIDE_BY_SIDE = rowsplit.SLOTS   # runs one translate request shows beside the base model
 
 
 class Serving:
@@ -48,22 +51,36 @@ class Serving:
 
     def translate(self, sentences: list[str], cfg: LoraConfig | None = None, state: dict | None = None,
                   scale: float = 1.0) -> tuple[list[str], list[str]]:
-        """(base, with the update at ``scale``) German for each sentence; both the base when no ``state``.
-        An adapter's two columns come from one decode (see the module); full fine-tuning changed every
-        weight, not only the Dense kernels, so its column is decoded on its own with the weights merged."""
-        if state is not None and cfg.adapter:
-            with self.lock:
-                rowsplit.load(self.split_layers, adapters.merged_kernels(self.model, cfg, state, scale))
-                try:
-                    return translate_split(self.model, self.tokenizer, sentences)
-                finally:
-                    rowsplit.clear(self.split_layers)
-        with self.use() as model:
-            base = translate(model, self.tokenizer, sentences)
+        """(base, with the update at ``scale``) German for each sentence; both the base when no ``state``."""
         if state is None:
+            with self.use() as model:
+                base = translate(model, self.tokenizer, sentences)
             return base, list(base)
-        with self.use(cfg, state, scale) as model:
-            return base, translate(model, self.tokenizer, sentences)
+        base, (column,) = self.translate_many(sentences, [(cfg, state, scale)])
+        return base, column
+
+    def translate_many(self, sentences: list[str], updates: list[tuple[LoraConfig, dict, float]]
+                       ) -> tuple[list[str], list[list[str]]]:
+        """The base German and one column per (cfg, state, scale). Every adapter's column comes from one
+        decode with the base's (see the module); full fine-tuning changed every weight, not only the
+        Dense kernels, so its column is decoded on its own with the weights merged."""
+        slotted = [i for i, (cfg, _, _) in enumerate(updates) if cfg.adapter]
+        if len(updates) > SIDE_BY_SIDE:
+            raise ValueError(f"at most {SIDE_BY_SIDE} runs side by side, got {len(updates)}")
+        columns: list[list[str] | None] = [None] * len(updates)
+        with self.lock:
+            rowsplit.load(self.split_layers, [adapters.merged_kernels(self.model, *updates[i]) for i in slotted])
+            try:
+                base, *decoded = translate_split(self.model, self.tokenizer, sentences, copies=1 + len(slotted))
+            finally:
+                rowsplit.clear(self.split_layers)
+        for i, column in zip(slotted, decoded):
+            columns[i] = column
+        for i, (cfg, state, scale) in enumerate(updates):
+            if columns[i] is None:
+                with self.use(cfg, state, scale) as model:
+                    columns[i] = translate(model, self.tokenizer, sentences)
+        return base, columns
 
     def export_merged(self, cfg: LoraConfig, state: dict, out: Path, source: dict) -> Path:
         """A full TF checkpoint with the update merged in (adapters.export_merged)."""

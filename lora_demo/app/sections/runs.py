@@ -84,8 +84,8 @@ def build(lab: Lab, shared: Shared) -> Runs:
 def connect(lab: Lab, shared: Shared, runs: Runs, pickers: dict, after: list) -> dict:
     """Wire the refresh of the run list, the charts and every run picker: on its own controls, on a
     timer, and after each event in ``after`` (train, sweep, import, delete, page load).
-    ``pickers`` maps a dropdown to "newest" or "second" (the usable run it preselects), or "any" (every
-    run of the browser, the newest preselected)."""
+    ``pickers`` maps a dropdown to "newest" or "second" (the usable run it preselects), "any" (every
+    run of the browser, the newest preselected), or "several" (a multiselect of usable runs, none preselected)."""
     inputs = {shared.session, shared.seen, runs.show_all, runs.picked, runs.curves, runs.log_y, runs.x_axis,
               runs.metric, runs.config_a, runs.config_b, *pickers}
     outputs = [runs.table, runs.picked, runs.overlay, runs.quality, shared.seen, runs.groups, runs.seeds_plot,
@@ -121,7 +121,8 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, v: dict, force:
     every = lab.runs(session or "")
     mine = [j for j in every if lab.usable(j)]
     choices = {"newest": [(run_label(j), j.id) for j in mine], "any": [(run_label(j), j.id) for j in every]}
-    choices["second"] = choices["newest"]
+    choices["second"] = choices["several"] = choices["newest"]
+    usable = {j.id for j in mine}
     preselect = {"newest": mine[-1].id if mine else None, "second": mine[-2].id if len(mine) > 1 else None,
                  "any": every[-1].id if every else None}
     curves = v[runs.curves] or []
@@ -147,8 +148,18 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, v: dict, force:
             # one update per dropdown: Gradio may consume an update dict as it applies it. The newest usable run
             # is preselected (ready to translate or inspect); on an "any" picker the user's pick stays until a
             # new run appears
-            **{picker: gr.update(choices=choices[which], value=v[picker] if which == "any" and not fresh and v[picker]
-                                 in ids else preselect[which]) for picker, which in pickers.items()}}
+            **{picker: gr.update(choices=choices[which], value=_picked(v[picker], which, fresh, ids, usable,
+                                                                       preselect)) for picker, which in pickers.items()}}
+
+
+def _picked(value, which: str, fresh: list, ids: list, usable: set, preselect: dict):
+    """A picker's value after a refresh: "several" keeps the user's usable picks (none preselected); "any" keeps
+    the pick until a new run appears; the others preselect their usable run."""
+    if which == "several":
+        return [i for i in (value or []) if i in usable]
+    if which == "any" and not fresh and value in ids:
+        return value
+    return preselect[which]
 
 
 def verdict_markdown(gs: list[dict], a: str | None, b: str | None) -> str:

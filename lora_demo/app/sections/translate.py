@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import gradio as gr
+import pandas as pd
 
 from lora_demo.analysis import anatomy
 from lora_demo.analysis.evaluate import word_diff
 from lora_demo.lab import Lab
+from lora_demo.lab.serving import SIDE_BY_SIDE
 from lora_demo.app.common import PRIVATE, Shared, errors
 
 FLAN_NOTE = ("FLAN-T5 was instruction-tuned on a mixture that includes WMT16 translation, so the base model's "
@@ -25,6 +27,7 @@ class Translate:
     """What the page chains on from this section."""
 
     run_pick: gr.Dropdown            # the run whose adapter translates (the runs refresh fills it)
+    beside_pick: gr.Dropdown         # more runs shown beside it, in the same decode
 
 
 def build(lab: Lab, shared: Shared) -> Translate:
@@ -32,6 +35,9 @@ def build(lab: Lab, shared: Shared) -> Translate:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             run_pick = gr.Dropdown([], label="LoRA run (this browser's runs)", allow_custom_value=False)
+            beside_pick = gr.Dropdown([], value=[], multiselect=True, max_choices=SIDE_BY_SIDE - 1,
+                                      label=f"…and beside it, up to {SIDE_BY_SIDE - 1} more runs (e.g. r=1, 4, 16): "
+                                            "every column comes from one batched decode", elem_id="beside-pick")
             text = gr.Textbox(lines=4, label="English, one sentence per line", value=EXAMPLES[0], elem_id="en-text")
             reference = gr.Textbox(lines=2, label="reference German, one line per sentence (optional: "
                                                   "per-sentence chrF)")
@@ -49,12 +55,12 @@ def build(lab: Lab, shared: Shared) -> Translate:
                                      column_widths=["30%", "35%", "35%"], elem_id="translations")
             diff = gr.HTML()
             note = gr.Markdown()
-    c = dict(text=text, scale=scale, run=run_pick, reference=reference, session=shared.session, sides=sides,
-             blocks=blocks, modules=modules)
+    c = dict(text=text, scale=scale, run=run_pick, beside=beside_pick, reference=reference, session=shared.session,
+             sides=sides, blocks=blocks, modules=modules)
     for trigger in (translate_btn.click, text.submit):
         trigger(partial(ui_translate, lab, c), set(c.values()), [out_table, diff, note], concurrency_limit=None,
                 **PRIVATE)
-    return Translate(run_pick)
+    return Translate(run_pick, beside_pick)
 
 
 @errors
@@ -64,20 +70,37 @@ def ui_translate(lab: Lab, c: dict, v: dict):
         return v[c[name]]
     scale = value("scale")
     out = lab.translate_request(value("text"), value("run") or "", scale, value("session") or "", value("reference"),
-                                anatomy.keep_spec(value("sides"), value("blocks"), value("modules")))
-    scored = out["chrf_base"] is not None
-    none = [None] * len(out["english"])
-    rows = [[en, b, l] + ([cb, cl] if scored else []) for en, b, l, cb, cl in
-            zip(out["english"], out["base"], out["lora"], out["chrf_base"] or none, out["chrf_lora"] or none)]
-    headers = ["English", "Base", "LoRA"] + (["chrF base", "chrF LoRA"] if scored else [])
-    widths = ["24%", "28%", "28%", "10%", "10%"] if scored else ["30%", "35%", "35%"]
-    label = f"LoRA = adapter of run {out['run_id']} at scale {float(scale):g}" if out["run_id"] else "no adapter yet"
-    return (gr.update(value=rows, headers=headers, column_widths=widths),
-            diff_html(out["english"], out["base"], out["lora"]),
+                                anatomy.keep_spec(value("sides"), value("blocks"), value("modules")),
+                                beside=value("beside") or [])
+    runs = out["runs"] or [{"run_id": "", "german": out["lora"], "chrf": out["chrf_lora"]}]
+    names = [column_name(lab, r["run_id"]) for r in runs] if len(runs) > 1 else ["LoRA"]
+    german = [out["base"]] + [r["german"] for r in runs]
+    headers = ["English", "Base", *names]
+    if out["chrf_base"] is not None:
+        german += [out["chrf_base"]] + [r["chrf"] for r in runs]
+        headers += ["chrF base"] + [f"chrF {n}" for n in names]
+    table = pd.DataFrame(dict(zip(headers, [out["english"], *german])))   # a frame: its columns may change
+    text_share = 100 // (2 + len(runs)) if out["chrf_base"] is None else 70 // (2 + len(runs))
+    widths = [f"{text_share}%"] * (2 + len(runs)) + [f"{30 // (1 + len(runs))}%"] * (len(headers) - 2 - len(runs))
+    if not out["run_id"]:
+        label = "no adapter yet"
+    elif len(runs) == 1:
+        label = f"LoRA = adapter of run {out['run_id']} at scale {float(scale):g}"
+    else:
+        label = f"{len(runs)} runs at scale {float(scale):g}, decoded in one batch with the base model"
+    return (gr.update(value=table, column_widths=widths),
+            diff_html(out["english"], out["base"], out["lora"], names[0]),
             label + "".join(f"  \n⚠️ {n}" for n in out["notices"]))
 
 
-def diff_html(english, base, lora) -> str:
+def column_name(lab: Lab, run_id: str) -> str:
+    """A short column header for a run: what it trained and the end of its id."""
+    lora = lab.jobs[run_id].config.lora
+    what = "full" if not lora.adapter else ("" if lora.method == "lora" else f"{lora.method} ") + f"r={lora.rank}"
+    return f"{what} · {run_id[-6:]}"
+
+
+def diff_html(english, base, lora, label: str = "LoRA") -> str:
     def words(pairs):
         return " ".join(f"<mark class='changed'>{html.escape(w)}</mark>" if changed else html.escape(w)
                         for w, changed in pairs)
@@ -85,5 +108,6 @@ def diff_html(english, base, lora) -> str:
     for en, b, l in zip(english, base, lora):
         bw, lw = word_diff(b, l)
         rows.append(f"<tr><td>{html.escape(en)}</td><td>{words(bw)}</td><td>{words(lw)}</td></tr>")
-    return ("<div class='diff'><b>Where base and LoRA differ</b> (highlighted words)<table><tr><th>English</th>"
-            "<th>Base</th><th>LoRA</th></tr>" + "".join(rows) + "</table></div>")
+    name = html.escape(label)
+    return (f"<div class='diff'><b>Where base and {name} differ</b> (highlighted words)<table><tr><th>English</th>"
+            f"<th>Base</th><th>{name}</th></tr>" + "".join(rows) + "</table></div>")

@@ -1,0 +1,47 @@
+"""Requests as the app and the API make them: checked input in, a dict of what the page shows out."""
+
+from __future__ import annotations
+
+from lora_demo.analysis import anatomy
+from lora_demo.analysis.evaluate import sentence_chrf
+from lora_demo.core.config import ConfigError, clean_sentences
+from lora_demo.lab.serving import SIDE_BY_SIDE
+
+
+def translate_request(lab, text, run_id: str, scale, session: str, reference: str = "",
+                      keep: dict | None = None, beside: list[str] | None = None) -> dict:
+    """A translate request as the app and the API make it: cleaned lines, base and LoRA German (by
+    default with this session's newest usable run), notices, and per-sentence chrF when reference
+    German is given one line per sentence. ``beside``: more runs whose German joins as columns
+    (``runs``), all decoded in one batch with the base."""
+    sentences, notices = clean_sentences(text)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= float(scale) <= 2.0:
+        raise ConfigError(f"LoRA scale must be between 0 and 2, got {scale!r}")
+    beside = list(beside or [])
+    if not all(isinstance(r, str) for r in beside):
+        raise ConfigError("runs to show beside must be a list of run ids")
+    if not run_id and not beside:   # this session's newest usable run
+        usable = [j.id for j in lab.runs(session) if lab.usable(j)]
+        run_id = usable[-1] if usable else ""
+    run_ids = list(dict.fromkeys([r for r in [run_id, *beside] if r]))   # once each, in order
+    if len(run_ids) > SIDE_BY_SIDE:
+        raise ConfigError(f"at most {SIDE_BY_SIDE} runs side by side, got {len(run_ids)}")
+    for rid in run_ids:
+        if rid not in lab.jobs:
+            raise ConfigError(f"no run {rid!r}")
+    if not run_ids:
+        notices.append("no trained adapter in this session yet: an untrained LoRA equals the base model exactly")
+    base, columns = lab.translate_runs(sentences, run_ids, float(scale), session, keep)
+    if keep and run_ids:
+        notices.append(anatomy.describe_keep(keep))
+    refs = [" ".join(r.split()) for r in (reference or "").splitlines() if r.strip()]
+    if refs and len(refs) != len(sentences):
+        notices.append(f"{len(refs)} reference lines for {len(sentences)} sentences: chrF needs one per line")
+        refs = []
+
+    def chrf(german):
+        return [round(sentence_chrf(h, r), 2) for h, r in zip(german, refs)] if refs else None
+    runs = [{"run_id": rid, "german": german, "chrf": chrf(german)} for rid, german in zip(run_ids, columns)]
+    first = runs[0] if runs else {"run_id": "", "german": list(base), "chrf": chrf(base)}
+    return {"english": sentences, "base": base, "lora": first["german"], "run_id": first["run_id"],
+            "notices": notices, "chrf_base": chrf(base), "chrf_lora": first["chrf"], "runs": runs}
