@@ -26,7 +26,8 @@ weights (no download), batch 8, 64 source + 64 target tokens, LoRA r=8 on q,v.
 - ``translate_1_s`` / ``translate_16_s``: base and LoRA columns together, as the app does it (one
   compiled decode of the sentences twice over, the second copy on W + ΔW), 64 new tokens, compile
   excluded; ``translate_*_two_decodes_s`` the way it was done before (a base decode, then one with the
-  adapter merged), on the same weights and inputs in the same run.
+  adapter merged), on the same weights and inputs in the same run. ``translate_16_x4_s``: the base
+  beside three runs, one decode of four copies; ``translate_16_x4_separate_s`` four decodes.
 - ``peft_step_s``: PyTorch + PEFT, same shapes, when both are installed (else null).
 - ``profile``: the op types that take the most time in our step and in the naive one (TensorFlow's
   profiler over two steps; ms per step and share of op time), so the two can be compared by op.
@@ -53,6 +54,7 @@ from benchmarks.default_run import default_run
 from benchmarks.naive import naive_step
 from benchmarks.profile import lines as profile_lines, op_table
 from benchmarks.peft_baseline import peft_real_throughput, peft_step
+from benchmarks.translate import translate_latency
 
 SMALL, BASE = "google/flan-t5-small", "google/flan-t5-base"
 
@@ -98,17 +100,19 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5, eager
     from lora_demo.training.compiled import spec
     from lora_demo.core.config import LoraConfig, TrainConfig
     from lora_demo.core.inject import apply_lora
+    from lora_demo.core.lora import step_dropout
     from lora_demo.training.optimisers import build_optimizer_state, make_optimizer
     from lora_demo.training.steps import make_step
 
     model = _model(name, precision)
     batch = _batch()
     t0 = time.perf_counter()
+    clock = step_dropout(model)   # T5's dropouts keyed on the step, as train() runs them
     layers = apply_lora(model, LoraConfig(rank=RANK, targets=("q", "v")))
     variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
     opt, _ = make_optimizer(TrainConfig())
     build_optimizer_state(opt, variables)
-    step = make_step(model, opt, variables, 1.0)
+    step = make_step(model, opt, variables, 1.0, clock)
     if autograph:   # the plain baseline: trace first, then run
         fn = tf.function(step)
         first_loss = float(fn(batch)[0])
@@ -224,64 +228,6 @@ def full_step(name: str, precision: str, steps: int = 3) -> float:
     return median_s(lambda: float(fn(batch)[0]), steps)
 
 
-def _rows(tokens: np.ndarray) -> list[list[int]]:
-    """Generated ids per row without the trailing padding (id 0) that a longer row in the batch adds."""
-    return [np.trim_zeros(row, "b").tolist() for row in tokens]
-
-
-def translate_latency(name: str, precision: str) -> dict:
-    """Base + LoRA columns for 1 and 16 sentences, both ways on the same weights and inputs: as the app's
-    Lab.translate does it now (one decode of the sentences twice over, the second copy on W + ΔW:
-    core.rowsplit), and as it did before (a base decode, then a decode with the adapter merged in).
-    ``translate_outputs_equal`` says whether the two ways gave the same tokens."""
-    import tensorflow as tf
-
-    from lora_demo import adapters
-    from lora_demo.analysis.evaluate import _compiled_generate
-    from lora_demo.core import rowsplit
-    from lora_demo.core.config import LoraConfig
-    from lora_demo.core.inject import apply_lora, lora_layers, remove_lora
-
-    model = _model(name, precision)
-    served = _model(name, precision)      # the same weights (copied before any adapter reorders them), with
-    served.set_weights(model.get_weights())   # second kernel slots
-    cfg = LoraConfig(rank=RANK, targets=("q", "v"))
-    apply_lora(model, cfg)
-    for i, layer in enumerate(lora_layers(model)):
-        layer.lora_B.assign(tf.random.stateless_normal(layer.lora_B.shape, seed=(i, 0)) * 0.01)
-    state = adapters.adapter_state(model)
-    remove_lora(model)
-    layers = rowsplit.convert(served)
-    rowsplit.load(layers, adapters.merged_kernels(served, cfg, state))
-    out, same = {}, True
-    rng = np.random.default_rng(1)
-    for n in (1, 16):
-        ids = tf.constant(rng.integers(2, 4000, (n, 32)), tf.int32)
-        mask = tf.ones_like(ids)
-        gen, gen2 = _compiled_generate(model, n, 32, 64), _compiled_generate(served, 2 * n, 32, 64)
-        ids2, mask2 = tf.concat([ids, ids], 0), tf.concat([mask, mask], 0)
-        rowsplit.split_of(served).row.assign(n)
-        t = time.perf_counter()
-        gen(ids, mask).numpy()
-        out[f"translate_compile_{n}_s"] = time.perf_counter() - t
-        gen2(ids2, mask2).numpy()
-
-        def two():
-            base = gen(ids, mask).numpy()
-            with adapters.merged_into(model, cfg, state):
-                return base, gen(ids, mask).numpy()
-
-        def one():
-            return gen2(ids2, mask2).numpy()
-        base, merged = two()
-        halves = one()
-        same = same and _rows(halves) == _rows(base) + _rows(merged)
-        out[f"translate_{n}_two_decodes_s"] = median_s(two, 3)
-        out[f"translate_{n}_s"] = median_s(one, 3)
-    out["translate_outputs_equal"] = bool(same)
-    return out
-
-
 def peak_rss_children(jobs: dict[str, tuple[str, str, str]]) -> dict[str, float]:
     """Peak RSS of fresh processes, one per ``{figure: (kind, model, precision)}``, each building the model and
     running a few steps of ``kind`` (lora|lora-compiled|full). They run side by side: each process's own
@@ -373,12 +319,12 @@ def run(quick: bool = False, precision: str = "auto", log=print, model: str = SM
         fig["base_lora_step_s"] = lora_steps(BASE, prec, autograph=False, steps=3)["step_s"]
         fig["base_full_step_s"] = full_step(BASE, "fp32", steps=2)
     log("translation latency (compiles once per shape first)...")
-    fig.update(translate_latency(model, "fp32"))
+    fig.update(translate_latency(_model(model, "fp32"), _model(model, "fp32")))
     log("PyTorch + PEFT step (if installed)...")
     fig["peft_step_s"] = peft_step(model, _batch())
     short = None if model in (SMALL, BASE) else DEFAULT_RUN_SMOKE_STEPS
     log(f"the default run, as `python -m lora_demo train` runs it ({short or 'all'} steps, its own process)...")
-    fig["default_run"] = default_run(model, prec, short, tokenizer)
+    fig["default_run"] = default_run(model, prec, tokenizer, short)
     fig["default_run_s"] = fig["default_run"]["training_s"]
     flops = step_flops(model_config(model))
     peak = fig["peak_gflops_bf16"] if prec == "bf16" else fig["peak_gflops_fp32"]
@@ -441,6 +387,7 @@ def table(f: dict) -> str:
         ("translate 16, as two decodes (before)", f"{f['translate_16_two_decodes_s']:.2f} s",
          f"one decode is {x(f['translate_16_two_decodes_s'], f['translate_16_s'])} faster; same tokens: "
          f"{'yes' if f['translate_outputs_equal'] else 'NO'}"),
+        ("translate 16, base beside three runs: one decode / four", f"{f['translate_16_x4_s']:.2f} s / {f['translate_16_x4_separate_s']:.2f} s", f"{x(f['translate_16_x4_separate_s'], f['translate_16_x4_s'])} faster in one decode"),
         ("PyTorch + PEFT step", "not installed" if f["peft_step_s"] is None else f"{f['peft_step_s']:.3f} s",
          "" if f["peft_step_s"] is None else f"ours is {x(f['peft_step_s'], f['lora_step_s'])} faster"),
         (f"real data: ours, tokens/s ({f['precision']})", f"{f['real_tokens_per_s']:,.0f}",
