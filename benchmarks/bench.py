@@ -319,7 +319,7 @@ def run(quick: bool = False, precision: str = "auto", log=print, model: str = SM
         fig["base_lora_step_s"] = lora_steps(BASE, prec, autograph=False, steps=3)["step_s"]
         fig["base_full_step_s"] = full_step(BASE, "fp32", steps=2)
     log("translation latency (compiles once per shape first)...")
-    fig.update(translate_latency(_model(model, "fp32"), _model(model, "fp32")))
+    fig.update(translate_latency(_model(model, "fp32"), _model(model, "fp32"), reps=3 if model in (SMALL, BASE) else 1))
     log("PyTorch + PEFT step (if installed)...")
     fig["peft_step_s"] = peft_step(model, _batch())
     short = None if model in (SMALL, BASE) else DEFAULT_RUN_SMOKE_STEPS

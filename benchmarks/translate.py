@@ -35,12 +35,13 @@ def _states(model, cfg, count: int) -> list[dict]:
     return states
 
 
-def translate_latency(model, served) -> dict:
+def translate_latency(model, served, reps: int = 3) -> dict:
     """``model``: a plain model; ``served``: one of the same architecture, given its weights and kernel slots. Base + LoRA columns
     for 1 and 16 sentences, as the app's translate box does it (one decode of the sentences twice over,
     the second copy on W + ΔW) and as two decodes (a base decode, then one with the adapter merged); and
     for 16 sentences the base beside three runs, one decode of four copies against four decodes.
-    ``translate_outputs_equal`` says whether each way gave the same tokens."""
+    ``translate_outputs_equal`` says whether each way gave the same tokens. Times are medians of ``reps``
+    calls (1 for a smoke run on a test model)."""
     import tensorflow as tf
 
     from lora_demo import adapters
@@ -60,6 +61,7 @@ def translate_latency(model, served) -> dict:
         chosen = states[:1] if columns == 1 else states[1:]
         rowsplit.load(layers, [adapters.merged_kernels(served, cfg, s) for s in chosen])
         copies = 1 + columns
+        rowsplit.split_of(served).slots = columns   # what the served model's trace reads (rowsplit.variant)
         gen, together = _compiled_generate(model, n, 32, 64), _compiled_generate(served, copies * n, 32, 64)
         ids_all, mask_all = tf.concat([ids] * copies, 0), tf.concat([mask] * copies, 0)
         rowsplit.split_of(served).row.assign(n)
@@ -77,12 +79,15 @@ def translate_latency(model, served) -> dict:
 
         def at_once():
             return together(ids_all, mask_all).numpy()
-        same = same and _rows(at_once()) == separately()
+        results = {}
         key = f"translate_{n}" if columns == 1 else f"translate_{n}_x{copies}"
         if columns == 1:
             out[f"translate_compile_{n}_s"] = compile_s
-        out[f"{key}_two_decodes_s" if columns == 1 else f"{key}_separate_s"] = median_s(separately, 3)
-        out[f"{key}_s"] = median_s(at_once, 3)
+        out[f"{key}_two_decodes_s" if columns == 1 else f"{key}_separate_s"] = median_s(
+            lambda: results.__setitem__("separately", separately()), reps)
+        out[f"{key}_s"] = median_s(lambda: results.__setitem__("at_once", _rows(at_once())), reps)
+        same = same and results["at_once"] == results["separately"]
     rowsplit.clear(layers)
+    rowsplit.split_of(served).slots = 0
     out["translate_outputs_equal"] = bool(same)
     return out

@@ -264,10 +264,14 @@ def test_inside_the_adapter_through_the_api(client):
                for keep in (dict(sides=["encoder"]), dict(sides=["decoder"]), dict(modules=["ffn wo"]),
                             dict(blocks="0-0"))]
     assert any(p != full["lora"] for p in partial)       # parts of the adapter matter differently
-    both = client.predict(text=text, run_id=r8["run_id"], scale=2.0, beside=[r2["run_id"]], api_name="/translate")
+    refs = "\n".join(["Die Sitzung ist wieder aufgenommen.", "Ich danke der Kommissarin für ihre Antwort.",
+                      "Das Europäische Parlament hat die Entschließung angenommen.", "Obama empfängt Netanjahu."])
+    both = client.predict(text=text, run_id=r8["run_id"], scale=2.0, beside=[r2["run_id"]], reference=refs,
+                          api_name="/translate")
     alone = client.predict(text=text, run_id=r2["run_id"], scale=2.0, api_name="/translate")
     assert [r["run_id"] for r in both["runs"]] == [r8["run_id"], r2["run_id"]] and both["base"] == full["base"]
     assert [r["german"] for r in both["runs"]] == [full["lora"], alone["lora"]]   # one decode = each run alone
+    assert both["runs"][0]["chrf"] == both["chrf_lora"] and all(len(r["chrf"]) == 4 for r in both["runs"])
     with pytest.raises(Exception, match="unknown module type"):
         client.predict(text=text, modules=["attn"], api_name="/translate")
 

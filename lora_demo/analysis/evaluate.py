@@ -36,8 +36,10 @@ def _bucket(n: int, buckets) -> int:
 
 
 def _compiled_generate(model, batch: int, length: int, max_new_tokens: int):
-    """The compiled generate function for this model's current adapter layout and this shape."""
-    key = (generation(model), batch, length, max_new_tokens)
+    """The compiled generate function for this model's current adapter layout, kernel slots and shape."""
+    from lora_demo.core.rowsplit import variant
+
+    key = (generation(model), batch, length, max_new_tokens, variant(model))
     with _compile_lock:
         cache = state_of(model).generate
         for stale in [k for k in cache if k[0] != key[0]]:  # traced against layers that are gone
@@ -104,6 +106,7 @@ def translate_split(model, tokenizer, sentences: list[str], max_new_tokens: int 
 
     split = split_of(model)
     columns: list[list[str]] = [[] for _ in range(copies)]
+    split.slots = copies - 1
     try:
         for i in range(0, len(sentences), BATCH_BUCKETS[-1]):
             ids, mask, n = encode_chunk(tokenizer, [PROMPT + s for s in sentences[i:i + BATCH_BUCKETS[-1]]])
@@ -116,6 +119,7 @@ def translate_split(model, tokenizer, sentences: list[str], max_new_tokens: int 
                 column += texts[g * rows:g * rows + n]
     finally:
         split.row.assign(NO_ROW)
+        split.slots = 0
     return tuple(columns)
 
 
