@@ -13,7 +13,7 @@ import numpy as np
 import sacrebleu
 import tensorflow as tf
 
-from lora_demo.data import PROMPT
+from lora_demo.data import PROMPT, TOKENIZER_LOCK
 from lora_demo.core.inject import generation, lora_layers, set_scale
 from lora_demo.core.models import is_gpu
 from lora_demo.core.state import state_of
@@ -54,7 +54,8 @@ def _compiled_generate(model, batch: int, length: int, max_new_tokens: int):
 
 def encode_chunk(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     """(ids, mask, real rows) padded to a bucketed shape: the input of one compiled generate call."""
-    enc = tokenizer(texts, truncation=True, max_length=MAX_SOURCE_TOKENS)["input_ids"]
+    with TOKENIZER_LOCK:
+        enc = tokenizer(texts, truncation=True, max_length=MAX_SOURCE_TOKENS)["input_ids"]
     n, length = len(enc), _bucket(max(map(len, enc)), LENGTH_BUCKETS)
     batch = _bucket(n, BATCH_BUCKETS)
     ids = np.full((batch, length), tokenizer.pad_token_id, np.int32)
@@ -78,7 +79,8 @@ def generate_ids(model, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, 
 def _generate_chunk(model, tokenizer, texts: list[str], max_new_tokens: int, compiled: bool) -> list[str]:
     ids, mask, n = encode_chunk(tokenizer, texts)
     gen = generate_ids(model, ids, mask, max_new_tokens, compiled)
-    return [t.strip() for t in tokenizer.batch_decode(gen[:n], skip_special_tokens=True)]
+    with TOKENIZER_LOCK:
+        return [t.strip() for t in tokenizer.batch_decode(gen[:n], skip_special_tokens=True)]
 
 
 def translate(model, tokenizer, sentences: list[str], max_new_tokens: int = 64, batch_size: int = 16,
@@ -114,7 +116,8 @@ def translate_split(model, tokenizer, sentences: list[str], max_new_tokens: int 
             split.row.assign(rows)
             gen = generate_ids(model, np.concatenate([ids] * copies), np.concatenate([mask] * copies),
                                max_new_tokens, compiled)
-            texts = [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
+            with TOKENIZER_LOCK:
+                texts = [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
             for g, column in enumerate(columns):
                 column += texts[g * rows:g * rows + n]
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -241,6 +242,12 @@ def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+# A fast tokenizer sets its truncation on the Rust side for each call, which two threads at once (two
+# training slots preparing their data, or a translation beside them) cannot share: "RuntimeError: Already
+# borrowed". Every use of a tokenizer in the package holds this lock; tokenising is short.
+TOKENIZER_LOCK = threading.RLock()
+
+
 def encode(tokenizer, pairs, max_source_len: int, max_target_len: int) -> dict[str, np.ndarray]:
     """Tokenise pairs into fixed-shape int32 arrays.
 
@@ -249,8 +256,9 @@ def encode(tokenizer, pairs, max_source_len: int, max_target_len: int) -> dict[s
     Label padding is -100, which the loss ignores.
     """
     items = pairs.items if isinstance(pairs, Pairs) else tuple(pairs)
-    src = tokenizer([p.source for p in items], max_length=max_source_len, truncation=True)["input_ids"]
-    tgt = tokenizer([p.de for p in items], max_length=max_target_len, truncation=True)["input_ids"]
+    with TOKENIZER_LOCK:
+        src = tokenizer([p.source for p in items], max_length=max_source_len, truncation=True)["input_ids"]
+        tgt = tokenizer([p.de for p in items], max_length=max_target_len, truncation=True)["input_ids"]
     s_len = min(max_source_len, _round_up(max(map(len, src)), 8))
     t_len = min(max_target_len, _round_up(max(map(len, tgt)), 8))
     n = len(items)

@@ -60,7 +60,8 @@ class Samples:
 
     def _translate(self, base: bool = False) -> list[str]:
         gen = self._generate(base)
-        return [t.strip() for t in self.tokenizer.batch_decode(gen[:self.n], skip_special_tokens=True)]
+        with data.TOKENIZER_LOCK:
+            return [t.strip() for t in self.tokenizer.batch_decode(gen[:self.n], skip_special_tokens=True)]
 
     def warm_up(self) -> None:
         from lora_demo.analysis.evaluate import generate_ids
