@@ -133,6 +133,7 @@ def test_every_column_comes_from_one_decode_equal_to_merged_decodes(recorded, bu
     from lora_demo.analysis.evaluate import translate
     from lora_demo.core import rowsplit
     from lora_demo.core.state import state_of
+    import tensorflow as tf
 
     shutil.copytree(recorded.dir, tmp_path / recorded.id)
     lab = Lab(bundled_tiny, runs_dir=tmp_path, data_source="bundled")
@@ -162,8 +163,17 @@ def test_every_column_comes_from_one_decode_equal_to_merged_decodes(recorded, bu
     with pytest.raises(ConfigError, match="no run 'nope'"):
         lab.translate_request("Hello.", recorded.id, 1.0, "s1", beside=["nope"])
     # nothing stays behind: no second kernel on, none counted as a weight
-    assert not any(rowsplit.holds(layer) for layer in lab.serving.split_layers.values())
+    layers = lab.serving.split_layers
+    assert not any(rowsplit.holds(layer) for layer in layers.values())
     assert len(lab.translator.weights) == n_weights
+    # three runs, then one: the slots the second load does not use give their memory back
+    two = {path: layer.kernel for path, layer in list(layers.items())[:2]}
+    rowsplit.load(layers, [two, two, two])
+    rowsplit.load(layers, [two])
+    assert [[int(tf.size(slot)) > 0 for slot in layers[path]._slots] for path in two] == [[True] + [False] * 3] * 2
+    assert [path for path, layer in layers.items() if rowsplit.holds(layer)] == list(two)
+    rowsplit.clear(layers)
+    assert not any(rowsplit.holds(layer) for layer in layers.values())
 
 
 def test_download_import_and_merged_export_through_the_lab(recorded, bundled_tiny, tmp_path):

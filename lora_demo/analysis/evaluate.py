@@ -13,7 +13,7 @@ import numpy as np
 import sacrebleu
 import tensorflow as tf
 
-from lora_demo.data import PROMPT, TOKENIZER_LOCK
+from lora_demo.data import PROMPT, TOKENIZER_LOCK, decode
 from lora_demo.core.inject import generation, lora_layers, set_scale
 from lora_demo.core.models import is_gpu
 from lora_demo.core.state import state_of
@@ -79,8 +79,7 @@ def generate_ids(model, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, 
 def _generate_chunk(model, tokenizer, texts: list[str], max_new_tokens: int, compiled: bool) -> list[str]:
     ids, mask, n = encode_chunk(tokenizer, texts)
     gen = generate_ids(model, ids, mask, max_new_tokens, compiled)
-    with TOKENIZER_LOCK:
-        return [t.strip() for t in tokenizer.batch_decode(gen[:n], skip_special_tokens=True)]
+    return decode(tokenizer, gen, n)
 
 
 def translate(model, tokenizer, sentences: list[str], max_new_tokens: int = 64, batch_size: int = 16,
@@ -116,8 +115,7 @@ def translate_split(model, tokenizer, sentences: list[str], max_new_tokens: int 
             split.row.assign(rows)
             gen = generate_ids(model, np.concatenate([ids] * copies), np.concatenate([mask] * copies),
                                max_new_tokens, compiled)
-            with TOKENIZER_LOCK:
-                texts = [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
+            texts = decode(tokenizer, gen)
             for g, column in enumerate(columns):
                 column += texts[g * rows:g * rows + n]
     finally:

@@ -248,12 +248,17 @@ def samples_frame(job: Job | None):
     return pd.DataFrame(cols)
 
 
+def run_what(lora, targets: bool = True) -> str:
+    """What a run trains: "full fine-tuning" (short: "full") or "[method ]r=R" with its targets ("q+v")."""
+    if not lora.adapter:
+        return "full fine-tuning" if targets else "full"
+    what = ("" if lora.method == "lora" else f"{lora.method} ") + f"r={lora.rank}"
+    return f"{what} {'+'.join(lora.targets)}" if targets else what
+
+
 def run_label(job: Job) -> str:
-    lora = job.config.lora
     q = f", BLEU {job.quality['lora']['bleu']:.1f}" if job.quality else ""
-    what = ("full fine-tuning" if not lora.adapter else
-            ("" if lora.method == "lora" else f"{lora.method} ") + f"r={lora.rank} {'+'.join(lora.targets)}")
-    return f"{what} · {job.status}{q} · {job.id}"
+    return f"{run_what(job.config.lora)} · {job.status}{q} · {job.id}"
 
 
 PRIVATE = dict(api_visibility="private")   # UI events: not part of the public API

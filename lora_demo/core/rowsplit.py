@@ -36,6 +36,7 @@ class _Split:
             self.row = tf.Variable(NO_ROW, dtype=tf.int32, trainable=False, name="split_row")
         self.slots = 0
         self.held: frozenset[str] = frozenset()
+        self.filled = 0    # slots 0 .. filled - 1 of each layer in ``held`` hold a kernel; all others are empty
 
 
 def _empty(layer) -> tf.Tensor:
@@ -111,16 +112,22 @@ def load(layers: dict[str, SplitDense], kernels: dict[str, tf.Tensor] | list[dic
     groups = [kernels] if isinstance(kernels, dict) else list(kernels)
     if len(groups) > SLOTS:
         raise ValueError(f"at most {SLOTS} runs in one decode, got {len(groups)}")
+    if not layers:
+        return
+    split = next(iter(layers.values()))._split
     held = frozenset(path for path in layers if any(path in group for group in groups))
-    for path, layer in layers.items():
-        used = any(path in group for group in groups)
-        for g, slot in enumerate(layer._slots):
-            if used and g < len(groups):
-                slot.assign(groups[g].get(path, layer.kernel))
-            elif int(tf.size(slot)) > 0:
-                slot.assign(_empty(layer))
-    if layers:
-        next(iter(layers.values()))._split.held = held
+    try:
+        for path, layer in layers.items():
+            filled = split.filled if path in split.held else 0     # what the last load left in this layer
+            for g, slot in enumerate(layer._slots):
+                if path in held and g < len(groups):
+                    slot.assign(groups[g].get(path, layer.kernel))
+                elif g < filled:
+                    slot.assign(_empty(layer))
+    except BaseException:   # stopped part-way: record every slot that may hold a kernel, so the next load empties it
+        split.held, split.filled = split.held | held, max(split.filled, len(groups))
+        raise
+    split.held, split.filled = held, len(groups) if held else 0
 
 
 def clear(layers: dict[str, SplitDense]) -> None:

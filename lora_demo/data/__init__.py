@@ -248,6 +248,12 @@ def _round_up(n: int, multiple: int) -> int:
 TOKENIZER_LOCK = threading.RLock()
 
 
+def decode(tokenizer, ids, n: int | None = None) -> list[str]:
+    """The text of the first ``n`` rows of generated ids (all by default), special tokens dropped."""
+    with TOKENIZER_LOCK:
+        return [t.strip() for t in tokenizer.batch_decode(ids[:n], skip_special_tokens=True)]
+
+
 def encode(tokenizer, pairs, max_source_len: int, max_target_len: int) -> dict[str, np.ndarray]:
     """Tokenise pairs into fixed-shape int32 arrays.
 

@@ -60,8 +60,7 @@ class Samples:
 
     def _translate(self, base: bool = False) -> list[str]:
         gen = self._generate(base)
-        with data.TOKENIZER_LOCK:
-            return [t.strip() for t in self.tokenizer.batch_decode(gen[:self.n], skip_special_tokens=True)]
+        return data.decode(self.tokenizer, gen, self.n)
 
     def warm_up(self) -> None:
         from lora_demo.analysis.evaluate import generate_ids

@@ -14,7 +14,7 @@ from lora_demo.analysis import anatomy
 from lora_demo.analysis.evaluate import word_diff
 from lora_demo.lab import Lab
 from lora_demo.lab.serving import SIDE_BY_SIDE
-from lora_demo.app.common import PRIVATE, Shared, errors
+from lora_demo.app.common import PRIVATE, Shared, errors, run_what
 
 FLAN_NOTE = ("FLAN-T5 was instruction-tuned on a mixture that includes WMT16 translation, so the base model's "
              "German (and its BLEU) is **not** a zero-shot result.")
@@ -95,9 +95,7 @@ def ui_translate(lab: Lab, c: dict, v: dict):
 
 def column_name(lab: Lab, run_id: str) -> str:
     """A short column header for a run: what it trained and the end of its id."""
-    lora = lab.jobs[run_id].config.lora
-    what = "full" if not lora.adapter else ("" if lora.method == "lora" else f"{lora.method} ") + f"r={lora.rank}"
-    return f"{what} · {run_id[-6:]}"
+    return f"{run_what(lab.jobs[run_id].config.lora, targets=False)} · {run_id[-6:]}"
 
 
 def diff_html(english, base, lora, label: str = "LoRA") -> str:
