@@ -102,7 +102,7 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5, eager
     from lora_demo.core.inject import apply_lora
     from lora_demo.core.lora import step_dropout
     from lora_demo.training.optimisers import build_optimizer_state, make_optimizer
-    from lora_demo.training.steps import make_step
+    from lora_demo.training.steps import make_preview, make_step
 
     model = _model(name, precision)
     batch = _batch()
@@ -117,8 +117,8 @@ def lora_steps(name: str, precision: str, autograph: bool, steps: int = 5, eager
         fn = tf.function(step)
         first_loss = float(fn(batch)[0])
         first_s = time.perf_counter() - t0
-    elif eager_first:   # ours, as train() does it: step 1 eagerly (reported at once), then the trace
-        first_loss = float(step(batch)[0])
+    elif eager_first:   # ours, as train() does it: step 1's loss by an eager forward pass (reported at once),
+        first_loss = make_preview(model, clock)(batch)   # then the trace, and step 1's update compiled
         first_s = time.perf_counter() - t0
         fn = tf.function(step, autograph=False).get_concrete_function(spec(batch))
     else:               # ours with first_step="compiled": trace, then step 1 compiled
@@ -247,7 +247,7 @@ def peak_rss_children(jobs: dict[str, tuple[str, str, str]]) -> dict[str, float]
 
 
 def child(kind: str, name: str, precision: str) -> None:
-    if kind == "lora":              # as train() runs by default: step 1 eager, then the compiled step
+    if kind == "lora":              # as train() runs by default: step 1's loss by an eager forward, then compiled steps
         lora_steps(name, precision, autograph=False, steps=2)
     elif kind == "lora-compiled":   # train()'s first_step="compiled": no eager step
         lora_steps(name, precision, autograph=False, steps=2, eager_first=False)

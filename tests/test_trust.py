@@ -273,7 +273,7 @@ def test_a_server_killed_mid_run_keeps_every_record_and_the_run_resumes_with_the
     with pytest.raises(Exception, match="resume to more steps than that"):
         c.predict(run_id=run_id, steps=kept[-1], owner_key=key, api_name="/resume")
     # The same run never interrupted, for comparison. It trains first in this process, as the killed run
-    # did in its own: its first step is eager and the rest use a fresh trace. A run that reuses an earlier
+    # did in its own: its first loss is an eager forward pass, its updates a fresh trace. A run reusing an earlier
     # run's traced step takes its first step in the graph, whose fused kernels round differently in
     # float32 (a 1.6e-5 loss difference by step 24 on an AVX512-BF16 EPYC): that is not resume's doing.
     # No checkpoints of its own: under the session's 1 MB limit they would prune the killed run's.

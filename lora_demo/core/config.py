@@ -239,8 +239,8 @@ class TrainConfig:
     batching: str = "padded"        # "padded": every batch padded to the longest row of the data (one shape);
                                     # "grouped": rows of similar length, each batch trimmed to its longest row:
                                     # faster, but a noisier training curve (docs/cli.md, "Training speed")
-    first_step: str = "eager"       # "eager": step 1 runs eagerly while the step is traced (first loss soon);
-                                    # "compiled": wait for the trace (BENCHMARKS.md: an eager step's peak memory)
+    first_step: str = "eager"       # "eager": step 1's loss from an eager forward pass (first loss soon), its
+                                    # update compiled once traced; "compiled": wait for the trace
     checkpoint_every: int = 20      # save adapter, optimiser state, data position and dropout clock every N
                                     # steps (and at the end), so the run can be resumed; 0 = off
 

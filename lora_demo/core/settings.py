@@ -113,8 +113,8 @@ SETTINGS: tuple[Setting, ...] = (
       help="grouped: batches of similar-length pairs, each trimmed to its longest pair (one trace serves every "
            "length); padded: every batch padded to the longest pair of the training data (one shape)"),
     S("train.first_step", "choice", cli="--first-step", label="how the first step runs", choices=FIRST_STEP,
-      help="eager: step 1 runs eagerly while the step is traced, so the first loss comes soon; compiled: wait "
-           "for the trace, for a lower peak memory (on flan-t5-base, BENCHMARKS.md)"),
+      help="eager: step 1's loss from an eager forward pass while the step is traced, so the first loss comes "
+           "soon, and its update compiled; compiled: wait for the trace and report step 1 from it"),
     S("", "text", "ranks", (), "--ranks", ("ranks",), "rank sweep: ranks (each repeated with the N seeds)"),
     S("", "text", "methods", (), "--methods", ("methods",), "compare methods at this rank"),
 )

@@ -1,13 +1,14 @@
 """Compiled train and eval steps: traced in the background while training goes on, and kept per model
 so that a later run with the same shapes reuses them instead of tracing again.
 
-Why in the background: the first step runs eagerly so its loss is reported at once, and the trace
-(autograph off: the step has no data-dependent Python control flow) starts right after it in a
-thread. The loop waits for that trace rather than running more eager steps beside it, because both
-are bound by the GIL and an eager step slows badly while a trace runs. The eval function is traced
-next in the same thread, while compiled steps run (they release the GIL). Eager and compiled steps
-run the same ops on the same variables, so the loss curve is one curve. BENCHMARKS.md has the
-measured times.
+Why in the background: the first step's loss comes from an eager forward pass (steps.make_preview),
+so it is reported at once, and the trace (autograph off: the step has no data-dependent Python
+control flow) starts right after it in a thread. The loop waits for that trace, whose first call
+applies step 1's update, rather than running eager steps beside it, because both are bound by the GIL
+and an eager step slows badly while a trace runs. The eval function is traced next in the same thread,
+while compiled steps run (they release the GIL). The forward pass and the compiled step run the same
+ops on the same variables with the same dropout masks, so the loss curve is one curve. BENCHMARKS.md
+has the measured times.
 
 Why reuse: a traced step captures the adapter's variables and the optimiser's. A run with the same
 adapted layers, rank, dropout, optimiser and batch shapes (seed, alpha, learning rate and steps may

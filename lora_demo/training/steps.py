@@ -68,6 +68,22 @@ def make_step(model, opt, variables, clip_norm: float, clock: DropoutClock | Non
     return step
 
 
+def make_preview(model, clock: DropoutClock | None):
+    """The loss of the next step, as that step will compute it (its dropout masks, training mode), from an
+    eager forward pass with no tape: reported at once while the step is traced, and the update itself then
+    runs compiled. A taped eager step holds every activation until its backward pass, and the allocator
+    keeps that working set: on flan-t5-base it raised the run's peak by 1 GB (BENCHMARKS.md)."""
+    def preview(batch) -> float:
+        if clock is None:
+            return float(seq2seq_loss(model, batch, training=True))
+        clock.step.assign_add(1)
+        try:
+            return float(seq2seq_loss(model, batch, training=True))
+        finally:
+            clock.step.assign_sub(1)
+    return preview
+
+
 def make_eval(model):
     def evaluate(batch):
         return token_losses(model, batch, training=False)

@@ -31,7 +31,7 @@ from lora_demo.training.optimisers import (WarmupConstant, build_optimizer_state
                                            optimizer_state_bytes, reset_optimizer)
 from lora_demo.training.prepare import Prepared, prepare
 from lora_demo.training.samples import Samples
-from lora_demo.training.steps import base_and_lora, count_tokens, eval_loss, make_eval, make_step
+from lora_demo.training.steps import base_and_lora, count_tokens, eval_loss, make_eval, make_preview, make_step
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Attached:
     to_trace: dict                 # name -> (tf.function, spec), traced after the first step
     key: tuple | None              # compile-cache key; None when not reusable
     reused: bool                   # the compiled functions came from an earlier run
+    preview: object = None         # the first step's loss by an eager forward pass (one device: steps.make_preview)
     tracer: compiled.BackgroundTrace | None = None
 
     def compiled_step(self, strategy, stop):
@@ -107,7 +108,7 @@ def attach(model, run: RunConfig, clock: DropoutClock, prepared: Prepared, strat
     attached = Attached(layers, variables, opt, schedule, step, evaluate,
                         {"step": (tf.function(step, autograph=False), specs["step"]),
                          "eval": (tf.function(evaluate, autograph=False), specs["eval"])},
-                        key, cached is not None)
+                        key, cached is not None, make_preview(model, clock) if strategy is None else None)
     if cached is not None:
         attached.tracer = compiled.BackgroundTrace.ready(cached.concrete)
     return attached
@@ -155,15 +156,24 @@ def loop(run: RunConfig, model, prepared: Prepared, att: Attached, progress: Pro
     a checkpoint (``checkpoint(step)``, which yields its event). A resumed run starts after
     ``progress.start`` with ``batch``, the batch of that step."""
     cfg, batch = run.train, prepared.first if batch is None else batch
+    pending = None   # a batch whose loss came from the preview: its update runs before anything else
     for step in range(progress.start + 1, cfg.steps + 1):
         progress.step = step
         fn = None if _stopping(stop) else att.compiled_step(strategy, stop)
+        if pending is not None:   # compiled once traced; eagerly if the run stopped during the trace
+            (fn or att.step)(pending)
+            pending = None
         if _stopping(stop):
             progress.stopped = True
             progress.stop_reason = f"stopped by the user after {step - 1} steps"
             return
+        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+        saving = checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0
         ts = time.perf_counter()
-        loss, grad_norm = (float(x) for x in np.asarray((fn or att.step)(batch)))
+        if fn is None and att.preview is not None and not (evaluating or saving):
+            loss, grad_norm, pending = att.preview(batch), None, batch   # the first loss, at once and lean
+        else:
+            loss, grad_norm = (float(x) for x in np.asarray((fn or att.step)(batch)))
         loss = inject_fault(fault, step, loss)
         dt = time.perf_counter() - ts
         if not math.isfinite(loss):
@@ -175,12 +185,11 @@ def loop(run: RunConfig, model, prepared: Prepared, att: Attached, progress: Pro
                                              step < cfg.steps)
         yield StepLogged(step, loss, float(att.schedule(step - 1)), n_tok, n_tok / dt, elapsed, is_compiled,
                          grad_norm)
-        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
         if evaluating:
             yield from _evaluate(model, att, prepared, progress, step, t0)
             if samples is not None:
                 yield from samples.log(step, t0)
-        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        if saving:
             yield from checkpoint(step)   # after the evaluation: a resumed run does not repeat it
         if evaluating and _no_longer_improving(progress, cfg.early_stop) and step < cfg.steps:
             best_step, best = min((progress.heldout_losses or progress.val_losses)[1:], key=lambda x: x[1])
@@ -191,6 +200,8 @@ def loop(run: RunConfig, model, prepared: Prepared, att: Attached, progress: Pro
         if step < cfg.steps:
             batch = next(prepared.batches, None)
             if batch is None:   # a finite stream ran out: the run ends here, complete
+                if pending is not None:
+                    (att.compiled_step(strategy, None) or att.step)(pending)
                 progress.stop_reason = f"the training data stream ended after {step} steps"
                 return
     progress.stop_reason = f"all {cfg.steps} steps"
