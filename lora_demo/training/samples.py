@@ -62,10 +62,14 @@ class Samples:
         gen = self._generate(base)
         return data.decode(self.tokenizer, gen, self.n)
 
-    def warm_up(self) -> None:
+    def warm_up(self, after=None) -> None:
+        """Compile the generate function in a thread, once ``after`` (the step's trace: both hold the
+        GIL while tracing, so side by side each takes longer and the first compiled step waits) is done."""
         from lora_demo.analysis.evaluate import generate_ids
 
         def run():
+            if after is not None:
+                after.join()
             try:   # compiles (once per process with a translator); the output is thrown away
                 # (the training model at scale 1: this thread runs beside training, which must not see scale 0)
                 with self.translator.use() if self.translator is not None else contextlib.nullcontext(self.model) \

@@ -225,7 +225,7 @@ def _count(progress: Progress, att: Attached, batch: dict, loss: float, dt: floa
         if more:
             att.start_trace(strategy)
             if samples is not None:
-                samples.warm_up()
+                samples.warm_up(after=att.tracer)
     return is_compiled, n_tok, elapsed
 
 
