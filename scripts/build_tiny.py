@@ -312,7 +312,7 @@ def main(argv=None) -> None:
     card = {
         "built_by": f"scripts/build_tiny.py --size {args.size}" + (f" --steps {args.steps}" if args.steps else ""),
         "seed": args.seed,
-        "recipe": {**asdict(recipe), "precision": {"mixed": "mixed_bfloat16", "fp32": "float32"}[precision]},
+        "recipe": {**asdict(recipe), "precision": models.KERAS_POLICIES[precision]},
         "params": int(shipped.count_params()),
         "what_the_base_saw": what_the_base_saw(recipe),
         "training": trained,

@@ -261,6 +261,9 @@ def resolve_precision(requested: str = "auto") -> str:
     return "bf16" if fast else "fp32"
 
 
+KERAS_POLICIES = {"bf16": "bfloat16", "fp32": "float32", "mixed": "mixed_bfloat16"}   # precision -> Keras policy
+
+
 @contextlib.contextmanager
 def precision_policy(precision: str):
     """Models built inside compute in ``precision``. In bf16 the frozen weights are *stored* in bf16
@@ -272,11 +275,10 @@ def precision_policy(precision: str):
 
     "mixed" is Keras' mixed_bfloat16 (float32 weights, bf16 compute): what trains every weight, as the
     tiny base's build does, since bf16-stored weights would lose its small updates."""
-    policies = {"bf16": "bfloat16", "fp32": "float32", "mixed": "mixed_bfloat16"}
-    if precision not in policies:
-        raise ValueError(f"precision must be one of {', '.join(policies)}, got {precision!r}")
+    if precision not in KERAS_POLICIES:
+        raise ValueError(f"precision must be one of {', '.join(KERAS_POLICIES)}, got {precision!r}")
     before = tf.keras.mixed_precision.global_policy()
-    tf.keras.mixed_precision.set_global_policy(policies[precision])
+    tf.keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
     try:
         yield
     finally:
