@@ -5,7 +5,7 @@ import pytest
 
 from lora_demo import data
 from lora_demo.core.config import LoraConfig
-from lora_demo.analysis.evaluate import scores, sentence_chrf, translate, translate_both
+from lora_demo.analysis.evaluate import repetition_loop, scores, sentence_chrf, translate, translate_both
 from lora_demo.lab.execute import score_translations
 from lora_demo.core.inject import apply_lora, lora_layers, remove_lora
 
@@ -55,5 +55,19 @@ def test_scoring_the_fixed_test_slice(tiny):
     pairs = data.load_pairs("test", 4, source="bundled")
     res = score_translations(tiny.model, tiny.tokenizer, pairs)
     hyps = translate(tiny.model, tiny.tokenizer, [p.en for p in pairs.items], max_new_tokens=128)
-    assert res == scores(hyps, [p.de for p in pairs.items])
+    assert res == {**scores(hyps, [p.de for p in pairs.items]), "loops": sum(bool(repetition_loop(h)) for h in hyps)}
     assert res["n"] == 4 and 0 <= res["chrf"] <= 100
+
+
+@pytest.mark.parametrize("text, piece", [
+    ("Milik sagte am Donnerstag, am Donnerstag, der am Donnerstag zu einer Pressekonferenz sagte.", "am donnerstag"),
+    ("Die zwei Männer, die zwei Männer, die zwei Männer", "zwei männer"),
+    ("Es ist sehr sehr sehr gut.", "sehr"),
+    ("dassssss", "ssssss"),
+    ("Es gibt nicht viel zu tun.", ""),
+    # short words paired three times ("und die") are German, not a loop
+    ("Die Katze und die Hunde und die Kinder spielen, und die Leute sehen zu, wie die Sonne scheint.", ""),
+    ("", ""),
+])
+def test_a_greedy_repetition_loop_is_found_and_ordinary_german_is_not(text, piece):
+    assert repetition_loop(text) == piece

@@ -8,6 +8,7 @@ from lora_demo import data
 from lora_demo.lab import owners
 from lora_demo.lab.exports import EXPORT_TTL_S
 from lora_demo.core.config import ConfigError, LoraConfig, RunConfig, TrainConfig, expand_sweep
+from lora_demo.core.events import loops_text
 from lora_demo.core.inject import remove_lora
 from lora_demo.lab import Lab
 from lora_demo.lab.execute import execute
@@ -48,6 +49,8 @@ def test_a_run_records_everything(recorded):
     for side in ("base", "lora"):
         assert 0 <= q[side]["bleu"] <= 100 and 0 <= q[side]["chrf"] <= 100
         assert q[side]["bleu_signature"].startswith("nrefs:1")
+        assert q[side]["loops"] in range(0, 9)   # greedy translations of the 8 that fell into a repetition loop
+    assert loops_text(q) == f"; repetition loops base {q['base']['loops']} -> LoRA {q['lora']['loops']} of 8"
     assert rec["adapter"]["bytes"] == (recorded.dir / "adapter_model.safetensors").stat().st_size
 
 

@@ -7,6 +7,7 @@ hub, which is not reachable offline.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 import numpy as np
@@ -151,6 +152,23 @@ def scores(hypotheses: list[str], references: list[str]) -> dict:
 
 def sentence_chrf(hypothesis: str, reference: str) -> float:
     return sacrebleu.metrics.CHRF().sentence_score(hypothesis, [reference]).score
+
+
+def repetition_loop(text: str) -> str:
+    """The repeated piece if ``text`` fell into a greedy repetition loop, else "": the same word three times
+    in a row, a word pair with a word of five letters or more three times anywhere ("und die" three times is
+    ordinary German, "am Donnerstag" is not), or a character five times in a row ("dassssss")."""
+    words = [w.strip(".,;:!?\"'„“()").lower() for w in text.split()]
+    words = [w for w in words if w]
+    for i in range(len(words) - 2):
+        if words[i] == words[i + 1] == words[i + 2]:
+            return words[i]
+    pairs = list(zip(words, words[1:]))
+    for pair in dict.fromkeys(pairs):
+        if max(map(len, pair)) >= 5 and pairs.count(pair) >= 3:
+            return " ".join(pair)
+    run = re.search(r"(\w)\1{4,}", text)
+    return run.group(0) if run else ""
 
 
 def word_diff(base: str, lora: str) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:

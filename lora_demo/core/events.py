@@ -93,3 +93,12 @@ def summary_text(status: str, s: dict) -> str:
     if s.get("stop_reason"):
         lines.append(f"ended: {s['stop_reason']}")
     return "\n".join(lines)
+
+
+def loops_text(quality: dict) -> str:
+    """How many greedy translations of the scored slice fell into a repetition loop, base and LoRA ("" for
+    records from before the count was kept)."""
+    base, lora = quality["base"].get("loops"), quality["lora"].get("loops")
+    if base is None or lora is None:
+        return ""
+    return f"; repetition loops base {base} -> LoRA {lora} of {quality['n']}"

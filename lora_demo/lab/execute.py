@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from lora_demo import adapters, data
-from lora_demo.analysis.evaluate import scores, translate
+from lora_demo.analysis.evaluate import repetition_loop, scores, translate
 from lora_demo.core.events import CheckpointSaved
 from lora_demo.core.inject import lora_layers, remove_lora
 from lora_demo.core.models import copy_model, peak_gpu_mb, reset_gpu_peak
@@ -50,7 +50,8 @@ class MemoryMonitor:
 
 
 def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Event | None = None) -> dict | None:
-    """BLEU and chrF of the model as it stands on ``pairs``; None if stopped part-way."""
+    """BLEU and chrF of the model as it stands on ``pairs``, and ``loops``: how many of its greedy
+    translations fell into a repetition loop (evaluate.repetition_loop); None if stopped part-way."""
     hyps: list[str] = []
     items = pairs.items
     for i in range(0, len(items), EVAL_BATCH):
@@ -58,7 +59,7 @@ def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Even
             return None
         hyps += translate(model, tokenizer, [p.en for p in items[i:i + EVAL_BATCH]],
                           max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=EVAL_BATCH)
-    return scores(hyps, [p.de for p in items])
+    return {**scores(hyps, [p.de for p in items]), "loops": sum(bool(repetition_loop(h)) for h in hyps)}
 
 
 def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=None, strategy=None,
