@@ -58,12 +58,12 @@ def main(argv=None) -> None:
     chrf_base = [sentence_chrf(h, r) for h, r in zip(base, refs)]
     rises = [[sentence_chrf(h, r) - b for h, r, b in zip(col, refs, chrf_base)] for col in columns]
     per_sentence = list(zip(*rises))
-    loops = [sum(bool(repetition_loop(c[i])) for i in range(len(base))) for c in columns]
-    up = [i for i, r in enumerate(per_sentence) if min(r) > 0 and not any(repetition_loop(c[i]) for c in columns)]
+    looped = [[bool(repetition_loop(h)) for h in col] for col in columns]   # [seed][sentence]
+    up = [i for i, r in enumerate(per_sentence) if min(r) > 0 and not any(seed[i] for seed in looped)]
     down = [i for i, r in enumerate(per_sentence) if max(r) < 0]
     changed = [sum(c[i] != base[i] for i in range(len(base))) for c in columns]
     summary = {"candidates": len(pairs), "changed_per_seed": changed, "rose_on_every_seed": len(up),
-               "fell_on_every_seed": len(down), "loops_per_seed": loops,
+               "fell_on_every_seed": len(down), "loops_per_seed": [sum(seed) for seed in looped],
                "loops_base": sum(bool(repetition_loop(b)) for b in base),
                "corpus_chrf_base": round(scores(base, refs)["chrf"], 2),
                "corpus_chrf_lora": [round(scores(c, refs)["chrf"], 2) for c in columns]}

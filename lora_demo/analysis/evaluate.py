@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections import Counter
 
 import numpy as np
 import sacrebleu
@@ -163,9 +164,8 @@ def repetition_loop(text: str) -> str:
     for i in range(len(words) - 2):
         if words[i] == words[i + 1] == words[i + 2]:
             return words[i]
-    pairs = list(zip(words, words[1:]))
-    for pair in dict.fromkeys(pairs):
-        if max(map(len, pair)) >= 5 and pairs.count(pair) >= 3:
+    for pair, times in Counter(zip(words, words[1:])).items():
+        if times >= 3 and max(map(len, pair)) >= 5:
             return " ".join(pair)
     run = re.search(r"(\w)\1{4,}", text)
     return run.group(0) if run else ""
