@@ -5,8 +5,9 @@ import pytest
 
 from lora_demo import data
 from lora_demo.core.config import LoraConfig
-from lora_demo.analysis.evaluate import repetition_loop, scores, sentence_chrf, translate, translate_both
-from lora_demo.lab.execute import score_translations
+from lora_demo.analysis.evaluate import (paired_change, repetition_loop, scores, sentence_chrf, translate,
+                                         translate_both)
+from lora_demo.lab.execute import quality_of, translations
 from lora_demo.core.inject import apply_lora, lora_layers, remove_lora
 
 SENTENCES = ["The session is resumed.", "I would like to thank the Commissioner.", "Obama receives Netanyahu."]
@@ -53,10 +54,42 @@ def test_scores_have_signatures_and_known_values():
 
 def test_scoring_the_fixed_test_slice(tiny):
     pairs = data.load_pairs("test", 4, source="bundled")
-    res = score_translations(tiny.model, tiny.tokenizer, pairs)
     hyps = translate(tiny.model, tiny.tokenizer, [p.en for p in pairs.items], max_new_tokens=128)
+    assert translations(tiny.model, tiny.tokenizer, pairs) == hyps
+    res = quality_of(hyps, pairs)
     assert res == {**scores(hyps, [p.de for p in pairs.items]), "loops": sum(bool(repetition_loop(h)) for h in hyps)}
     assert res["n"] == 4 and 0 <= res["chrf"] <= 100
+
+
+def _slice(n: int = 60):
+    """n real newstest2016 pairs, and two kinds of output: the reference itself, and the reference with
+    its first word dropped."""
+    pairs = data.load_pairs("test", n, source="bundled").items
+    refs = [p.de for p in pairs]
+    return refs, [" ".join(r.split()[1:]) for r in refs]
+
+
+def test_the_paired_bootstrap_calls_a_change_on_every_sentence_real_and_one_sentence_luck():
+    refs, cut = _slice()
+    c = paired_change(cut, refs, refs)
+    for key in ("bleu", "chrf"):
+        assert c[key]["change"] == pytest.approx(scores(refs, refs)[key] - scores(cut, refs)[key])
+        assert c[key]["real"] and c[key]["low"] > 0 and c[key]["better"] == 1.0
+    worse = paired_change(refs, cut, refs)["chrf"]            # the other way round: a real fall
+    assert worse["real"] and worse["high"] < 0 and worse["better"] == 0.0
+    one = paired_change(refs, [cut[0]] + refs[1:], refs)["chrf"]   # one sentence of 60 differs
+    assert one["change"] < 0 and not one["real"] and one["low"] < 0 <= one["high"]
+    same = paired_change(cut, cut, refs)["bleu"]
+    assert same == {"change": 0.0, "low": 0.0, "high": 0.0, "better": 0.0, "real": False}
+    assert paired_change(cut, refs, refs) == c                # a fixed seed: the same verdict every time
+
+
+def test_the_paired_bootstrap_refuses_unpaired_outputs():
+    refs, cut = _slice(4)
+    with pytest.raises(ValueError, match="one base and one LoRA output per reference"):
+        paired_change(cut, refs[:3], refs)
+    with pytest.raises(ValueError):
+        paired_change([], [], [])
 
 
 @pytest.mark.parametrize("text, piece", [

@@ -8,7 +8,7 @@ from lora_demo import data
 from lora_demo.lab import owners
 from lora_demo.lab.exports import EXPORT_TTL_S
 from lora_demo.core.config import ConfigError, LoraConfig, RunConfig, TrainConfig, expand_sweep
-from lora_demo.core.events import loops_text
+from lora_demo.core.events import change_text, loops_text
 from lora_demo.core.inject import remove_lora
 from lora_demo.lab import Lab
 from lora_demo.lab.execute import execute
@@ -51,6 +51,14 @@ def test_a_run_records_everything(recorded):
         assert q[side]["bleu_signature"].startswith("nrefs:1")
         assert q[side]["loops"] in range(0, 9)   # greedy translations of the 8 that fell into a repetition loop
     assert loops_text(q) == f"; repetition loops base {q['base']['loops']} -> LoRA {q['lora']['loops']} of 8"
+    # the paired bootstrap of the same 8 outputs: its whole-slice change is the difference of the scores above
+    c = q["change"]
+    assert (c["samples"], c["sentences"]) == (1000, 8)
+    for key in ("bleu", "chrf"):
+        assert c[key]["change"] == pytest.approx(q["lora"][key] - q["base"][key])
+        assert c[key]["low"] <= c[key]["high"] and 0 <= c[key]["better"] <= 1
+        assert c[key]["real"] == (c[key]["low"] > 0 or c[key]["high"] < 0)
+    assert f"chrF {c['chrf']['change']:+.2f} (95% of resampled slices" in change_text(q)
     assert rec["adapter"]["bytes"] == (recorded.dir / "adapter_model.safetensors").stat().st_size
 
 

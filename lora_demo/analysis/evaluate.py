@@ -151,6 +151,36 @@ def scores(hypotheses: list[str], references: list[str]) -> dict:
             "chrf_signature": str(chrf.get_signature()), "n": len(hypotheses)}
 
 
+# Resampled test sets in the paired bootstrap, and its seed (a fixed seed: the same outputs give the same verdict).
+BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 1000, 12345
+
+
+def paired_change(base: list[str], lora: list[str], references: list[str],
+                  samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """Is the LoRA model's BLEU/chrF change on this slice more than the luck of which sentences it holds?
+
+    A paired bootstrap (Koehn 2004): ``samples`` times, draw as many sentences as the slice holds, with
+    replacement, the same draw for both systems, and score both on it. For each metric: the change on the
+    whole slice, the 2.5th and 97.5th percentiles of the resampled changes (``low``, ``high``), the share
+    of draws on which LoRA scored higher (``better``), and ``real``: the interval leaves out 0. Corpus
+    scores come from the summed sentence statistics of sacreBLEU's metrics, as its own paired test does.
+    """
+    if not (len(base) == len(lora) == len(references)) or not references:
+        raise ValueError("paired_change needs one base and one LoRA output per reference, and at least one")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(references), size=(samples, len(references)))
+    out: dict = {"samples": samples, "sentences": len(references)}
+    for name, metric in (("bleu", sacrebleu.metrics.BLEU()), ("chrf", sacrebleu.metrics.CHRF())):
+        stats = [np.asarray(metric._extract_corpus_statistics(h, [references]), np.float64) for h in (base, lora)]
+        whole = [metric._compute_score_from_stats(list(s.sum(0))).score for s in stats]
+        diffs = np.array([metric._compute_score_from_stats(list(stats[1][d].sum(0))).score
+                          - metric._compute_score_from_stats(list(stats[0][d].sum(0))).score for d in draws])
+        low, high = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
+        out[name] = {"change": whole[1] - whole[0], "low": low, "high": high,
+                     "better": float((diffs > 0).mean()), "real": bool(low > 0 or high < 0)}
+    return out
+
+
 def sentence_chrf(hypothesis: str, reference: str) -> float:
     return sacrebleu.metrics.CHRF().sentence_score(hypothesis, [reference]).score
 

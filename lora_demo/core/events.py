@@ -102,3 +102,19 @@ def loops_text(quality: dict) -> str:
     if base is None or lora is None:
         return ""
     return f"; repetition loops base {base} -> LoRA {lora} of {quality['n']}"
+
+
+def change_text(quality: dict) -> str:
+    """Whether the chrF and BLEU changes of the scored slice are more than the luck of which sentences it
+    holds (evaluate.paired_change; "" for records from before it was kept)."""
+    change = quality.get("change")
+    if not change:
+        return ""
+    parts = []
+    for key, name in (("chrf", "chrF"), ("bleu", "BLEU")):
+        c = change[key]
+        verdict = "a real change" if c["real"] else "within the noise of which sentences were scored"
+        parts.append(f"{name} {c['change']:+.2f} (95% of resampled slices: {c['low']:+.2f} to {c['high']:+.2f}; "
+                     f"{verdict})")
+    return (f"\npaired bootstrap over {change['samples']:,} resamplings of the {change['sentences']} sentences: "
+            + "; ".join(parts))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from lora_demo import adapters, data
-from lora_demo.analysis.evaluate import repetition_loop, scores, translate
+from lora_demo.analysis.evaluate import paired_change, repetition_loop, scores, translate
 from lora_demo.core.events import CheckpointSaved
 from lora_demo.core.inject import lora_layers, remove_lora
 from lora_demo.core.models import copy_model, peak_gpu_mb, reset_gpu_peak
@@ -49,9 +49,8 @@ class MemoryMonitor:
                 "rss_growth_mb": round(max(self.peak - self.start, 0) / 2**20, 1)}
 
 
-def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Event | None = None) -> dict | None:
-    """BLEU and chrF of the model as it stands on ``pairs``, and ``loops``: how many of its greedy
-    translations fell into a repetition loop (evaluate.repetition_loop); None if stopped part-way."""
+def translations(model, tokenizer, pairs: data.Pairs, stop: threading.Event | None = None) -> list[str] | None:
+    """The model's greedy German for every pair of ``pairs``, as scoring decodes it; None if stopped part-way."""
     hyps: list[str] = []
     items = pairs.items
     for i in range(0, len(items), EVAL_BATCH):
@@ -59,7 +58,13 @@ def score_translations(model, tokenizer, pairs: data.Pairs, stop: threading.Even
             return None
         hyps += translate(model, tokenizer, [p.en for p in items[i:i + EVAL_BATCH]],
                           max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=EVAL_BATCH)
-    return {**scores(hyps, [p.de for p in items]), "loops": sum(bool(repetition_loop(h)) for h in hyps)}
+    return hyps
+
+
+def quality_of(hyps: list[str], pairs: data.Pairs) -> dict:
+    """BLEU and chrF of ``hyps`` against ``pairs``, and ``loops``: how many fell into a repetition loop
+    (evaluate.repetition_loop)."""
+    return {**scores(hyps, [p.de for p in pairs.items]), "loops": sum(bool(repetition_loop(h)) for h in hyps)}
 
 
 def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=None, strategy=None,
@@ -67,7 +72,7 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
     """Run ``job`` to the end on ``model`` and leave a complete record in ``job.dir``.
 
     ``pairs_of(split, n, dataset)`` supplies data (data.pairs_for); ``base_cache`` maps n to the base model's
-    BLEU/chrF on the first n test pairs and is filled here on first need (the base never changes, so one
+    German for the first n test pairs and is filled here on first need (the base never changes, so one
     cache serves every run on the same model). ``on_change(event)`` is called with each train() event,
     and with None when the phase changes. With a ``translator`` (lab.serving.Serving: the app's) the
     sample sentences and BLEU/chrF are translated by it, with the update merged in; without one, by the
@@ -109,7 +114,7 @@ def _full_copy(model, tokenizer, pairs_of, base_cache: dict, bleu_size: int, tra
         with translator.use() as base_model:
             return copy_model(base_model, "fp32")
     if bleu_size > 0 and bleu_size not in base_cache:
-        base_cache[bleu_size] = score_translations(model, tokenizer, pairs_of("test", bleu_size))
+        base_cache[bleu_size] = translations(model, tokenizer, pairs_of("test", bleu_size))
     return copy_model(model, "fp32")
 
 
@@ -140,13 +145,16 @@ def _keep_weights(job: Job, model, outcome: str, full: bool) -> None:
 
 
 def _score(job: Job, model, tokenizer, test: data.Pairs, base_cache: dict, translator) -> None:
-    """BLEU and chrF of the run on ``test``, beside the base model's (measured once per size)."""
+    """BLEU and chrF of the run on ``test``, beside the base model's (translated once per size), and
+    whether the change is more than the luck of which sentences were scored (evaluate.paired_change)."""
     with translating(model, job.config.lora, translator) as trained:
-        lora = score_translations(trained, tokenizer, test, job.stop)
+        lora = translations(trained, tokenizer, test, job.stop)
     if lora is None:
         return
     n = job.config.train.bleu_size
     if n not in base_cache:   # (full fine-tuning without a translator filled it before training)
         with translating(model, job.config.lora, translator, base=True) as base_model:
-            base_cache[n] = score_translations(base_model, tokenizer, test)
-    job.quality = {"n": len(test), "split": "newstest2016", "base": base_cache[n], "lora": lora}
+            base_cache[n] = translations(base_model, tokenizer, test)
+    base = base_cache[n]
+    job.quality = {"n": len(test), "split": "newstest2016", "base": quality_of(base, test),
+                   "lora": quality_of(lora, test), "change": paired_change(base, lora, [p.de for p in test.items])}
