@@ -41,6 +41,16 @@ def test_table_rows_hold_the_record_numbers():
     assert a["rank"] == 2 and a["trainable"] == 2000 and a["steps"] == 3
     assert a["BLEU base"] == 5.0 and a["BLEU LoRA"] == 6.0 and a["adapter MB"] == round(8400 / 1e6, 3)
     assert a["train loss"] == 2.0 and a["val loss"] == 3.5
+    assert a["chrF change"] is None   # a record from before the paired bootstrap was kept
+
+
+@pytest.mark.parametrize("change, low, high, verdict", [
+    (-2.06, -3.46, -0.63, "real fall"), (1.2, 0.3, 2.0, "real rise"), (-1.03, -2.06, 0.03, "noise")])
+def test_the_table_says_whether_a_runs_chrf_change_is_more_than_sentence_noise(change, low, high, verdict):
+    rec = record("run-c", 8, [3.0], [[0, 4.0]], bleu=6.0)
+    rec["quality"]["change"] = {"chrf": {"change": change, "low": low, "high": high, "better": 0.5,
+                                         "real": low > 0 or high < 0}}
+    assert dict(zip(compare.COLUMNS, compare.row(rec)))["chrF change"] == verdict
 
 
 def test_csv_and_markdown_exports():

@@ -15,12 +15,12 @@ from lora_demo.core.config import METHODS
 
 COLUMNS = ["run", "status", "method", "rank", "alpha", "targets", "stacks", "blocks", "seed", "data", "trainable",
            "% trainable", "adapter MB", "steps", "train loss", "held-out base", "held-out loss", "val loss",
-           "de→en base", "de→en loss", "BLEU base", "BLEU LoRA", "chrF base", "chrF LoRA", "s/step",
-           "first loss s", "peak RSS MB"]
-# Display widths for the UI table (it scrolls sideways rather than squashing 27 columns).
+           "de→en base", "de→en loss", "BLEU base", "BLEU LoRA", "chrF base", "chrF LoRA", "chrF change",
+           "s/step", "first loss s", "peak RSS MB"]
+# Display widths for the UI table (it scrolls sideways rather than squashing 28 columns).
 WIDTHS = ["200px", "100px", "84px", "60px", "64px", "80px", "76px", "70px", "60px", "80px", "100px", "100px", "96px",
-          "64px", "90px", "96px", "96px", "84px", "90px", "90px", "90px", "90px", "90px", "90px", "70px", "96px",
-          "104px"]
+          "64px", "90px", "96px", "96px", "84px", "90px", "90px", "90px", "90px", "90px", "90px", "110px", "70px",
+          "96px", "104px"]
 LORA_DEFAULTS = {"method": "lora", "loraplus_ratio": 16.0}   # records from before the methods were added
 
 
@@ -54,10 +54,19 @@ def row(rec: dict) -> list:
         _round(_get(rec, "summary", "final_heldout_loss"), 4), _round(_get(rec, "summary", "final_val_loss"), 3),
         _round(_get(rec, "summary", "base_forget_loss"), 4), _round(_get(rec, "summary", "final_forget_loss"), 4),
         _round(_get(q, "base", "bleu"), 2), _round(_get(q, "lora", "bleu"), 2),
-        _round(_get(q, "base", "chrf"), 2), _round(_get(q, "lora", "chrf"), 2),
+        _round(_get(q, "base", "chrf"), 2), _round(_get(q, "lora", "chrf"), 2), change_verdict(q),
         _round(_get(rec, "summary", "mean_step_s"), 3), _round(_get(rec, "summary", "first_loss_s"), 1),
         _get(rec, "memory", "peak_rss_mb"),
     ]
+
+
+def change_verdict(quality: dict | None) -> str | None:
+    """"real rise", "real fall" or "noise": whether the run's chrF change is more than the luck of which
+    sentences were scored (the paired bootstrap of evaluate.paired_change); None for runs without it."""
+    c = _get(quality, "change", "chrf")
+    if c is None:
+        return None
+    return ("real rise" if c["change"] > 0 else "real fall") if c["real"] else "noise"
 
 
 def table(records: list[dict]) -> list[list]:
