@@ -82,6 +82,7 @@ def test_the_paired_bootstrap_calls_a_change_on_every_sentence_real_and_one_sent
     same = paired_change(cut, cut, refs)["bleu"]
     assert same == {"change": 0.0, "low": 0.0, "high": 0.0, "better": 0.0, "real": False}
     assert paired_change(cut, refs, refs) == c                # a fixed seed: the same verdict every time
+    assert all(type(c[k][f]) is float for k in ("bleu", "chrf") for f in ("change", "low", "high", "better"))
 
 
 def test_the_paired_bootstrap_refuses_unpaired_outputs():

@@ -176,7 +176,7 @@ def paired_change(base: list[str], lora: list[str], references: list[str],
         diffs = np.array([metric._compute_score_from_stats(list(stats[1][d].sum(0))).score
                           - metric._compute_score_from_stats(list(stats[0][d].sum(0))).score for d in draws])
         low, high = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
-        out[name] = {"change": whole[1] - whole[0], "low": low, "high": high,
+        out[name] = {"change": float(whole[1] - whole[0]), "low": low, "high": high,   # (numpy scalars: plain floats)
                      "better": float((diffs > 0).mean()), "real": bool(low > 0 or high < 0)}
     return out
 
