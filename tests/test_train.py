@@ -217,6 +217,33 @@ def test_the_loss_gathers_the_real_targets_and_equals_the_masked_loss_over_full_
     np.testing.assert_allclose(float(token_losses(model, trimmed, False)[0]), total, rtol=1e-5)
 
 
+def test_one_softmax_temperature_lowers_the_loss_without_changing_a_word_of_the_german(bundled_tiny):
+    """best_temperature's loss at T = 1 is the eval loss; with the LM head divided by its best T the best
+    moves to T = 1 at the same loss, and the greedy German is word for word what it was."""
+    from lora_demo.analysis.evaluate import translate
+    from lora_demo.training.steps import TEMPERATURES, best_temperature, eval_loss, make_eval
+
+    model, tokenizer = bundled_tiny.model, bundled_tiny.tokenizer
+    held = data.heldout_pairs("news", 16)
+    arrays = data.encode(tokenizer, held, 64, 64)
+    batches = [{k: v[i:i + 8] for k, v in arrays.items()} for i in (0, 8)]
+    found = best_temperature(model, batches)
+    assert found["loss"] == pytest.approx(eval_loss(make_eval(model), batches), rel=1e-5)
+    assert found["temperature"] in TEMPERATURES and found["temperature"] != 1.0   # else the rest shows nothing
+    assert found["best_loss"] < found["loss"]
+    english = [p.en for p in held.items[:4]]
+    before = translate(model, tokenizer, english)
+    kernel = model.lm_head.kernel
+    saved = tf.identity(kernel)
+    try:
+        kernel.assign(saved / found["temperature"])
+        again = best_temperature(model, batches)
+        assert again["temperature"] == 1.0 and again["loss"] == pytest.approx(found["best_loss"], rel=1e-4)
+        assert translate(model, tokenizer, english) == before
+    finally:
+        kernel.assign(saved)
+
+
 def test_grouped_batches_of_many_widths_run_one_traced_step(model, bundled_tiny):
     """Length-grouped batches change width from step to step; the step is traced once for any length
     (the first step runs eagerly, every later one is compiled), and the run records its batching."""

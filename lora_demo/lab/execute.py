@@ -8,14 +8,16 @@ import threading
 from lora_demo import adapters, data
 from lora_demo.analysis.evaluate import paired_change, repetition_loop, scores, translate
 from lora_demo.core.events import CheckpointSaved
-from lora_demo.core.inject import lora_layers, remove_lora
+from lora_demo.core.inject import at_scale, lora_layers, remove_lora
 from lora_demo.core.models import copy_model, peak_gpu_mb, reset_gpu_peak
 from lora_demo.lab.records import Job, prune_checkpoints
 from lora_demo.training.samples import translating
+from lora_demo.training.steps import best_temperature
 from lora_demo.training.train import train
 
 EVAL_BATCH = 16          # sentences per generate() call when scoring BLEU/chrF
 EVAL_MAX_NEW_TOKENS = 128
+CONFIDENCE_BATCH = 16    # held-out pairs per forward pass when measuring the base's best softmax temperature
 
 
 class MemoryMonitor:
@@ -87,6 +89,7 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
     job.save()
     notify()
     full = not job.config.lora.adapter
+    base_model = model   # (full fine-tuning trains a copy; an adapter run's base is this model at scale 0)
     with MemoryMonitor() as mem:
         if full:
             model = _full_copy(model, tokenizer, pairs_of, base_cache, cfg.bleu_size, translator)
@@ -98,6 +101,8 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
             job.version += 1
             notify()
             _score(job, model, tokenizer, pairs_of("test", cfg.bleu_size), base_cache, translator)
+            if job.quality is not None:
+                job.quality["confidence"] = _confidence(job, base_model, tokenizer, pairs_of, base_cache)
     job.memory = mem.figures()
     job.status, job.phase = outcome, ""
     job.version += 1
@@ -158,3 +163,18 @@ def _score(job: Job, model, tokenizer, test: data.Pairs, base_cache: dict, trans
     base = base_cache[n]
     job.quality = {"n": len(test), "split": "newstest2016", "base": quality_of(base, test),
                    "lora": quality_of(lora, test), "change": paired_change(base, lora, [p.de for p in test.items])}
+
+
+def _confidence(job: Job, base_model, tokenizer, pairs_of, base_cache: dict) -> dict:
+    """The base model's held-out loss at the best single softmax temperature (steps.best_temperature),
+    measured once per held-out slice: how much of a held-out fall needs no change of the German."""
+    cfg = job.config.train
+    key = ("confidence", cfg.data, cfg.heldout_size, cfg.max_source_len, cfg.max_target_len)
+    if key not in base_cache:
+        arrays = data.encode(tokenizer, pairs_of("heldout", cfg.heldout_size, cfg.data), cfg.max_source_len,
+                             cfg.max_target_len)
+        rows = len(arrays["labels"])
+        batches = [{k: v[i:i + CONFIDENCE_BATCH] for k, v in arrays.items()} for i in range(0, rows, CONFIDENCE_BATCH)]
+        with at_scale(base_model, 0.0):
+            base_cache[key] = best_temperature(base_model, batches)
+    return base_cache[key]
