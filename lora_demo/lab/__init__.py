@@ -66,11 +66,11 @@ class Lab:
         self.store = RunStore(runs_dir)
         self.exports = exports.Exports()
         self._pairs: dict[tuple, data.Pairs] = {}
-        self._base_scores: dict[int, dict] = {}
+        self._base_cache: dict = {}   # the base model's German per test size, its best temperature per held-out slice
         self.queue = RunQueue(self.store, trainers, self._execute)
 
     def _execute(self, job: Job, trainer) -> None:
-        execute(job, trainer, self.loaded.tokenizer, self.pairs, self._base_scores, strategy=self.strategy,
+        execute(job, trainer, self.loaded.tokenizer, self.pairs, self._base_cache, strategy=self.strategy,
                 translator=self.serving, on_checkpoint=self.store.prune_checkpoints)
 
     # -- the parts, as the app and the API reach them ----------------------------
