@@ -61,8 +61,12 @@ def test_a_run_records_everything(recorded):
     assert f"chrF {c['chrf']['change']:+.2f} (95% of resampled slices" in change_text(q)
     # the base's held-out loss at its best softmax temperature: the same held-out pairs as the run's curve
     conf = q["confidence"]
-    assert conf["loss"] == pytest.approx(s["base_heldout_loss"], abs=0.01) and conf["best_loss"] <= conf["loss"]
-    assert f"(T = {conf['temperature']:.2f}) changes its held-out loss by" in confidence_text(q, s)
+    assert conf["base"]["loss"] == pytest.approx(s["base_heldout_loss"], abs=0.01)
+    assert conf["lora"]["loss"] == pytest.approx(s["final_heldout_loss"], abs=0.01)
+    assert all(conf[m]["best_loss"] <= conf[m]["loss"] for m in ("base", "lora"))
+    text = confidence_text(q, s)
+    assert f"(T = {conf['base']['temperature']:.2f}) changes its held-out loss by" in text
+    assert f"{conf['lora']['best_loss'] - conf['base']['best_loss']:+.3f} with each model at its best" in text
     assert rec["adapter"]["bytes"] == (recorded.dir / "adapter_model.safetensors").stat().st_size
 
 

@@ -122,10 +122,14 @@ def change_text(quality: dict) -> str:
 
 def confidence_text(quality: dict, summary: dict) -> str:
     """How much of the run's held-out fall one softmax temperature on the base reaches with its German
-    unchanged (quality.confidence; "" for records from before it was kept)."""
+    unchanged, and the fall left with each model at its best temperature (quality.confidence; "" for
+    records from before it was kept)."""
     c = quality.get("confidence")
     if not c or summary.get("final_heldout_loss") is None:
         return ""
-    return (f"\nconfidence alone: one softmax temperature on the base (T = {c['temperature']:.2f}) changes its "
-            f"held-out loss by {c['best_loss'] - c['loss']:+.3f} without changing a word of its German; the run "
-            f"changed it by {summary['final_heldout_loss'] - summary['base_heldout_loss']:+.3f}")
+    base, lora = c["base"], c["lora"]
+    return (f"\nconfidence alone: one softmax temperature on the base (T = {base['temperature']:.2f}) changes its "
+            f"held-out loss by {base['best_loss'] - base['loss']:+.3f} without changing a word of its German; the run "
+            f"changed it by {summary['final_heldout_loss'] - summary['base_heldout_loss']:+.3f}, and by "
+            f"{lora['best_loss'] - base['best_loss']:+.3f} with each model at its best temperature (LoRA's "
+            f"T = {lora['temperature']:.2f})")

@@ -102,7 +102,7 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
             notify()
             _score(job, model, tokenizer, pairs_of("test", cfg.bleu_size), base_cache, translator)
             if job.quality is not None:
-                job.quality["confidence"] = _confidence(job, base_model, tokenizer, pairs_of, base_cache)
+                job.quality["confidence"] = _confidence(job, base_model, model, tokenizer, pairs_of, base_cache)
     job.memory = mem.figures()
     job.status, job.phase = outcome, ""
     job.version += 1
@@ -165,16 +165,17 @@ def _score(job: Job, model, tokenizer, test: data.Pairs, base_cache: dict, trans
                    "lora": quality_of(lora, test), "change": paired_change(base, lora, [p.de for p in test.items])}
 
 
-def _confidence(job: Job, base_model, tokenizer, pairs_of, base_cache: dict) -> dict:
-    """The base model's held-out loss at the best single softmax temperature (steps.best_temperature),
-    measured once per held-out slice: how much of a held-out fall needs no change of the German."""
+def _confidence(job: Job, base_model, trained, tokenizer, pairs_of, base_cache: dict) -> dict:
+    """The held-out loss of the base and of the trained model, each at its best single softmax temperature
+    (steps.best_temperature; the base's measured once per held-out slice): how much of the run's held-out
+    fall needs no change of the German, and how much is left when neither model gets it for free."""
     cfg = job.config.train
+    arrays = data.encode(tokenizer, pairs_of("heldout", cfg.heldout_size, cfg.data), cfg.max_source_len,
+                         cfg.max_target_len)
+    rows = len(arrays["labels"])
+    batches = [{k: v[i:i + CONFIDENCE_BATCH] for k, v in arrays.items()} for i in range(0, rows, CONFIDENCE_BATCH)]
     key = ("confidence", cfg.data, cfg.heldout_size, cfg.max_source_len, cfg.max_target_len)
     if key not in base_cache:
-        arrays = data.encode(tokenizer, pairs_of("heldout", cfg.heldout_size, cfg.data), cfg.max_source_len,
-                             cfg.max_target_len)
-        rows = len(arrays["labels"])
-        batches = [{k: v[i:i + CONFIDENCE_BATCH] for k, v in arrays.items()} for i in range(0, rows, CONFIDENCE_BATCH)]
         with at_scale(base_model, 0.0):
             base_cache[key] = best_temperature(base_model, batches)
-    return base_cache[key]
+    return {"base": base_cache[key], "lora": best_temperature(trained, batches)}
