@@ -221,7 +221,7 @@ def test_one_softmax_temperature_lowers_the_loss_without_changing_a_word_of_the_
     """best_temperature's loss at T = 1 is the eval loss; with the LM head divided by its best T the best
     moves to T = 1 at the same loss, and the greedy German is word for word what it was."""
     from lora_demo.analysis.evaluate import translate
-    from lora_demo.training.steps import TEMPERATURES, best_temperature, eval_loss, make_eval
+    from lora_demo.training.steps import T_RANGE, best_temperature, eval_loss, make_eval
 
     model, tokenizer = bundled_tiny.model, bundled_tiny.tokenizer
     held = data.heldout_pairs("news", 16)
@@ -229,7 +229,7 @@ def test_one_softmax_temperature_lowers_the_loss_without_changing_a_word_of_the_
     batches = [{k: v[i:i + 8] for k, v in arrays.items()} for i in (0, 8)]
     found = best_temperature(model, batches)
     assert found["loss"] == pytest.approx(eval_loss(make_eval(model), batches), rel=1e-5)
-    assert found["temperature"] in TEMPERATURES and found["temperature"] != 1.0   # else the rest shows nothing
+    assert T_RANGE[0] <= found["temperature"] <= T_RANGE[1] and found["temperature"] != 1.0   # else nothing to show
     assert found["best_loss"] < found["loss"]
     english = [p.en for p in held.items[:4]]
     before = translate(model, tokenizer, english)
@@ -238,7 +238,8 @@ def test_one_softmax_temperature_lowers_the_loss_without_changing_a_word_of_the_
     try:
         kernel.assign(saved / found["temperature"])
         again = best_temperature(model, batches)
-        assert again["temperature"] == 1.0 and again["loss"] == pytest.approx(found["best_loss"], rel=1e-4)
+        assert again["temperature"] == pytest.approx(1.0, abs=0.015)
+        assert again["best_loss"] == pytest.approx(found["best_loss"], rel=1e-4)
         assert translate(model, tokenizer, english) == before
     finally:
         kernel.assign(saved)

