@@ -53,6 +53,17 @@ def test_the_table_says_whether_a_runs_chrf_change_is_more_than_sentence_noise(c
     assert dict(zip(compare.COLUMNS, compare.row(rec)))["chrF change"] == verdict
 
 
+def test_the_seed_groups_count_each_seeds_chrf_verdict():
+    runs = _seeded(8, [4.1, 4.3, 4.2])
+    for rec, (change, low, high) in zip(runs, [(-2.06, -3.46, -0.63), (-2.13, -3.28, -0.93), (-1.03, -2.06, 0.03)]):
+        rec["quality"] = {"n": 100, "base": {"bleu": 7.5, "chrf": 31.8}, "lora": {"bleu": 7.0, "chrf": 31.8 + change},
+                          "change": {"chrf": {"change": change, "low": low, "high": high, "better": 0.0,
+                                              "real": low > 0 or high < 0}}}
+    row = dict(zip(compare.GROUP_COLUMNS, compare.group_table(compare.groups(runs))[0]))
+    assert row["chrF change per seed"] == "2 real falls · 1 noise"
+    assert compare.verdict_counts(["real rise"]) == "1 real rise" and compare.verdict_counts([]) is None
+
+
 def test_csv_and_markdown_exports():
     parsed = list(csv.reader(io.StringIO(compare.to_csv([A, B]))))
     assert parsed[0] == compare.COLUMNS and [r[0] for r in parsed[1:]] == ["run-a", "run-b"]
@@ -126,6 +137,7 @@ def test_groups_give_each_config_its_mean_and_spread_over_seeds():
     row = dict(zip(compare.GROUP_COLUMNS, compare.group_table(gs)[1]))
     assert row["held-out mean"] == pytest.approx(4.2) and row["held-out sd"] == pytest.approx(0.1)
     assert (row["held-out min"], row["held-out max"]) == (4.1, 4.3) and row["Δ vs base (mean)"] == pytest.approx(-0.8)
+    assert row["chrF change per seed"] is None   # no run of these has a paired bootstrap
     fig = plots.seeds_figure(gs)
     assert list(fig.data[0].y) == pytest.approx([4.5, 4.2]) and len(fig.data[1].y) == 6
 
