@@ -42,6 +42,7 @@ def test_table_rows_hold_the_record_numbers():
     assert a["BLEU base"] == 5.0 and a["BLEU LoRA"] == 6.0 and a["adapter MB"] == round(8400 / 1e6, 3)
     assert a["train loss"] == 2.0 and a["val loss"] == 3.5
     assert a["chrF change"] is None   # a record from before the paired bootstrap was kept
+    assert a["first choice Δ pts"] is None and len(compare.WIDTHS) == len(compare.COLUMNS)
 
 
 @pytest.mark.parametrize("change, low, high, verdict", [
@@ -51,6 +52,8 @@ def test_the_table_says_whether_a_runs_chrf_change_is_more_than_sentence_noise(c
     rec["quality"]["change"] = {"chrf": {"change": change, "low": low, "high": high, "better": 0.5,
                                          "real": low > 0 or high < 0}}
     assert dict(zip(compare.COLUMNS, compare.row(rec)))["chrF change"] == verdict
+    rec["quality"]["first_choice"] = {"base": 0.2853, "lora": 0.2726, "change": 0.2726 - 0.2853}
+    assert dict(zip(compare.COLUMNS, compare.row(rec)))["first choice Δ pts"] == -1.27   # points of the share
 
 
 def test_the_seed_groups_count_each_seeds_chrf_verdict():

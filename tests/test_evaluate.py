@@ -5,8 +5,8 @@ import pytest
 
 from lora_demo import data
 from lora_demo.core.config import LoraConfig
-from lora_demo.analysis.evaluate import (paired_change, repetition_loop, scores, sentence_chrf, translate,
-                                         translate_both)
+from lora_demo.analysis.evaluate import (paired_change, paired_share_change, repetition_loop, scores, sentence_chrf,
+                                         translate, translate_both)
 from lora_demo.lab.execute import quality_of, translations
 from lora_demo.core.inject import apply_lora, lora_layers, remove_lora
 
@@ -91,6 +91,27 @@ def test_the_paired_bootstrap_refuses_unpaired_outputs():
         paired_change(cut, refs[:3], refs)
     with pytest.raises(ValueError):
         paired_change([], [], [])
+
+
+def test_the_first_choice_bootstrap_resamples_sentences_and_calls_one_sentence_luck():
+    """paired_share_change on counts per sentence: one more token right in every one of 64 sentences is a
+    real rise (and the reverse a real fall); one sentence of 64 with 3 more right is within the noise;
+    the same counts give exactly zero; the shares are the counts over the tokens, as plain floats."""
+    targets = [20 + i % 17 for i in range(64)]
+    base = [t // 3 + i % 5 for i, t in enumerate(targets)]
+    up = paired_share_change(base, [b + 1 for b in base], targets)
+    assert up["change"] == pytest.approx(64 / sum(targets)) and up["real"] and up["low"] > 0
+    assert up["base"] == pytest.approx(sum(base) / sum(targets)) and up["tokens"] == sum(targets)
+    down = paired_share_change([b + 1 for b in base], base, targets)
+    assert down["real"] and down["high"] < 0
+    one = paired_share_change(base, [base[0] + 3] + base[1:], targets)
+    assert one["change"] > 0 and not one["real"] and one["low"] == 0.0
+    same = paired_share_change(base, base, targets)
+    assert (same["change"], same["low"], same["high"], same["real"]) == (0.0, 0.0, 0.0, False)
+    assert paired_share_change(base, [b + 1 for b in base], targets) == up
+    assert all(type(up[k]) is float for k in ("base", "lora", "change", "low", "high"))
+    with pytest.raises(ValueError, match="counts for every sentence"):
+        paired_share_change(base, base[:-1], targets)
 
 
 @pytest.mark.parametrize("text, piece", [

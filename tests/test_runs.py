@@ -8,7 +8,7 @@ from lora_demo import data
 from lora_demo.lab import owners
 from lora_demo.lab.exports import EXPORT_TTL_S
 from lora_demo.core.config import ConfigError, LoraConfig, RunConfig, TrainConfig, expand_sweep
-from lora_demo.core.events import change_text, confidence_text, loops_text
+from lora_demo.core.events import change_text, confidence_text, first_choice_text, loops_text
 from lora_demo.core.inject import remove_lora
 from lora_demo.lab import Lab
 from lora_demo.lab.execute import execute
@@ -67,6 +67,12 @@ def test_a_run_records_everything(recorded):
     text = confidence_text(q, s)
     assert f"(T = {conf['base']['temperature']:.2f}) changes its held-out loss by" in text
     assert f"{conf['lora']['best_loss'] - conf['base']['best_loss']:+.3f} with each model at its best" in text
+    # the share of held-out target tokens ranked first, base and trained, from the same held-out pairs
+    f = q["first_choice"]
+    assert f["sentences"] == s["heldout_pairs"] and f["tokens"] == conf["base"]["tokens"]
+    assert 0 < f["base"] < 1 and 0 < f["lora"] < 1 and f["change"] == pytest.approx(f["lora"] - f["base"])
+    assert f["low"] <= f["change"] <= f["high"] and f["real"] == (f["low"] > 0 or f["high"] < 0)
+    assert f"base {100 * f['base']:.2f}% -> LoRA {100 * f['lora']:.2f}% of {f['tokens']:,} tokens" in first_choice_text(q)
     assert rec["adapter"]["bytes"] == (recorded.dir / "adapter_model.safetensors").stat().st_size
 
 

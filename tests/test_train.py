@@ -219,15 +219,17 @@ def test_the_loss_gathers_the_real_targets_and_equals_the_masked_loss_over_full_
 
 def test_one_softmax_temperature_lowers_the_loss_without_changing_a_word_of_the_german(bundled_tiny):
     """best_temperature's loss at T = 1 is the eval loss; with the LM head divided by its best T the best
-    moves to T = 1 at the same loss, and the greedy German is word for word what it was."""
+    moves to T = 1 at the same loss, and the greedy German and every first choice are what they were."""
     from lora_demo.analysis.evaluate import translate
-    from lora_demo.training.steps import T_RANGE, best_temperature, eval_loss, make_eval
+    from lora_demo.training.steps import (T_RANGE, best_temperature, eval_loss, first_choice, heldout_logits,
+                                          make_eval)
 
     model, tokenizer = bundled_tiny.model, bundled_tiny.tokenizer
     held = data.heldout_pairs("news", 16)
     arrays = data.encode(tokenizer, held, 64, 64)
     batches = [{k: v[i:i + 8] for k, v in arrays.items()} for i in (0, 8)]
-    found = best_temperature(model, batches)
+    found = best_temperature(heldout_logits(model, batches))
+    first = first_choice(heldout_logits(model, batches), batches)
     assert found["loss"] == pytest.approx(eval_loss(make_eval(model), batches), rel=1e-5)
     assert T_RANGE[0] <= found["temperature"] <= T_RANGE[1] and found["temperature"] != 1.0   # else nothing to show
     assert found["best_loss"] < found["loss"]
@@ -237,12 +239,31 @@ def test_one_softmax_temperature_lowers_the_loss_without_changing_a_word_of_the_
     saved = tf.identity(kernel)
     try:
         kernel.assign(saved / found["temperature"])
-        again = best_temperature(model, batches)
+        again = best_temperature(heldout_logits(model, batches))
         assert again["temperature"] == pytest.approx(1.0, abs=0.015)
         assert again["best_loss"] == pytest.approx(found["best_loss"], rel=1e-4)
         assert translate(model, tokenizer, english) == before
+        assert first_choice(heldout_logits(model, batches), batches) == first
     finally:
         kernel.assign(saved)
+
+
+def test_first_choice_counts_each_rows_targets_the_model_ranks_first(bundled_tiny):
+    """first_choice per row equals the argmax of the model's full teacher-forced logits compared with the
+    labels, row by row, padding left out; its token counts are the labels' real tokens."""
+    from lora_demo.training.steps import first_choice, heldout_logits
+
+    model, tokenizer = bundled_tiny.model, bundled_tiny.tokenizer
+    arrays = data.encode(tokenizer, data.heldout_pairs("news", 12), 64, 64)
+    batches = [{k: v[i:i + 5] for k, v in arrays.items()} for i in (0, 5, 10)]   # 5, 5 and 2 rows
+    got = first_choice(heldout_logits(model, batches), batches)
+    labels = arrays["labels"]
+    logits = model(input_ids=arrays["input_ids"], attention_mask=arrays["attention_mask"],
+                   labels=tf.constant(labels), training=False).logits.numpy()
+    real = labels != -100
+    assert got["targets"] == real.sum(1).tolist()
+    assert got["right"] == ((logits.argmax(-1) == labels) & real).sum(1).tolist()
+    assert 0 < sum(got["right"]) < sum(got["targets"])   # a translator gets some right, not all
 
 
 def test_grouped_batches_of_many_widths_run_one_traced_step(model, bundled_tiny):

@@ -16,10 +16,10 @@ from lora_demo.core.config import METHODS
 COLUMNS = ["run", "status", "method", "rank", "alpha", "targets", "stacks", "blocks", "seed", "data", "trainable",
            "% trainable", "adapter MB", "steps", "train loss", "held-out base", "held-out loss", "val loss",
            "de→en base", "de→en loss", "BLEU base", "BLEU LoRA", "chrF base", "chrF LoRA", "chrF change",
-           "s/step", "first loss s", "peak RSS MB"]
-# Display widths for the UI table (it scrolls sideways rather than squashing 28 columns).
+           "first choice Δ pts", "s/step", "first loss s", "peak RSS MB"]
+# Display widths for the UI table (it scrolls sideways rather than squashing 29 columns).
 WIDTHS = ["200px", "100px", "84px", "60px", "64px", "80px", "76px", "70px", "60px", "80px", "100px", "100px", "96px",
-          "64px", "90px", "96px", "96px", "84px", "90px", "90px", "90px", "90px", "90px", "90px", "110px", "70px",
+          "64px", "90px", "96px", "96px", "84px", "90px", "90px", "90px", "90px", "90px", "90px", "110px", "120px", "70px",
           "96px", "104px"]
 LORA_DEFAULTS = {"method": "lora", "loraplus_ratio": 16.0}   # records from before the methods were added
 
@@ -55,6 +55,7 @@ def row(rec: dict) -> list:
         _round(_get(rec, "summary", "base_forget_loss"), 4), _round(_get(rec, "summary", "final_forget_loss"), 4),
         _round(_get(q, "base", "bleu"), 2), _round(_get(q, "lora", "bleu"), 2),
         _round(_get(q, "base", "chrf"), 2), _round(_get(q, "lora", "chrf"), 2), change_verdict(q),
+        _round(100 * f, 2) if (f := _get(q, "first_choice", "change")) is not None else None,
         _round(_get(rec, "summary", "mean_step_s"), 3), _round(_get(rec, "summary", "first_loss_s"), 1),
         _get(rec, "memory", "peak_rss_mb"),
     ]

@@ -181,6 +181,26 @@ def paired_change(base: list[str], lora: list[str], references: list[str],
     return out
 
 
+def paired_share_change(base_right, lora_right, targets, samples: int = BOOTSTRAP_SAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> dict:
+    """Is the change in the share of target tokens a model ranks first (steps.first_choice) more than the
+    luck of which sentences were measured? The same paired bootstrap as paired_change, over sentences
+    (the tokens of one sentence are not independent draws): the shares of base and LoRA on the whole
+    slice, the change, its 2.5th-97.5th percentile interval over ``samples`` resamplings and ``real``
+    (the interval leaves out 0). Shares are fractions of 1."""
+    if not (len(base_right) == len(lora_right) == len(targets)) or sum(targets) <= 0:
+        raise ValueError("paired_share_change needs base and LoRA counts for every sentence, and some targets")
+    right = np.asarray([base_right, lora_right], np.float64)
+    n = np.asarray(targets, np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(n), size=(samples, len(n)))
+    tokens = np.maximum(n[draws].sum(1), 1.0)
+    diffs = (right[1][draws].sum(1) - right[0][draws].sum(1)) / tokens
+    low, high = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
+    base, lora = (float(r.sum() / n.sum()) for r in right)
+    return {"samples": samples, "sentences": len(n), "tokens": int(n.sum()), "base": base, "lora": lora,
+            "change": lora - base, "low": low, "high": high, "real": bool(low > 0 or high < 0)}
+
+
 def sentence_chrf(hypothesis: str, reference: str) -> float:
     return sacrebleu.metrics.CHRF().sentence_score(hypothesis, [reference]).score
 

@@ -133,3 +133,16 @@ def confidence_text(quality: dict, summary: dict) -> str:
             f"changed it by {summary['final_heldout_loss'] - summary['base_heldout_loss']:+.3f}, and by "
             f"{lora['best_loss'] - base['best_loss']:+.3f} with each model at its best temperature (LoRA's "
             f"T = {lora['temperature']:.2f})")
+
+
+def first_choice_text(quality: dict) -> str:
+    """The share of held-out target tokens each model ranks first given the reference so far, base and LoRA,
+    with the paired bootstrap's verdict (quality.first_choice; "" for records from before it was kept)."""
+    f = quality.get("first_choice")
+    if not f:
+        return ""
+    verdict = "a real change" if f["real"] else "within the noise of which sentences were measured"
+    return (f"\nfirst choice right (held-out, given the reference so far: greedy decoding writes the first "
+            f"choice): base {100 * f['base']:.2f}% -> LoRA {100 * f['lora']:.2f}% of {f['tokens']:,} tokens, "
+            f"{100 * f['change']:+.2f} points (95% of resampled sentence sets: {100 * f['low']:+.2f} to "
+            f"{100 * f['high']:+.2f}; {verdict})")

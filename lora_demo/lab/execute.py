@@ -6,18 +6,18 @@ from __future__ import annotations
 import threading
 
 from lora_demo import adapters, data
-from lora_demo.analysis.evaluate import paired_change, repetition_loop, scores, translate
+from lora_demo.analysis.evaluate import paired_change, paired_share_change, repetition_loop, scores, translate
 from lora_demo.core.events import CheckpointSaved
 from lora_demo.core.inject import at_scale, lora_layers, remove_lora
 from lora_demo.core.models import copy_model, peak_gpu_mb, reset_gpu_peak
 from lora_demo.lab.records import Job, prune_checkpoints
 from lora_demo.training.samples import translating
-from lora_demo.training.steps import best_temperature
+from lora_demo.training.steps import best_temperature, first_choice, heldout_logits
 from lora_demo.training.train import train
 
 EVAL_BATCH = 16          # sentences per generate() call when scoring BLEU/chrF
 EVAL_MAX_NEW_TOKENS = 128
-CONFIDENCE_BATCH = 64    # held-out pairs per forward pass when measuring the best softmax temperature
+CONFIDENCE_BATCH = 64    # held-out pairs per forward pass when measuring temperature and first choices
 
 
 class MemoryMonitor:
@@ -75,7 +75,7 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
 
     ``pairs_of(split, n, dataset)`` supplies data (data.pairs_for); ``base_cache`` maps n to the base model's
     German for the first n test pairs, and each held-out slice's key to the base's best softmax temperature
-    (_confidence), both filled here on first need (the base never changes, so one cache serves every run on
+    and first choices (_confidence), both filled here on first need (the base never changes, so one cache serves every run on
     the same model). ``on_change(event)`` is called with each train() event,
     and with None when the phase changes. With a ``translator`` (lab.serving.Serving: the app's) the
     sample sentences and BLEU/chrF are translated by it, with the update merged in; without one, by the
@@ -103,7 +103,7 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
             notify()
             _score(job, model, tokenizer, pairs_of("test", cfg.bleu_size), base_cache, translator)
             if job.quality is not None:
-                job.quality["confidence"] = _confidence(job, base_model, model, tokenizer, pairs_of, base_cache)
+                job.quality.update(_confidence(job, base_model, model, tokenizer, pairs_of, base_cache))
     job.memory = mem.figures()
     job.status, job.phase = outcome, ""
     job.version += 1
@@ -167,16 +167,25 @@ def _score(job: Job, model, tokenizer, test: data.Pairs, base_cache: dict, trans
 
 
 def _confidence(job: Job, base_model, trained, tokenizer, pairs_of, base_cache: dict) -> dict:
-    """The held-out loss of the base and of the trained model, each at its best single softmax temperature
-    (steps.best_temperature; the base's measured once per held-out slice): how much of the run's held-out
-    fall needs no change of the German, and how much is left when neither model gets it for free."""
+    """Two readings of one teacher-forced pass over the held-out pairs, for the base and the trained model
+    (the base's kept once per held-out slice). ``confidence``: the held-out loss of each at its best single
+    softmax temperature (steps.best_temperature), how much of the run's held-out fall needs no change of
+    the German. ``first_choice``: the share of target tokens each ranks first (steps.first_choice), with
+    its paired bootstrap over the held-out sentences: the greedy German follows it, not the loss."""
     cfg = job.config.train
     arrays = data.encode(tokenizer, pairs_of("heldout", cfg.heldout_size, cfg.data), cfg.max_source_len,
                          cfg.max_target_len)
     rows = len(arrays["labels"])
     batches = [{k: v[i:i + CONFIDENCE_BATCH] for k, v in arrays.items()} for i in range(0, rows, CONFIDENCE_BATCH)]
+
+    def measure(model):
+        kept = heldout_logits(model, batches)
+        return best_temperature(kept), first_choice(kept, batches)
+
     key = ("confidence", cfg.data, cfg.heldout_size, cfg.max_source_len, cfg.max_target_len)
     if key not in base_cache:
         with at_scale(base_model, 0.0):
-            base_cache[key] = best_temperature(base_model, batches)
-    return {"base": base_cache[key], "lora": best_temperature(trained, batches)}
+            base_cache[key] = measure(base_model)
+    (base_t, base_first), (lora_t, lora_first) = base_cache[key], measure(trained)
+    return {"confidence": {"base": base_t, "lora": lora_t},
+            "first_choice": paired_share_change(base_first["right"], lora_first["right"], base_first["targets"])}
