@@ -62,8 +62,11 @@ def test_the_seed_groups_count_each_seeds_chrf_verdict():
         rec["quality"] = {"n": 100, "base": {"bleu": 7.5, "chrf": 31.8}, "lora": {"bleu": 7.0, "chrf": 31.8 + change},
                           "change": {"chrf": {"change": change, "low": low, "high": high, "better": 0.0,
                                               "real": low > 0 or high < 0}}}
+    for rec, first in zip(runs, (-0.0128, -0.0132, -0.0106)):
+        rec["quality"]["first_choice"] = {"change": first}
     row = dict(zip(compare.GROUP_COLUMNS, compare.group_table(compare.groups(runs))[0]))
     assert row["chrF change per seed"] == "2 real falls · 1 noise"
+    assert row["first choice Δ pts (mean)"] == -1.22   # the mean of -1.28, -1.32 and -1.06 points
     assert compare.verdict_counts(["real rise"]) == "1 real rise" and compare.verdict_counts([]) is None
 
 

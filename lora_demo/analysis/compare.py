@@ -121,7 +121,7 @@ RULE = ("Rule: config A is better than config B *above seed noise* when every se
         "chance is at most 1 in 20.")
 GROUP_COLUMNS = ["config", "seeds", "held-out mean", "held-out sd", "held-out min", "held-out max",
                  "Δ vs base (mean)", "de→en Δ (mean)", "val loss mean", "BLEU LoRA mean", "BLEU LoRA sd", "chrF LoRA mean",
-                 "chrF change per seed", "trainable"]
+                 "chrF change per seed", "first choice Δ pts (mean)", "trainable"]
 _IGNORED = {"seed", "samples", "bleu_size", "eval_size"}   # settings that do not make another config
 
 
@@ -174,6 +174,7 @@ def groups(records: list[dict]) -> list[dict]:
             "bleu": [v for r in rs if (v := _get(r, "quality", "lora", "bleu")) is not None],
             "chrf": [v for r in rs if (v := _get(r, "quality", "lora", "chrf")) is not None],
             "chrf_verdicts": [v for r in rs if (v := change_verdict(r.get("quality"))) is not None],
+            "first_choice": [100 * v for r in rs if (v := _get(r, "quality", "first_choice", "change")) is not None],
             "trainable": _get(rs[0], "params", "trainable"),
             "method": rs[0]["config"]["lora"].get("method", "lora"),
             "forget": [f - b for r in rs if (f := _get(r, "summary", "final_forget_loss")) is not None
@@ -196,7 +197,8 @@ def group_table(gs: list[dict]) -> list[list]:
              _round(min(g["heldout"]), 4), _round(max(g["heldout"]), 4), _round(_mean(g["delta"]), 4),
              _round(_mean(g["forget"]), 4),
              _round(_mean(g["val"]), 4), _round(_mean(g["bleu"]), 2), _round(_sd(g["bleu"]), 2),
-             _round(_mean(g["chrf"]), 2), verdict_counts(g["chrf_verdicts"]), g["trainable"]] for g in gs]
+             _round(_mean(g["chrf"]), 2), verdict_counts(g["chrf_verdicts"]), _round(_mean(g["first_choice"]), 2),
+             g["trainable"]] for g in gs]
 
 
 def verdict_counts(verdicts: list[str]) -> str | None:
