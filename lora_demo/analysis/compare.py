@@ -19,8 +19,8 @@ COLUMNS = ["run", "status", "method", "rank", "alpha", "targets", "stacks", "blo
            "first choice Δ pts", "s/step", "first loss s", "peak RSS MB"]
 # Display widths for the UI table (it scrolls sideways rather than squashing 29 columns).
 WIDTHS = ["200px", "100px", "84px", "60px", "64px", "80px", "76px", "70px", "60px", "80px", "100px", "100px", "96px",
-          "64px", "90px", "96px", "96px", "84px", "90px", "90px", "90px", "90px", "90px", "90px", "110px", "120px", "70px",
-          "96px", "104px"]
+          "64px", "90px", "96px", "96px", "84px", "90px", "90px", "90px", "90px", "90px", "90px", "110px", "120px",
+          "70px", "96px", "104px"]
 LORA_DEFAULTS = {"method": "lora", "loraplus_ratio": 16.0}   # records from before the methods were added
 
 
@@ -174,7 +174,8 @@ def groups(records: list[dict]) -> list[dict]:
             "bleu": [v for r in rs if (v := _get(r, "quality", "lora", "bleu")) is not None],
             "chrf": [v for r in rs if (v := _get(r, "quality", "lora", "chrf")) is not None],
             "chrf_verdicts": [v for r in rs if (v := change_verdict(r.get("quality"))) is not None],
-            "first_choice": [100 * v for r in rs if (v := _get(r, "quality", "first_choice", "change")) is not None],
+            "first_choice": [100 * v for r in rs
+                             if (v := _get(r, "quality", "first_choice", "change")) is not None],
             "trainable": _get(rs[0], "params", "trainable"),
             "method": rs[0]["config"]["lora"].get("method", "lora"),
             "forget": [f - b for r in rs if (f := _get(r, "summary", "final_forget_loss")) is not None

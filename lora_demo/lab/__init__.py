@@ -66,7 +66,7 @@ class Lab:
         self.store = RunStore(runs_dir)
         self.exports = exports.Exports()
         self._pairs: dict[tuple, data.Pairs] = {}
-        self._base_cache: dict = {}   # the base model's German per test size, its best temperature per held-out slice
+        self._base_cache: dict = {}   # the base's German per test size; temperature, first choices per held-out slice
         self.queue = RunQueue(self.store, trainers, self._execute)
 
     def _execute(self, job: Job, trainer) -> None:

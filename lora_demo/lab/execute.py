@@ -75,11 +75,11 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
 
     ``pairs_of(split, n, dataset)`` supplies data (data.pairs_for); ``base_cache`` maps n to the base model's
     German for the first n test pairs, and each held-out slice's key to the base's best softmax temperature
-    and first choices (_confidence), both filled here on first need (the base never changes, so one cache serves every run on
-    the same model). ``on_change(event)`` is called with each train() event,
-    and with None when the phase changes. With a ``translator`` (lab.serving.Serving: the app's) the
-    sample sentences and BLEU/chrF are translated by it, with the update merged in; without one, by the
-    training model (training/samples.translating). A job with ``resume_from`` (Lab.resume) continues
+    and first choices (_confidence), both filled here on first need (the base never changes, so one cache
+    serves every run on the same model). ``on_change(event)`` is called with each train() event, and with
+    None when the phase changes. With a ``translator`` (lab.serving.Serving: the app's) the sample
+    sentences and BLEU/chrF are translated by it, with the update merged in; without one, by the training
+    model (training/samples.translating). A job with ``resume_from`` (Lab.resume) continues
     from that checkpoint; ``on_checkpoint(job)`` is called after each checkpoint is saved (by default the
     run's own checkpoints are kept under LORA_LAB_MAX_CHECKPOINT_MB)."""
     def notify(event=None):
