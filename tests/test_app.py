@@ -47,6 +47,7 @@ def test_train_streams_updates_then_translate_gives_two_columns(client, app):
     first = final["quality"]["first_choice"]   # the held-out first choices, base and LoRA, as numbers
     assert all(isinstance(first[k], float) for k in ("base", "lora", "change", "low", "high"))
     assert first["sentences"] == final["summary"]["heldout_pairs"] and first["tokens"] > 0
+    assert all(isinstance(w["word"], str) and isinstance(w["lora"], int) for w in final["quality"]["words"])
     # the held-out curve (newstest2014, base at step 0) and the sample sentences at every evaluation
     assert [s for s, _ in final["heldout_losses"]] == [0, 6, 12] and final["summary"]["stop_reason"] == "all 12 steps"
     assert {u["heldout_name"] for u in updates} == {"newstest2014"}   # the live chart names it too

@@ -6,7 +6,7 @@ import pytest
 from lora_demo import data
 from lora_demo.core.config import LoraConfig
 from lora_demo.analysis.evaluate import (paired_change, paired_share_change, repetition_loop, scores, sentence_chrf,
-                                         translate, translate_both)
+                                         translate, translate_both, word_shift)
 from lora_demo.lab.execute import quality_of, translations
 from lora_demo.core.inject import apply_lora, lora_layers, remove_lora
 
@@ -112,6 +112,20 @@ def test_the_first_choice_bootstrap_resamples_sentences_and_calls_one_sentence_l
     assert all(type(up[k]) is float for k in ("base", "lora", "change", "low", "high"))
     with pytest.raises(ValueError, match="counts for every sentence"):
         paired_share_change(base, base[:-1], targets)
+
+
+def test_word_shift_counts_the_words_and_marks_whose_count_changed_most():
+    """Counts over the whole slice, case kept, punctuation counted as words; unchanged words are left
+    out; ties are ordered by the word; the references' count stands beside each."""
+    base = ["Er sagte, daß es regnet.", "Die Stadt, die Stadt, die Stadt"]
+    lora = ["Er sagte, dass es regnet.", "Die Stadt, die Stadt, die Stadt, ,"]
+    refs = ["Er sagte, dass es regnen wird.", "Die Stadt hat drei Brücken."]
+    assert word_shift(base, lora, refs) == [
+        {"word": ",", "base": 3, "lora": 5, "reference": 1},
+        {"word": "dass", "base": 0, "lora": 1, "reference": 1},
+        {"word": "daß", "base": 1, "lora": 0, "reference": 0}]
+    assert word_shift(base, lora, refs, top=1) == word_shift(base, lora, refs)[:1]
+    assert word_shift(base, base, refs) == []
 
 
 @pytest.mark.parametrize("text, piece", [

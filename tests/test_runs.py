@@ -8,7 +8,7 @@ from lora_demo import data
 from lora_demo.lab import owners
 from lora_demo.lab.exports import EXPORT_TTL_S
 from lora_demo.core.config import ConfigError, LoraConfig, RunConfig, TrainConfig, expand_sweep
-from lora_demo.core.events import change_text, confidence_text, first_choice_text, loops_text
+from lora_demo.core.events import change_text, confidence_text, first_choice_text, loops_text, words_text
 from lora_demo.core.inject import remove_lora
 from lora_demo.lab import Lab
 from lora_demo.lab.execute import execute
@@ -59,6 +59,13 @@ def test_a_run_records_everything(recorded):
         assert c[key]["low"] <= c[key]["high"] and 0 <= c[key]["better"] <= 1
         assert c[key]["real"] == (c[key]["low"] > 0 or c[key]["high"] < 0)
     assert f"chrF {c['chrf']['change']:+.2f} (95% of resampled slices" in change_text(q)
+    # the words whose count changed most in the same 8 outputs, each a real change, with the references' count
+    words = q["words"]
+    assert len(words) <= 5 and all(w["lora"] != w["base"] and w["reference"] >= 0 for w in words)
+    changes = [abs(w["lora"] - w["base"]) for w in words]
+    assert changes == sorted(changes, reverse=True)
+    if words:
+        assert f"\u201c{words[0]['word']}\u201d {words[0]['base']} -> {words[0]['lora']}" in words_text(q)
     # the base's held-out loss at its best softmax temperature: the same held-out pairs as the run's curve
     conf = q["confidence"]
     assert conf["base"]["loss"] == pytest.approx(s["base_heldout_loss"], abs=0.01)

@@ -201,6 +201,22 @@ def paired_share_change(base_right, lora_right, targets, samples: int = BOOTSTRA
             "change": lora - base, "low": low, "high": high, "real": bool(low > 0 or high < 0)}
 
 
+# Words and punctuation marks, as word_shift counts them ("dass", ",", "2016").
+WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def word_shift(base: list[str], lora: list[str], references: list[str], top: int = 5) -> list[dict]:
+    """The words and punctuation marks whose count over the slice's German changed most, base to LoRA, with
+    the references' count beside: what the adapter changed in its German, made countable. Case counts
+    ("Die" is not "die"). Sorted by the size of the change, then by the word; at most ``top``. Each item:
+    ``word`` and its counts in the ``base``, ``lora`` and ``reference`` German."""
+    base_n, lora_n, ref_n = (Counter(w for text in texts for w in WORD.findall(text))
+                             for texts in (base, lora, references))
+    moved = sorted((w for w in base_n.keys() | lora_n.keys() if lora_n[w] != base_n[w]),
+                   key=lambda w: (-abs(lora_n[w] - base_n[w]), w))[:top]
+    return [{"word": w, "base": base_n[w], "lora": lora_n[w], "reference": ref_n[w]} for w in moved]
+
+
 def sentence_chrf(hypothesis: str, reference: str) -> float:
     return sacrebleu.metrics.CHRF().sentence_score(hypothesis, [reference]).score
 

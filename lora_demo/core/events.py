@@ -146,3 +146,19 @@ def first_choice_text(quality: dict) -> str:
             f"choice): base {100 * f['base']:.2f}% -> LoRA {100 * f['lora']:.2f}% of {f['tokens']:,} tokens, "
             f"{100 * f['change']:+.2f} points (95% of resampled sentence sets: {100 * f['low']:+.2f} to "
             f"{100 * f['high']:+.2f}; {verdict})")
+
+
+def words_text(quality: dict) -> str:
+    """The words whose count in the scored German changed most, base to LoRA, each with the references'
+    count and whether LoRA's is nearer it (quality.words; "" for records from before it was kept)."""
+    words = quality.get("words")
+    if not words:
+        return ""
+
+    def side(w: dict) -> str:
+        before, after = abs(w["base"] - w["reference"]), abs(w["lora"] - w["reference"])
+        return "nearer" if after < before else "further from" if after > before else "as far from"
+    parts = [f"\u201c{w['word']}\u201d {w['base']} -> {w['lora']} (references {w['reference']}; {side(w)} them)"
+             for w in words]
+    return (f"\nwords written more or less often in the {quality['n']} sentences, base -> LoRA: "
+            + "; ".join(parts))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 
 from lora_demo import adapters, data
-from lora_demo.analysis.evaluate import paired_change, paired_share_change, repetition_loop, scores, translate
+from lora_demo.analysis.evaluate import (paired_change, paired_share_change, repetition_loop, scores, translate,
+                                         word_shift)
 from lora_demo.core.events import CheckpointSaved
 from lora_demo.core.inject import at_scale, lora_layers, remove_lora
 from lora_demo.core.models import copy_model, peak_gpu_mb, reset_gpu_peak
@@ -151,8 +152,9 @@ def _keep_weights(job: Job, model, outcome: str, full: bool) -> None:
 
 
 def _score(job: Job, model, tokenizer, test: data.Pairs, base_cache: dict, translator) -> None:
-    """BLEU and chrF of the run on ``test``, beside the base model's (translated once per size), and
-    whether the change is more than the luck of which sentences were scored (evaluate.paired_change)."""
+    """BLEU and chrF of the run on ``test``, beside the base model's (translated once per size), whether
+    the change is more than the luck of which sentences were scored (evaluate.paired_change), and the
+    words whose count changed most (evaluate.word_shift)."""
     with translating(model, job.config.lora, translator) as trained:
         lora = translations(trained, tokenizer, test, job.stop)
     if lora is None:
@@ -161,9 +163,10 @@ def _score(job: Job, model, tokenizer, test: data.Pairs, base_cache: dict, trans
     if n not in base_cache:   # (full fine-tuning without a translator filled it before training)
         with translating(model, job.config.lora, translator, base=True) as base_model:
             base_cache[n] = translations(base_model, tokenizer, test)
-    base = base_cache[n]
+    base, refs = base_cache[n], [p.de for p in test.items]
     job.quality = {"n": len(test), "split": "newstest2016", "base": quality_of(base, test),
-                   "lora": quality_of(lora, test), "change": paired_change(base, lora, [p.de for p in test.items])}
+                   "lora": quality_of(lora, test), "change": paired_change(base, lora, refs),
+                   "words": word_shift(base, lora, refs)}
 
 
 def _confidence(job: Job, base_model, trained, tokenizer, pairs_of, base_cache: dict) -> dict:
