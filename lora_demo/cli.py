@@ -258,8 +258,7 @@ def _pairs(source: str, split: str, n: int, dataset: str = "europarl"):
 
 
 def _report(job) -> str:
-    from lora_demo.core.events import (change_text, confidence_text, first_choice_text, loops_text, summary_text,
-                                       words_text)
+    from lora_demo.core.events import loops_text, quality_lines, summary_text
 
     if job.status == "failed":
         return f"error: {job.error}"
@@ -268,8 +267,8 @@ def _report(job) -> str:
         q = job.quality
         text += (f"\nBLEU base {q['base']['bleu']:.2f} -> LoRA {q['lora']['bleu']:.2f}; chrF base "
                  f"{q['base']['chrf']:.2f} -> LoRA {q['lora']['chrf']:.2f} ({q['n']} newstest2016 sentences; "
-                 f"{q['lora']['bleu_signature']})" + loops_text(q) + change_text(q) + words_text(q)
-                 + confidence_text(q, job.summary) + first_choice_text(q))
+                 f"{q['lora']['bleu_signature']})" + loops_text(q)
+                 + "".join("\n" + line for line in quality_lines(q, job.summary)))
     return text
 
 

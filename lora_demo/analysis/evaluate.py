@@ -155,6 +155,17 @@ def scores(hypotheses: list[str], references: list[str]) -> dict:
 BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 1000, 12345
 
 
+def _draws(n: int, samples: int, seed: int) -> np.ndarray:
+    """The bootstrap's resampled slices: ``samples`` rows of ``n`` indices drawn with replacement, seeded."""
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+
+def _interval(diffs: np.ndarray) -> dict:
+    """The 2.5th-97.5th percentile interval of resampled changes, and ``real``: it leaves out 0."""
+    low, high = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
+    return {"low": low, "high": high, "real": bool(low > 0 or high < 0)}
+
+
 def paired_change(base: list[str], lora: list[str], references: list[str],
                   samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
     """Is the LoRA model's BLEU/chrF change on this slice more than the luck of which sentences it holds?
@@ -167,17 +178,15 @@ def paired_change(base: list[str], lora: list[str], references: list[str],
     """
     if not (len(base) == len(lora) == len(references)) or not references:
         raise ValueError("paired_change needs one base and one LoRA output per reference, and at least one")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(references), size=(samples, len(references)))
+    draws = _draws(len(references), samples, seed)
     out: dict = {"samples": samples, "sentences": len(references)}
     for name, metric in (("bleu", sacrebleu.metrics.BLEU()), ("chrf", sacrebleu.metrics.CHRF())):
         stats = [np.asarray(metric._extract_corpus_statistics(h, [references]), np.float64) for h in (base, lora)]
         whole = [metric._compute_score_from_stats(list(s.sum(0))).score for s in stats]
         diffs = np.array([metric._compute_score_from_stats(list(stats[1][d].sum(0))).score
                           - metric._compute_score_from_stats(list(stats[0][d].sum(0))).score for d in draws])
-        low, high = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
-        out[name] = {"change": float(whole[1] - whole[0]), "low": low, "high": high,   # (numpy scalars: plain floats)
-                     "better": float((diffs > 0).mean()), "real": bool(low > 0 or high < 0)}
+        out[name] = {"change": float(whole[1] - whole[0]), **_interval(diffs),   # (numpy scalars: plain floats)
+                     "better": float((diffs > 0).mean())}
     return out
 
 
@@ -192,13 +201,11 @@ def paired_share_change(base_right, lora_right, targets, samples: int = BOOTSTRA
         raise ValueError("paired_share_change needs base and LoRA counts for every sentence, and some targets")
     right = np.asarray([base_right, lora_right], np.float64)
     n = np.asarray(targets, np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(n), size=(samples, len(n)))
-    tokens = np.maximum(n[draws].sum(1), 1.0)
-    diffs = (right[1][draws].sum(1) - right[0][draws].sum(1)) / tokens
-    low, high = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
+    draws = _draws(len(n), samples, seed)
+    diffs = (right[1][draws].sum(1) - right[0][draws].sum(1)) / np.maximum(n[draws].sum(1), 1.0)
     base, lora = (float(r.sum() / n.sum()) for r in right)
     return {"samples": samples, "sentences": len(n), "tokens": int(n.sum()), "base": base, "lora": lora,
-            "change": lora - base, "low": low, "high": high, "real": bool(low > 0 or high < 0)}
+            "change": lora - base, **_interval(diffs)}
 
 
 # Words and punctuation marks, as word_shift counts them ("dass", ",", "2016").

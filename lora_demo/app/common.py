@@ -14,8 +14,7 @@ from lora_demo.present import plots
 from lora_demo.core import settings
 from lora_demo.core.config import MODULES, ConfigError, LoraConfig, RunConfig, parse_seeds
 from lora_demo.core.inject import MODULE_PATH, dense_sites, select_paths
-from lora_demo.core.events import (change_text, confidence_text, first_choice_text, loops_text, summary_text,
-                                   words_text)
+from lora_demo.core.events import loops_text, quality_lines, summary_text
 from lora_demo.lab import Lab
 from lora_demo.lab.records import Job
 from pathlib import Path
@@ -201,9 +200,7 @@ def status_line(lab: Lab, s: dict) -> str:
         line += (f"  \nBLEU base {q['base']['bleu']:.2f} → LoRA {q['lora']['bleu']:.2f} · chrF base "
                  f"{q['base']['chrf']:.2f} → LoRA {q['lora']['chrf']:.2f} ({q['n']} newstest2016 sentences)"
                  + loops_text(q).replace("->", "→")
-                 + (change_text(q) + words_text(q) + confidence_text(q, s["summary"]) + first_choice_text(q))
-                 .replace("\n", "  \n")
-                 .replace("->", "→"))
+                 + "".join("  \n" + line.replace("->", "→") for line in quality_lines(q, s["summary"])))
     for r in s.get("resumes") or []:
         line += f"  \n⏯️ resumed from its checkpoint at step {r['from_step']} (it was {r['was']}), to {r['steps']} steps"
     if s.get("checkpoint_every"):

@@ -162,3 +162,11 @@ def words_text(quality: dict) -> str:
              for w in words]
     return (f"\nwords written more or less often in the {quality['n']} sentences, base -> LoRA: "
             + "; ".join(parts))
+
+
+def quality_lines(quality: dict, summary: dict) -> list[str]:
+    """The lines after BLEU/chrF that every view of a run prints, in one order (the CLI, the app's status
+    line, the HTML report): sentence noise, words, confidence, first choices; those a record lacks are left
+    out."""
+    texts = (change_text(quality), words_text(quality), confidence_text(quality, summary), first_choice_text(quality))
+    return [t.strip() for t in texts if t]

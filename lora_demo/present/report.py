@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from lora_demo import adapters
-from lora_demo.core.events import change_text, confidence_text, first_choice_text, words_text
+from lora_demo.core.events import quality_lines
 from lora_demo.analysis import budget
 from lora_demo.analysis import compare
 from lora_demo.present import plots
@@ -115,10 +115,8 @@ def _run_section(run_dir: Path, rec: dict) -> str:
         parts.append(f"<p>BLEU base {q['base']['bleu']:.2f} → LoRA {q['lora']['bleu']:.2f}; chrF base "
                      f"{q['base']['chrf']:.2f} → LoRA {q['lora']['chrf']:.2f} on {q['n']} {q['split']} sentences "
                      f"(sacreBLEU {html.escape(q['lora'].get('bleu_signature', ''))}).</p>")
-        for text in (change_text(q), words_text(q), confidence_text(q, rec.get("summary") or {}),
-                     first_choice_text(q)):
-            if text:
-                parts.append(f"<p>{html.escape(text.strip())}.</p>")
+        for line in quality_lines(q, rec.get("summary") or {}):
+            parts.append(f"<p>{html.escape(line)}.</p>")
     if rec.get("error"):
         parts.append(f"<p class='note'>{html.escape(rec['error'])}</p>")
     parts.append("</div>")
