@@ -105,6 +105,11 @@ def test_the_app_in_a_real_browser(shared_app, tmp_path):
         # the newest evaluation columns: step 15 or later, as the run has gone on meanwhile
         expect(table).to_contain_text(re.compile(r"LoRA at step (1[5-9]|[2-9]\d|\d{3,})\b"), timeout=30_000)
         expect(table).to_contain_text(DEFAULT_SAMPLES[0])
+        # every column fits the table's width: the adapter's German is on screen, not scrolled off
+        # to the right (without column widths the table was four times as wide as its panel)
+        wide = page.evaluate("""() => { const v = document.querySelector('#samples-table .virtual-table-viewport');
+                                        return [v.scrollWidth, v.clientWidth]; }""")
+        assert wide[0] <= wide[1] + 2, wide
         live = _points(page)
         page.locator("#loss-plot").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "2-training.png"), full_page=True)

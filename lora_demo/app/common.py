@@ -231,6 +231,9 @@ def loss_of(job: Job, s: dict, smoothing: float = plots.DEFAULT_SMOOTHING):
 
 
 SAMPLE_COLUMNS_KEPT = 3   # evaluation points shown beside the base model
+# Shares of the table's width: English, the base model, then each kept evaluation point. Without them
+# each column is as wide as its longest sentence and the adapter's columns are scrolled out of sight.
+SAMPLE_WIDTHS = ["22%", "20%"] + ["{:.0f}%".format(58 / SAMPLE_COLUMNS_KEPT)] * SAMPLE_COLUMNS_KEPT
 
 
 def samples_frame(job: Job | None):

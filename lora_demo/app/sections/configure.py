@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from lora_demo.app.common import (DEFAULT_RANKS, PRIVATE, READY, Form, Shared, browser_key, depth, errors, live, loss_of,
-                                   modules, run_label, samples_frame)
+                                   modules, run_label, SAMPLE_WIDTHS, samples_frame)
 from lora_demo.core.config import (MAX_SAMPLES, METHOD_LABELS, METHOD_LR, METHODS, SIDES, ConfigError, LoraConfig,
                                    defaults_for, expand_sweep, parse_methods, parse_ranks)
 from lora_demo.core import settings
@@ -145,7 +145,8 @@ def _view() -> SimpleNamespace:
         show_optim = gr.Checkbox(False, label="show learning rate and gradient norm", elem_id="show-optim")
     optim_plot = gr.Plot(plots.optim_figure(None), show_label=False, visible=False, elem_id="optim-plot")
     gr.Markdown("#### Watch the German change: the sample sentences at each evaluation")
-    samples_tbl = gr.Dataframe(samples_frame(None), interactive=False, wrap=True, elem_id="samples-table")
+    samples_tbl = gr.Dataframe(samples_frame(None), interactive=False, wrap=True, elem_id="samples-table",
+                               column_widths=SAMPLE_WIDTHS)
     gr.Markdown("### Parameter breakdown")
     summary = gr.Markdown(elem_id="breakdown")
     params_plot = gr.Plot(show_label=False)
