@@ -200,7 +200,7 @@ def status_line(lab: Lab, s: dict) -> str:
         line += (f"  \nBLEU base {q['base']['bleu']:.2f} → LoRA {q['lora']['bleu']:.2f} · chrF base "
                  f"{q['base']['chrf']:.2f} → LoRA {q['lora']['chrf']:.2f} ({q['n']} newstest2016 sentences)"
                  + loops_text(q).replace("->", "→")
-                 + "".join("  \n" + line.replace("->", "→") for line in quality_lines(q, s["summary"])))
+                 + "".join("  \n" + text.replace("->", "→") for text in quality_lines(q, s["summary"])))
     for r in s.get("resumes") or []:
         line += f"  \n⏯️ resumed from its checkpoint at step {r['from_step']} (it was {r['was']}), to {r['steps']} steps"
     if s.get("checkpoint_every"):
