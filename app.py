@@ -3,6 +3,7 @@
 import argparse
 import logging
 import os
+import warnings
 
 import lora_demo  # noqa: F401  (pins Keras before TensorFlow loads)
 from lora_demo.app import build_demo, launch
@@ -10,6 +11,17 @@ from lora_demo.core.config import ConfigError
 from lora_demo.training.distribute import cluster_workers, make_strategy
 from lora_demo.core.models import DEFAULT_MODEL, configure_devices, describe, load_model
 from lora_demo.lab import Lab
+
+
+def _once(show):
+    """``warnings.showwarning`` that shows each (category, message) once, whatever the filters say."""
+    seen = set()
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if (category, str(message)) not in seen:
+            seen.add((category, str(message)))
+            show(message, category, filename, lineno, file, line)
+    return showwarning
 
 
 def main() -> None:
@@ -30,6 +42,10 @@ def main() -> None:
     args = ap.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Gradio 6.17 reads a status constant that Starlette 1.x deprecates on every queued event, and the
+    # warnings registry is reset between events, so the same line filled the log (282 times in one session):
+    # each warning is shown once.
+    warnings.showwarning = _once(warnings.showwarning)
     devices = configure_devices()   # before anything touches a GPU
     log = logging.getLogger("lora_lab")
     if devices["gpus"]:
@@ -46,7 +62,8 @@ def main() -> None:
         raise SystemExit(f"error: {exc}") from None
     loaded = load_model(args.model)   # float32: it translates; the Lab trains a copy in --precision
     log.info(describe(loaded))
-    lab = Lab(loaded, runs_dir=args.runs_dir, data_source=args.data, strategy=strategy, precision=args.precision)
+    lab = Lab(loaded, runs_dir=args.runs_dir, data_source=args.data, strategy=strategy, precision=args.precision,
+              warm=True)
     log.info("training precision: %s (asked for %s)", lab.precision, args.precision)
     demo = build_demo(lab)
     launch(demo, server_name=args.host, server_port=args.port)

@@ -210,6 +210,7 @@ def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict
     from lora_demo.analysis.budget import predict
     from lora_demo.core.events import StepLogged, to_dict
     from lora_demo.core.models import model_precision
+    from lora_demo import data
     from lora_demo.lab.execute import execute
 
     job.prediction = predict(loaded.model.config, job.config.lora, job.config.train,
@@ -224,8 +225,8 @@ def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict
     def on_change(event):
         if event is None:
             if job.phase == "evaluating" and not a.json:
-                print(f"scoring BLEU/chrF on {job.config.train.bleu_size} newstest2016 sentences...",
-                      file=sys.stderr)
+                print(f"scoring BLEU/chrF on {job.config.train.bleu_size} "
+                      f"{data.LESSONS[job.config.train.data].test_name} sentences...", file=sys.stderr)
             return
         if a.json:
             print(json.dumps(to_dict(event), default=float), flush=True)
@@ -234,14 +235,14 @@ def _execute(a, loaded, job, base_cache: dict, strategy=None, history: list[dict
             bar.set_postfix(loss=f"{event.loss:.3f}", tok_s=f"{event.tokens_per_s:,.0f}")
 
     try:
-        execute(job, loaded.model, loaded.tokenizer, lambda split, n, dataset="europarl": _pairs(a.data, split, n, dataset),
+        execute(job, loaded.model, loaded.tokenizer, lambda split, n, dataset: _pairs(a.data, split, n, dataset),
                 base_cache, on_change, strategy=strategy)
     finally:
         if bar:
             bar.close()
 
 
-def _pairs(source: str, split: str, n: int, dataset: str = "europarl"):
+def _pairs(source: str, split: str, n: int, dataset: str):
     """The pairs of a split; with hub-stream, the train split as a stream (validation and test
     slices are small and read from the hub as usual)."""
     from lora_demo import data
@@ -266,7 +267,7 @@ def _report(job) -> str:
     if job.quality:
         q = job.quality
         text += (f"\nBLEU base {q['base']['bleu']:.2f} -> LoRA {q['lora']['bleu']:.2f}; chrF base "
-                 f"{q['base']['chrf']:.2f} -> LoRA {q['lora']['chrf']:.2f} ({q['n']} newstest2016 sentences; "
+                 f"{q['base']['chrf']:.2f} -> LoRA {q['lora']['chrf']:.2f} ({q['n']} {q.get('split', 'newstest2016')} sentences; "
                  f"{q['lora']['bleu_signature']})" + loops_text(q)
                  + "".join("\n" + line for line in quality_lines(q, job.summary)))
     return text
@@ -310,6 +311,8 @@ def cmd_train(a) -> int:
     strategy, chief = _strategy_first(a)
     run = _run_config(a)
     loaded = _load(a.model, a.precision)
+    if not a.json:
+        print(_lesson_note(run.train.data, loaded.kind), file=sys.stderr)
     with _output_dir(a.out, chief) as out:
         job = Job(Path(a.out).resolve().name, run, owners.digest("cli"), out)   # no owner key: a CLI run
         _execute(a, loaded, job, {}, strategy)
@@ -319,6 +322,16 @@ def cmd_train(a) -> int:
     elif job.status == "failed":
         print(f"error: {job.error}", file=sys.stderr)
     return 1 if job.status == "failed" else 0
+
+
+def _lesson_note(lesson: str, kind: str) -> str:
+    """What LoRA trains on and why, and what the base saw (for a bundled base, from its build record)."""
+    from lora_demo import data
+    from lora_demo.core.models import base_saw
+
+    saw = base_saw(kind)
+    return (f"lesson: {data.LESSONS[lesson].label}\n{data.LESSONS[lesson].why}"
+            + (f"\nthe base saw: {saw}" if saw else ""))
 
 
 def cmd_sweep(a) -> int:
@@ -337,6 +350,8 @@ def cmd_sweep(a) -> int:
     strategy, chief = _strategy_first(a)
     configs = configs_()   # again: a worker skips scoring
     loaded = _load(a.model, a.precision)
+    if not a.json:
+        print(_lesson_note(configs[0].train.data, loaded.kind), file=sys.stderr)
     with _output_dir(a.out, chief) as out:
         sweep, base_cache, jobs = f"sweep-{Path(a.out).resolve().name}", {}, []
         for cfg in configs:

@@ -3,8 +3,8 @@
     python scripts/pick_samples.py RUN_SEED0 RUN_SEED1 RUN_SEED2 [--model tiny] [--words 10] [--top 3]
 
 Each RUN is the output directory of a default run (``python -m lora_demo train --model tiny --seed S --out
-RUN``). The candidates are the short English sentences (at most ``--words`` words) of newstest2014 after the
-pairs that the held-out curve scores: news that neither the base nor LoRA trained on. Each is translated by
+RUN``). The candidates are the short English captions (at most ``--words`` words) of Multi30k validation after
+the pairs that the held-out curve scores: captions that neither the base nor LoRA trained on. Each is translated by
 the base and by every run's adapter (greedy), and scored with sentence chrF against its reference. The
 sentences whose chrF rose on every seed, with no repetition loop in any output, ranked by their smallest
 rise, are printed with the base's and each run's German. A summary line first says how many rose and fell
@@ -30,8 +30,8 @@ from lora_demo.core.inject import apply_lora, remove_lora  # noqa: E402
 
 
 def candidates(words: int, skip: int):
-    """Short newstest2014 pairs after the first ``skip`` (the held-out curve's slice)."""
-    pairs = data.news_pairs((data.NEWS_HELDOUT_SET,)).items[skip:]
+    """Short held-out captions (Multi30k validation) after the first ``skip`` (the held-out curve's slice)."""
+    pairs = data.multi30k_pairs("validation").items[skip:]
     return [p for p in pairs if len(p.en.split()) <= words]
 
 

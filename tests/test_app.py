@@ -124,14 +124,26 @@ def test_the_owner_key_works_from_any_client_and_is_never_listed_logged_or_writt
     assert first.predict(api_name="/runs") == []
 
 
-def test_bad_input_gets_a_clear_message_and_the_app_keeps_working(client):
+def test_bad_input_gets_a_clear_message_and_the_app_keeps_working(client, app):
+    from urllib.parse import urlparse
+
+    before = len(list((app[1] / "runs").glob("*/metrics.json")))
+    for params, words in (({"rank": 0}, "rank must be between 1 and 256, got 0"),
+                          ({"rank": 5000}, "rank must be between 1 and 256, got 5000"),
+                          ({"steps": 99999999}, "steps must be between 1 and 2000, got 99999999"),
+                          ({"targets": ["q", "attn"]}, "unknown target module")):
+        with pytest.raises(Exception, match=words):
+            client.predict(**params, api_name="/train")
     with pytest.raises(Exception, match="rank must be between 1 and"):
         client.predict(rank=0, api_name="/params")
-    with pytest.raises(Exception, match="unknown target module"):
-        client.predict(targets=["q", "attn"], api_name="/train")
     with pytest.raises(Exception, match="at least one English sentence"):
         client.predict(text="  \n ", api_name="/translate")
     assert client.predict(rank=8, api_name="/params")["trainable"] > 0
+    assert len(list((app[1] / "runs").glob("*/metrics.json"))) == before      # nothing was trained
+    # the log: one line per refusal, no traceback; a deprecation warning at most once
+    log = (app[1] / f"app-{urlparse(app[0]).port}.log").read_text()
+    assert log.count("refused: rank must be between 1 and 256, got 5000") == 1
+    assert "config.ConfigError" not in log and log.count("HTTP_422_UNPROCESSABLE_ENTITY") <= 1
 
 
 def test_runs_are_listed_per_session_and_translate_uses_the_chosen_run(app):

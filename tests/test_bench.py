@@ -19,7 +19,7 @@ KEYS = ["lora_step_s", "plain_step_s", "first_loss_s", "plain_first_loss_s", "fu
         "peak_rss_full_mb", "translate_1_s", "translate_16_s", "translate_16_two_decodes_s", "translate_16_x4_s",
         "translate_16_x4_separate_s", "peft_step_s", "mfu", "real_tokens_per_s", "grouped_tokens_per_s", "peak_rss_lora_compiled_first_mb",
         "peft_real_tokens_per_s", "naive_step_s", "naive_first_loss_s", "naive_ratio", "naive_ratio_fp32",
-        "default_run_s"]
+        "default_run_s", "click_ratio"]
 
 
 @pytest.mark.slow
@@ -48,6 +48,10 @@ def test_bench_quick_json_emits_every_figure():
     # the naive baseline trains what ours trains (r=8 on q and v), so the two steps are comparable
     assert fig["naive_trained"] == preview("micro", LoraConfig(rank=8, targets=("q", "v"))).trainable
     assert fig["naive_ratio"] == pytest.approx(fig["naive_step_s"] / fig["lora_step_s"])
+    # Train to verdict in a launched app: the run completed, and the ratio is the record's own two times
+    click = fig["click"]
+    assert click["status"] == "completed" and click["steps"] == 10 and click["model"] == "micro"
+    assert click["ratio"] == pytest.approx(click["click_s"] / click["training_s"]) and click["click_s"] > click["training_s"]
     assert "naive LoRA step written from scratch" in proc.stderr
     # the profile of both steps: op types with their time per step and share, matmuls among them
     for side in ("ours", "naive"):

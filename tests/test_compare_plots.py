@@ -118,18 +118,19 @@ def test_ema_is_tensorboards_debiased_smoothing():
 
 def test_live_loss_chart_names_each_curve():
     fig = plots.loss_figure(A, smoothing=0.8)
-    assert [t.name for t in fig.data] == ["train loss, each batch (noisy)", "train loss, smoothed (EMA 0.8)",
-                                          "held-out loss, newstest2014 (never trained on)",
-                                          "validation loss, newstest2015"]
+    assert [t.name for t in fig.data] == ["train, each batch", "train, smoothed (EMA 0.8)",
+                                          "held-out: newstest2014<br>(never trained on)",
+                                          "what the base knew:<br>Europarl rows 19,500+ (forgetting)"]
     assert list(fig.data[1].y) == pytest.approx(plots.ema([3.0, 2.5, 2.0], 0.8))
-    assert [t.name for t in plots.loss_figure(A, smoothing=0).data][0] == "train loss, each batch (noisy)"
+    assert [t.name for t in plots.loss_figure(A, smoothing=0).data][0] == "train, each batch"
     assert len(plots.loss_figure(A, smoothing=0).data) == 3
     # a live status (no summary yet) names its held-out slice from the run's data
     live = {k: v for k, v in A.items() if k != "summary"} | {"heldout_name": data.HELDOUT_NAMES["europarl"]}
-    assert plots.loss_figure(live).data[2].name == "held-out loss, europarl rows 19500+ (never trained on)"
+    assert plots.loss_figure(live).data[2].name == "held-out: europarl rows 19500+<br>(never trained on)"
     # the app's chart draws job.record(): the name comes from its config until the summary exists
     running = {k: v for k, v in A.items() if k != "summary"} | {"config": {"train": {"data": "europarl"}}}
-    assert plots.loss_figure(running).data[2].name == "held-out loss, europarl rows 19500+ (never trained on)"
+    assert plots.loss_figure(running).data[2].name == "held-out: europarl rows 19500+<br>(never trained on)"
+    assert plots.loss_figure(running).data[3].name == "what the base knew:<br>newstest2015 (forgetting)"
 
 
 def _seeded(rank, finals):
@@ -146,6 +147,34 @@ def test_groups_give_each_config_its_mean_and_spread_over_seeds():
     assert row["chrF change per seed"] is None   # no run of these has a paired bootstrap
     fig = plots.seeds_figure(gs)
     assert list(fig.data[0].y) == pytest.approx([4.5, 4.2]) and len(fig.data[1].y) == 6
+
+
+def _rerun(rec: dict, run_id: str, created: float, final: float) -> dict:
+    """The same config and seed trained again, finished later, ending at ``final``."""
+    return {**rec, "run_id": run_id, "created": created,
+            "heldout_losses": [[0, 5.0], [1, final]], "summary": {**rec["summary"], "final_heldout_loss": final}}
+
+
+def test_rerunning_one_seed_never_makes_a_verdict_resolved():
+    """A group counts distinct seeds: reruns of seed 0 replace its older run (the newest is kept, and the table
+    says how many were replaced), so one seed run five times is still one seed, and r=1 against r=4 with one
+    seed each stays 'not resolved' (chance 1 in 2) however often seed 0 is rerun."""
+    r1, r4 = _seeded(1, [4.5]), _seeded(4, [4.1])
+    reruns = [_rerun(r4[0], f"r4-again-{i}", 100.0 + i, 4.1 + 0.001 * i) for i in range(5)]
+    reruns += [_rerun(r1[0], f"r1-again-{i}", 200.0 + i, 4.5 - 0.001 * i) for i in range(5)]
+    g1, g4 = compare.groups(r1 + r4 + reruns)
+    assert g1["seeds"] == g4["seeds"] == [0] and g1["repeats"] == g4["repeats"] == 5
+    assert g4["runs"] == ["r4-again-4"] and g4["heldout"] == [pytest.approx(4.104)]   # the newest rerun
+    v = compare.verdict(g1, g4)
+    assert v["separated"] and not v["resolved"] and v["chance"] == pytest.approx(1 / 2), v
+    row = dict(zip(compare.BRIEF_GROUP_COLUMNS, compare.group_brief([g4])[0]))
+    assert row["seeds"] == "1 (5 reruns replaced)"
+    # two distinct seeds each, each rerun many times: still 1 in 6, never 1 in 20
+    two = _seeded(1, [4.5, 4.6]) + _seeded(4, [4.1, 4.2])
+    more = [_rerun(r, f"{r['run_id']}-again-{i}", 300.0 + i, r["summary"]["final_heldout_loss"])
+            for r in two for i in range(4)]
+    v = compare.verdict(*compare.groups(two + more))
+    assert not v["resolved"] and "1 in 6" in v["text"]
 
 
 def test_verdict_resolves_only_non_overlapping_seeds_with_enough_of_them():

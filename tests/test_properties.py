@@ -104,7 +104,7 @@ def test_seeds_samples_and_data_are_checked_with_a_message():
         parse_samples("\n".join("abcdef"))
     with pytest.raises(ConfigError, match="at most 200 characters"):
         TrainConfig(samples=["x" * 201])
-    with pytest.raises(ConfigError, match="data must be one of news, europarl"):
+    with pytest.raises(ConfigError, match="data must be one of captions, news, europarl"):
         TrainConfig(data="books")
     with pytest.raises(ConfigError, match=f"between 1 and {DATASETS['news']}"):
         TrainConfig(data="news", train_size=DATASETS["news"] + 1)

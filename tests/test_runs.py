@@ -45,7 +45,11 @@ def test_a_run_records_everything(recorded):
     assert s["first_loss_s"] > 0 and s["mean_step_s"] > 0 and s["tokens_per_s"] > 0
     assert rec["memory"]["peak_rss_mb"] > 100 and rec["memory"]["gpu_peak_mb"] is None
     q = rec["quality"]
-    assert q["n"] == 8 and q["split"] == "newstest2016"
+    assert q["n"] == 8 and q["split"] == data.LESSONS[recorded.config.train.data].test_name
+    # the held-out fall and the rise on what the base knew, each with its paired bootstrap over sentences
+    assert q["heldout_change"]["change"] == pytest.approx(s["final_heldout_loss"] - s["base_heldout_loss"], abs=0.02)
+    assert q["forget_change"]["change"] == pytest.approx(s["final_val_loss"] - s["base_val_loss"], abs=0.02)
+    assert rec["finished"] > rec["created"]
     for side in ("base", "lora"):
         assert 0 <= q[side]["bleu"] <= 100 and 0 <= q[side]["chrf"] <= 100
         assert q[side]["bleu_signature"].startswith("nrefs:1")

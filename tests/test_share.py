@@ -82,16 +82,16 @@ def test_the_link_follows_a_users_edit_once_and_a_restore_once(page):
     one per control (a .change on every control fired it once for each restored control)."""
     import functools
 
-    from lora_demo.app.sections import configure
+    from lora_demo.app import breakdown, sharing
 
     fns = page.fns
     # the form's handlers work on exactly the inputs they are wired with, at the page's initial values
     for f in fns.values():
-        if getattr(f.fn, "func", None) in (configure.ui_params, configure.ui_budget, configure.ui_share):
+        if getattr(f.fn, "func", None) in (breakdown.ui_params, breakdown.ui_budget, sharing.ui_share):
             out = f.fn({c: c.value for c in f.inputs})
             text = " ".join(map(str, out.values() if isinstance(out, dict) else out))
             assert "⚠️" not in text and "fix the setup" not in text, (f.fn.func.__name__, text[:300])
-    sharing = [f for f in fns.values() if isinstance(f.fn, functools.partial) and f.fn.func is configure.ui_share]
+    sharing = [f for f in fns.values() if isinstance(f.fn, functools.partial) and f.fn.func is sharing.ui_share]
     triggers = [t[1] for f in sharing for t in f.targets]
     # every control but the method (+ the ranks and methods lists): the method's edit fills in its learning
     # rate first, and the link follows that fill once

@@ -23,7 +23,8 @@ HELD = data.heldout_pairs("news", 16)
 
 
 def run_config(**train_kw) -> RunConfig:
-    kw = dict(steps=12, batch_size=8, lr=5e-3, train_size=48, eval_every=6, eval_size=16, warmup_steps=0, samples=())
+    kw = dict(steps=12, batch_size=8, lr=5e-3, train_size=48, eval_every=6, eval_size=16, warmup_steps=0, samples=(),
+              batching="padded")   # one shape: the first and last batches' losses compare like for like
     kw.update(train_kw)
     return RunConfig(model="micro", lora=LoraConfig(rank=4, targets=("q", "v")), train=TrainConfig(**kw))
 
@@ -244,7 +245,8 @@ def test_one_softmax_temperature_lowers_the_loss_without_changing_a_word_of_the_
         assert again["temperature"] == pytest.approx(1.0, abs=0.015)
         assert again["best_loss"] == pytest.approx(found["best_loss"], rel=1e-4)
         assert translate(model, tokenizer, english) == before
-        assert first_choice(kept, batches) == first
+        again_first = first_choice(kept, batches)   # the same first choices (the loss per row moves with T)
+        assert (again_first["right"], again_first["targets"]) == (first["right"], first["targets"])
     finally:
         kernel.assign(saved)
 

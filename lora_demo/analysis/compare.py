@@ -151,26 +151,37 @@ def _label(rec: dict, varying: set[str]) -> str:
 
 def groups(records: list[dict]) -> list[dict]:
     """Finished runs with a held-out loss, grouped by config (everything but the seed); sorted by
-    rank. Each group has its runs' held-out, validation and BLEU/chrF values and their summaries."""
+    rank. Each group has its runs' held-out, validation and BLEU/chrF values and their summaries.
+
+    A group counts distinct seeds: a seed run again replaces its older run (the newest is kept), and
+    ``repeats`` says how many were replaced. The same seed gives the same losses, so a repeat is no new
+    evidence: the noise verdict (``verdict``) reads one run per seed."""
     done = [r for r in records if r.get("status") in ("completed", "stopped")
             and _get(r, "summary", "final_heldout_loss") is not None]
-    by_key: dict[str, list[dict]] = {}
-    for r in done:
-        by_key.setdefault(config_key(r), []).append(r)
+    by_key: dict[str, dict[int, dict]] = {}
+    repeats: dict[str, int] = {}
+    for r in sorted(done, key=lambda r: r.get("created") or 0):   # a rerun of a seed replaces its older run
+        seeds = by_key.setdefault(config_key(r), {})
+        seed = r["config"]["train"]["seed"]
+        repeats[config_key(r)] = repeats.get(config_key(r), 0) + (seed in seeds)
+        seeds[seed] = r
     if not by_key:
         return []
-    firsts = [rs[0]["config"] for rs in by_key.values()]
+    firsts = [next(iter(rs.values()))["config"] for rs in by_key.values()]
     varying = {k for part in ("lora", "train") for k in firsts[0][part]
                if k not in _IGNORED and len({repr(c[part].get(k)) for c in firsts}) > 1}
     out = []
-    for rs in by_key.values():
+    for key, by_seed in by_key.items():
+        rs = [by_seed[seed] for seed in sorted(by_seed)]
         held = [r["summary"]["final_heldout_loss"] for r in rs]
         base = [r["summary"]["base_heldout_loss"] for r in rs]
         out.append({
             "label": _label(rs[0], varying), "rank": rs[0]["config"]["lora"]["rank"],
-            "seeds": sorted(r["config"]["train"]["seed"] for r in rs), "runs": [r["run_id"] for r in rs],
+            "seeds": sorted(by_seed), "runs": [r["run_id"] for r in rs], "repeats": repeats[key],
             "heldout": held, "delta": [h - b for h, b in zip(held, base)],
             "val": [v for r in rs if (v := _get(r, "summary", "final_val_loss")) is not None],
+            "val_delta": [v - b for r in rs if (v := _get(r, "summary", "final_val_loss")) is not None
+                          and (b := _get(r, "summary", "base_val_loss")) is not None],
             "bleu": [v for r in rs if (v := _get(r, "quality", "lora", "bleu")) is not None],
             "chrf": [v for r in rs if (v := _get(r, "quality", "lora", "chrf")) is not None],
             "chrf_verdicts": [v for r in rs if (v := change_verdict(r.get("quality"))) is not None],
@@ -243,3 +254,57 @@ def groups_csv(gs: list[dict]) -> str:
     for g, r in zip(gs, group_table(gs)):
         w.writerow(["" if v is None else v for v in r] + [" ".join(map(str, g["seeds"])), " ".join(g["runs"])])
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# The page's tables: the columns a reader compares first (the full rows stay in the CSV and the report)
+# ---------------------------------------------------------------------------
+
+BRIEF_COLUMNS = ["run", "what it trained", "seed", "status", "held-out loss", "Δ held-out", "Δ what the base knew",
+                 "chrF base → LoRA", "chrF change", "BLEU base → LoRA", "trainable"]
+BRIEF_WIDTHS = ["120px", "150px", "56px", "96px", "120px", "96px", "110px", "130px", "104px", "130px", "100px"]
+
+
+def _change(before, after) -> str | None:
+    return None if before is None or after is None or not before else f"{100 * (after - before) / before:+.1f}%"
+
+
+def _arrow(q, key: str) -> str | None:
+    return None if not q else f"{q['base'][key]:.1f} → {q['lora'][key]:.1f}"
+
+
+def brief(records: list[dict]) -> list[list]:
+    """One short row per run, newest first: what it trained, and how its losses and German moved."""
+    out = []
+    for rec in sorted(records, key=lambda r: r.get("created") or 0, reverse=True):
+        summ, q, lora = rec.get("summary") or {}, rec.get("quality"), rec["config"]["lora"]
+        what = "full fine-tuning" if lora.get("method") == "full" else (
+            ("" if lora.get("method", "lora") == "lora" else lora["method"] + " ") + f"r={lora['rank']} "
+            + "+".join(lora["targets"]))
+        held = summ.get("final_heldout_loss")
+        out.append([rec["run_id"][-13:], what, rec["config"]["train"]["seed"], rec["status"],
+                    None if held is None else f"{summ['base_heldout_loss']:.3f} → {held:.3f}",
+                    _change(summ.get("base_heldout_loss"), held),
+                    _change(summ.get("base_val_loss"), summ.get("final_val_loss")),
+                    _arrow(q, "chrf"), change_verdict(q), _arrow(q, "bleu"), _get(rec, "params", "trainable")])
+    return out
+
+
+BRIEF_GROUP_COLUMNS = ["config", "seeds", "held-out mean", "held-out min–max", "Δ vs base", "Δ what the base knew",
+                       "chrF LoRA", "chrF change per seed", "BLEU LoRA", "trainable"]
+BRIEF_GROUP_WIDTHS = ["180px", "110px", "110px", "140px", "100px", "120px", "90px", "170px", "90px", "100px"]
+
+
+def group_brief(gs: list[dict]) -> list[list]:
+    """One short row per config: its distinct seeds (and how many reruns of a seed were replaced), the held-out
+    loss over them, and the chrF verdicts."""
+    rows = []
+    for g in gs:
+        seeds = f"{len(g['seeds'])}" + (f" ({g['repeats']} rerun{'s' * (g['repeats'] > 1)} replaced)"
+                                        if g["repeats"] else "")
+        rows.append([g["label"], seeds, _round(_mean(g["heldout"]), 4),
+                     f"{min(g['heldout']):.4f}–{max(g['heldout']):.4f}", _round(_mean(g["delta"]), 4),
+                     _round(_mean(g["val_delta"]), 4) if g.get("val_delta") else None,
+                     _round(_mean(g["chrf"]), 2), verdict_counts(g["chrf_verdicts"]), _round(_mean(g["bleu"]), 2),
+                     g["trainable"]])
+    return rows

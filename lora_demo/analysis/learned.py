@@ -6,9 +6,9 @@ update merged in (adapters.merged_into), on fixed held-out batches; the matrix f
 float64 linear algebra on W and ΔW in the Keras kernel layout (in, out).
 
 - **Learning vs forgetting** (the picture of Biderman et al. 2024, "LoRA Learns Less and Forgets
-  Less"): the en→de gain on the held-out slice against the change of the de→en loss on the same
-  sentences, which no run trains on. The base model is the origin; the LoRA scale s traces one
-  run's path from it (s = 0 is the base exactly).
+  Less"): the gain on the lesson's held-out slice against the change of the loss on what the base
+  already translated (for the captions lesson held-out Europarl), which no run trains on. The base
+  model is the origin; the LoRA scale s traces one run's path from it (s = 0 is the base exactly).
 - **Rank truncation**: keep the top-k singular directions of each layer's low-rank update, k = 1..r,
   and measure the held-out loss. It shows how much of the rank the run needed, from the weights.
 - **Magnitude and direction change** (Liu et al. 2024, DoRA, section 2.2): per output column j of
@@ -119,14 +119,16 @@ def truncate(cfg: LoraConfig, state: dict[str, np.ndarray], k: int) -> tuple[Lor
 
 
 # ---------------------------------------------------------------------------
-# Losses of a run's weights: held-out (en→de) and the forgetting probe (de→en)
+# Losses of a run's weights: held-out and the forgetting probe (what the base knew)
 # ---------------------------------------------------------------------------
 
 def probe_batches(tokenizer, train: TrainConfig) -> dict[str, list]:
-    """The run's held-out slice (en→de) and the same sentences reversed (de→en), fixed batches."""
+    """The run's held-out slice and what the base already knew (the lesson's second curve: for captions
+    held-out Europarl), fixed batches."""
     held = data.heldout_pairs(train.data, train.heldout_size)
+    knew = data.pairs_for("validation", train.eval_size, train.data)
     out = {}
-    for name, pairs in (("heldout", held), ("forget", data.reversed_pairs(held))):
+    for name, pairs in (("heldout", held), ("forget", knew)):
         arrays = data.encode(tokenizer, pairs, train.max_source_len, train.max_target_len)
         out[name] = arrays
     # one shape for both sets (the eval step is traced once), padded to the longer of each side

@@ -75,8 +75,8 @@ class Api:
               method: str = "lora", loraplus_ratio: float = 16.0, checkpoint_every: int = _T.checkpoint_every,
               request: gr.Request = None) -> Iterator[dict]:
         """Queue a training run and stream its progress; the last message carries the summary and BLEU/chrF.
-        ``data``: "news" or "europarl"; ``samples``: sentences translated at every evaluation (default
-        none; the page uses three); ``early_stop``: patience in evaluations (0 = off); ``method``: lora,
+        ``data``: the lesson, "captions" (the default: Multi30k, WMT16's multimodal task 1), "news" or
+        "europarl"; ``samples``: sentences translated at every evaluation (default none; the page uses three); ``early_stop``: patience in evaluations (0 = off); ``method``: lora,
         rslora, dora, pissa, loraplus (with ``loraplus_ratio``) or full; ``checkpoint_every``: steps between
         checkpoints (0 = off), which /resume continues from.
         Every message carries ``owner_key``: with it, any client may stop, use or delete the run."""

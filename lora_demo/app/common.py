@@ -4,11 +4,15 @@ decorator, and the live status of a run (its status line and loss figure)."""
 from __future__ import annotations
 
 import functools
+import html
 import inspect
+import logging
 from dataclasses import dataclass, fields
 
 import gradio as gr
 
+from lora_demo import data
+from lora_demo.app import card
 from lora_demo.lab import owners
 from lora_demo.present import plots
 from lora_demo.core import settings
@@ -19,19 +23,26 @@ from lora_demo.lab import Lab
 from lora_demo.lab.records import Job
 from pathlib import Path
 
+log = logging.getLogger("lora_lab")
 DEFAULT_RANKS = settings.PAGE_DEFAULTS["ranks"]
-READY = "Ready. Press **Train** to start a run."
+READY = ("<div class='progress ready'>Press <b>▶ Train</b>: the loss curve draws here as it trains, and the sample "
+         "sentences' German changes from the base model's to the adapter's. A verdict follows the run.</div>")
 
 
 def errors(fn):
-    """ConfigError (bad input, not yours, not found) becomes gr.Error, whose message the user sees."""
+    """For the API: ConfigError (bad input, not yours, not found) becomes gr.Error, whose message the client
+    sees; the log gets one line, not a traceback."""
+    def refuse(exc):
+        log.info("refused: %s", exc)
+        return gr.Error(str(exc), print_exception=False)
+
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
             except ConfigError as exc:
-                raise gr.Error(str(exc)) from None
+                raise refuse(exc) from None
         return gen
 
     @functools.wraps(fn)
@@ -39,7 +50,33 @@ def errors(fn):
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
-            raise gr.Error(str(exc)) from None
+            raise refuse(exc) from None
+    return call
+
+
+def refused(fn):
+    """For the page: ConfigError becomes one warning that says what to fix, and every output stays as it was
+    (no error badges over earlier results); the log gets one line."""
+    def warn(exc):
+        log.info("refused: %s", exc)
+        gr.Warning(str(exc))
+        return gr.skip()
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except ConfigError as exc:
+                yield warn(exc)
+        return gen
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            return warn(exc)
     return call
 
 
@@ -192,13 +229,13 @@ def status_line(lab: Lab, s: dict) -> str:
         parts.append(f"ETA {s['eta_s']:.0f} s")
     line = f"{ICONS.get(s['status'], '')} {s['status']} · r={s['rank']} · seed {s['seed']} · " + " · ".join(parts)
     if s["phase"] == "evaluating":
-        line += "  \n📏 scoring BLEU/chrF on the newstest2016 slice…"
+        line += f"  \n📏 scoring BLEU/chrF on {data.LESSONS[s['data']].test_name}…"
     if s["status"] in ("completed", "stopped") and s["summary"].get("first_loss_s") is not None:
         line += "  \n" + summary_text(s["status"], s["summary"]).replace("\n", "  \n").replace("->", "→")
     q = s.get("quality")
     if q:
         line += (f"  \nBLEU base {q['base']['bleu']:.2f} → LoRA {q['lora']['bleu']:.2f} · chrF base "
-                 f"{q['base']['chrf']:.2f} → LoRA {q['lora']['chrf']:.2f} ({q['n']} newstest2016 sentences)"
+                 f"{q['base']['chrf']:.2f} → LoRA {q['lora']['chrf']:.2f} ({q['n']} {q.get('split', 'newstest2016')} sentences)"
                  + loops_text(q).replace("->", "→")
                  + "".join("  \n" + text.replace("->", "→") for text in quality_lines(q, s["summary"])))
     for r in s.get("resumes") or []:
@@ -214,9 +251,50 @@ def status_line(lab: Lab, s: dict) -> str:
     return line
 
 
+def progress_html(lab: Lab, s: dict) -> str:
+    """The one line above the chart while a run is queued, trains or is scored."""
+    if s["status"] == "queued":
+        text = status_line(lab, s)
+    elif s["step"] == 0:
+        text = "⚙️ Preparing: adding the adapter, tokenising the lesson, the first step…"
+    elif s["phase"] == "evaluating":
+        q = data.LESSONS[s["data"]]
+        text = (f"📏 Trained {s['step']} steps in {s['elapsed_s']:.0f} s. Now translating the {q.test_name} "
+                f"sentences with LoRA and scoring base and LoRA…")
+    else:
+        parts = [f"🏃 Training · step {s['step']}/{s['total_steps']}"]
+        if s["loss"] is not None:
+            parts.append(f"train loss {s['loss']:.3f}")
+        if s["heldout_losses"]:
+            parts.append(f"held-out {s['heldout_losses'][-1][1]:.3f} (base {s['heldout_losses'][0][1]:.3f})")
+        parts.append(f"{s['elapsed_s']:.0f} s" + (f", about {s['eta_s']:.0f} s left" if s["eta_s"] is not None else ""))
+        text = " · ".join(parts)
+    return f"<div class='progress'>{html.escape(text).replace('**', '')}</div>"
+
+
+def view_of(lab: Lab, s: dict) -> str:
+    """The card area: the progress line while a run goes, the result card once it has ended."""
+    if s["status"] in ("completed", "stopped", "failed", "interrupted"):
+        return card.result_card(s)
+    return progress_html(lab, s)
+
+
+def about(lab: Lab, lesson: str) -> str:
+    """What LoRA trains on and why, and what the base saw (for a bundled base, from its build record)."""
+    from lora_demo.core.models import base_saw
+
+    saw = base_saw(lab.loaded.kind)
+    return (f"**The lesson** ({data.LESSONS[lesson].label}): {data.LESSONS[lesson].why}"
+            + (f"  \n**The base** ({lab.loaded.kind}) saw {saw}" if saw else ""))
+
+
 def live(lab: Lab, job: Job, s: dict, smoothing: float = plots.DEFAULT_SMOOTHING) -> tuple:
-    """(status line, loss figure, sample translations, LR / gradient-norm figure) of a run as it stands."""
-    return (status_line(lab, s), loss_of(job, s, smoothing), samples_frame(job), plots.optim_figure(job.record()))
+    """(card area, loss figure, sample translations, details, LR / gradient-norm figure) of a run as it
+    stands; the chart and the table show from its first update on."""
+    return (view_of(lab, s), gr.update(value=loss_of(job, s, smoothing), visible=True),
+            gr.update(value=samples_frame(job), visible=bool(job.config.train.samples)),
+            f"{status_line(lab, s)}\n\n{about(lab, job.config.train.data)}",
+            plots.optim_figure(job.record()))
 
 
 def loss_of(job: Job, s: dict, smoothing: float = plots.DEFAULT_SMOOTHING):
@@ -225,32 +303,29 @@ def loss_of(job: Job, s: dict, smoothing: float = plots.DEFAULT_SMOOTHING):
     # points of a long run are not squeezed against the y-axis; once it has ended, the steps it did.
     span = min(s["total_steps"], max(2 * s["step"], 20)) if s["status"] in ("queued", "running") \
         else max(s["step"], 1)
-    return plots.loss_figure(job.record(), span, smoothing=smoothing,
-                             title=f"Loss · r={lora.rank}, {'+'.join(lora.targets)} · seed {job.config.train.seed} · "
-                                   f"run {job.id}")
+    return plots.loss_figure(job.record(), span, smoothing=smoothing, height=LIVE_CHART_PX,
+                             title=f"Loss · {run_what(lora)} · seed {job.config.train.seed} · step 0 is the base")
 
 
-SAMPLE_COLUMNS_KEPT = 3   # evaluation points shown beside the base model
-# Shares of the table's width: English, the base model, then each kept evaluation point. Without them
-# each column is as wide as its longest sentence and the adapter's columns are scrolled out of sight.
-SAMPLE_WIDTHS = ["22%", "20%"] + ["{:.0f}%".format(58 / SAMPLE_COLUMNS_KEPT)] * SAMPLE_COLUMNS_KEPT
+LIVE_CHART_PX = 270   # the live loss chart's height: the chart and the sample table share the first screen
+# Shares of the table's width: English, the base model, the adapter's newest German, the reference.
+SAMPLE_WIDTHS = ["25%", "25%", "25%", "25%"]
 
 
 def samples_frame(job: Job | None):
-    """The live sample table: each sample sentence, the base model's German, then the adapter's at the
-    last few evaluation points (newest on the right)."""
+    """The live sample table, four columns whatever the step: each sample sentence, the base model's German,
+    the adapter's at its newest evaluation point, and the human reference where the lesson has one."""
     import pandas as pd
 
     english = list(job.config.train.samples) if job is not None else []
-    by_step = dict((step, texts) for step, texts in (job.samples if job is not None else []))
     if not english:
         return pd.DataFrame({"English": [], "base model": []})
-    cols = {"English": english, "base model (step 0)": by_step.get(0, ["…"] * len(english))}
-    for step in [k for k in sorted(by_step) if k > 0][-SAMPLE_COLUMNS_KEPT:]:
-        cols[f"LoRA at step {step}"] = by_step[step]
-    if len(cols) == 2:
-        cols["LoRA"] = ["(at the first evaluation point)"] * len(english)
-    return pd.DataFrame(cols)
+    by_step = dict((step, texts) for step, texts in job.samples)
+    newest = max((k for k in by_step if k > 0), default=None)
+    return pd.DataFrame({"English": english, "base model": by_step.get(0, ["…"] * len(english)),
+                         (f"LoRA at step {newest}" if newest else "LoRA"):
+                             by_step[newest] if newest else ["(at the first evaluation)"] * len(english),
+                         "reference": [data.reference(e) or "–" for e in english]})
 
 
 def run_what(lora, targets: bool = True) -> str:

@@ -37,7 +37,7 @@ class SamplesLogged:
 @dataclass(frozen=True)
 class EvalLogged:
     step: int              # 0 = the base model (the adapter at scale 0)
-    val_loss: float        # newstest2015 slice: the out-of-domain curve
+    val_loss: float        # the lesson's second curve: what the base knew (data.LESSONS: knew_name)
     elapsed_s: float
     heldout_loss: float | None = None   # fixed held-out slice of the training distribution
 
@@ -88,8 +88,9 @@ def summary_text(status: str, s: dict) -> str:
         lines.append(f"held-out loss ({s['heldout_name']}, never trained on): base {s['base_heldout_loss']:.3f} -> "
                      f"LoRA {s['final_heldout_loss']:.3f} ({s['final_heldout_loss'] - s['base_heldout_loss']:+.3f})")
     if s.get("final_val_loss") is not None:
-        lines.append(f"validation loss (newstest2015 slice): base {s['base_val_loss']:.3f} -> "
-                     f"LoRA {s['final_val_loss']:.3f}")
+        lines.append(f"loss on what the base knew ({s.get('val_name') or 'validation slice'}, forgetting): base "
+                     f"{s['base_val_loss']:.3f} -> LoRA {s['final_val_loss']:.3f} "
+                     f"({s['final_val_loss'] - s['base_val_loss']:+.3f})")
     if s.get("stop_reason"):
         lines.append(f"ended: {s['stop_reason']}")
     return "\n".join(lines)

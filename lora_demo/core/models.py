@@ -54,9 +54,18 @@ def base_scores(kind: str) -> str:
         scored = json.loads(path.read_text())["scores_greedy_64_tokens"]
     except (OSError, ValueError, KeyError):
         return ""
-    parts = [f"{name.split(' (')[0]}: BLEU {s['bleu']:.1f} / chrF {s['chrf']:.1f} ({s['pairs']} pairs)"
-             for name, s in scored.items() if s]
-    return "base model, greedy: " + " · ".join(parts) if parts else ""
+    parts = [f"{name.split(' (')[0]} BLEU {s['bleu']:.1f} / chrF {s['chrf']:.1f}" for name, s in scored.items() if s]
+    return "the base, greedy: " + " · ".join(parts) if parts else ""
+
+
+def base_saw(kind: str) -> str:
+    """What a bundled model was pre-trained on, as its build recorded it (build_info.json); "" if unknown."""
+    import json
+
+    try:
+        return json.loads((BUNDLED[kind] / "build_info.json").read_text())["what_the_base_saw"]
+    except (KeyError, OSError, ValueError):
+        return ""
 
 
 def shipped_config(name: str) -> T5Config | None:

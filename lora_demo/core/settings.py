@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
 
-from lora_demo.core.config import (BATCHING, DATASETS, FIRST_STEP, METHODS, SIDES, LoraConfig, RunConfig, TrainConfig,
-                                   limits)
+from lora_demo.core.config import (BATCHING, DATASETS, FIRST_STEP, METHODS, SCHEDULES, SIDES, LoraConfig, RunConfig,
+                                   TrainConfig, limits)
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,12 @@ SETTINGS: tuple[Setting, ...] = (
     S("train.optimizer", "choice", "optimizer", ("optimizer",), "--optimizer", ("optimizer",), "optimizer"),
     S("train.seed", "int", "seed", ("seed",), "--seed", ("seed",), "seed", 0, 2**31 - 1),
     S("", "int", "seeds", ("seeds",), "--seeds", ("seeds",), "repeat with N seeds (seed, seed+1, …)", 1, 5, 1),
-    S("train.data", "choice", "data", ("data",), "--dataset", ("data",), "training data", choices=tuple(DATASETS),
-      help="training data: news (newstest2008-2010; held-out curve on newstest2014) or europarl (the WMT16 "
-           "train split; held-out curve on Europarl rows 19,500+)"),
+    S("train.data", "choice", "data", ("data",), "--dataset", ("data",), "lesson", choices=tuple(DATASETS),
+      help="the lesson: captions (the default: Multi30k, WMT16's multimodal task 1; held-out curve on Multi30k "
+           "validation, BLEU/chrF on test_2016_flickr), news (newstest2008-2010; held-out curve on newstest2014) or "
+           "europarl (the WMT16 train split; held-out curve on Europarl rows 19,500+)"),
     S("train.bleu_size", "int", "bleu", ("bleu_size",), "--bleu-size", ("bleu_size",),
-      "BLEU/chrF sentences after the run (newstest2016; 0 = skip)", 0, 500, 10),
+      "BLEU/chrF sentences after the run (the lesson's test set; 0 = skip)", 0, 500, 10),
     S("train.eval_every", "int", "eval", ("eval_every",), "--eval-every", ("eval_every",),
       "evaluate every N steps (held-out loss, samples)", 1, 200, 1),
     S("train.early_stop", "int", "patience", ("early_stop",), "--early-stop", ("early_stop",),
@@ -106,9 +107,12 @@ SETTINGS: tuple[Setting, ...] = (
     S("train.samples", "text", "", ("samples",), "--samples", ("samples",),
       "sample sentences translated at every evaluation",
       help="sentences translated at every evaluation point, separated by '|' or newlines ('' = none)"),
-    S("train.eval_size", "int", cli="--eval-size", label="newstest2015 pairs for validation loss"),
+    S("train.eval_size", "int", cli="--eval-size",
+      label="pairs of the second curve: what the base knew (captions and news: held-out Europarl; Europarl: newstest2015)"),
     S("train.heldout_size", "int", cli="--heldout-size",
       label="held-out pairs of the training distribution for the held-out curve"),
+    S("train.schedule", "choice", cli="--schedule", label="learning rate after the warm-up", choices=SCHEDULES,
+      help="constant, or linear: down to 0 at the last step"),
     S("train.batching", "choice", cli="--batching", label="how batches are formed", choices=BATCHING,
       help="grouped: batches of similar-length pairs, each trimmed to its longest pair (one trace serves every "
            "length); padded: every batch padded to the longest pair of the training data (one shape)"),

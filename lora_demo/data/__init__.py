@@ -7,6 +7,7 @@ newstest2015 and quality metrics a fixed held-out slice of newstest2016.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -38,9 +39,60 @@ NEWS_HELDOUT_SET = "newstest2014"
 NEWS_TRAIN_PAIRS = 7065          # pairs in NEWS_TRAIN_SETS (tests/test_data.py counts them in the file)
 NEWS_TRAIN_NAME = "news: newstest2008-2010"
 EUROPARL_HELDOUT_START = 19500   # bundled train rows 19,500-19,999: never trained on (nor by the tiny base)
+# Multi30k (WMT16 multimodal task 1): the bundled tiny base read every train caption German -> English and none
+# English -> German (scripts/build_tiny.py, docs/data-and-models.md); LoRA's rows start after CAPTIONS_BASE_ROWS.
+MULTI30K_TRAIN_ROWS = 29000
+CAPTIONS_BASE_ROWS = 0           # Multi30k train rows the tiny base read English -> German
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """What a run learns from, and the slices it is measured on, by name (the page, the CLI and the
+    records read them here)."""
+
+    name: str
+    label: str            # the page's choice
+    train_pairs: int      # training pairs on offer, after the held-out slices
+    train_name: str
+    heldout_name: str     # the held-out curve: the training distribution, never trained on
+    test_name: str        # BLEU/chrF after the run
+    knew_name: str        # the second live curve: what the base already translated (forgetting)
+    test_max: int         # pairs in the test slice's set, and in the second curve's
+    knew_max: int
+    why: str              # what the base saw, what LoRA trains on, and why: said on the page and by the CLI
+    short: str = ""       # the same in a line or two, under the page's lesson picker
+
+
+LESSONS = {
+    "captions": Lesson(
+        "captions", "captions: WMT16 multimodal task 1 (Multi30k)", MULTI30K_TRAIN_ROWS - CAPTIONS_BASE_ROWS,
+        "multi30k train", "Multi30k validation", "Multi30k test_2016_flickr",
+        f"Europarl rows {EUROPARL_HELDOUT_START:,}+", 1000, 500,
+        "LoRA trains on image captions (Multi30k, the data of WMT16's multimodal task 1: short, formulaic "
+        "German such as \"Ein Mann in einem blauen Hemd ...\"). The bundled base learned German from "
+        "Europarl and news; it read every training caption German to English, and none English to German: "
+        "it knows the caption words, not the caption translation. A narrow, systematic change that a "
+        "minute of LoRA can teach. It is scored on test_2016_flickr, that task's "
+        "2016 test set; the Europarl curve shows what it forgets of what the base knew.",
+        "Image captions. The base knows German from Europarl and news, and the caption words, but has never "
+        "translated a caption into German: a narrow change a minute of LoRA can teach. The Europarl curve "
+        "shows what it forgets."),
+    "news": Lesson(
+        "news", "news (newstest2008–2010; held-out: newstest2014)", NEWS_TRAIN_PAIRS, NEWS_TRAIN_NAME,
+        NEWS_HELDOUT_SET, "newstest2016", f"Europarl rows {EUROPARL_HELDOUT_START:,}+", 2999, 500,
+        "LoRA trains on news (newstest2008-2010), a domain the base has met (newstest2011-2013) but cannot "
+        "translate well: long sentences that a minute of LoRA barely moves.",
+        "News, a domain the base met but translates poorly: long sentences a minute of LoRA barely moves."),
+    "europarl": Lesson(
+        "europarl", "Europarl (WMT16 train; held-out: rows 19,500+)", EUROPARL_HELDOUT_START, "train",
+        f"europarl rows {EUROPARL_HELDOUT_START}+", "newstest2016", "newstest2015", 2999, 2169,
+        "LoRA trains on Europarl, the parliament proceedings the bundled base learned most of its German from.",
+        "Parliament proceedings, where the base learned most of its German: little left to learn."),
+}
+DEFAULT_LESSON = "captions"
 # The one place these live: training pairs each dataset offers, and the name of its held-out slice.
-TRAIN_PAIRS = {"news": NEWS_TRAIN_PAIRS, "europarl": EUROPARL_HELDOUT_START}
-HELDOUT_NAMES = {"news": NEWS_HELDOUT_SET, "europarl": f"europarl rows {EUROPARL_HELDOUT_START}+"}
+TRAIN_PAIRS = {k: lesson.train_pairs for k, lesson in LESSONS.items()}
+HELDOUT_NAMES = {k: lesson.heldout_name for k, lesson in LESSONS.items()}
 
 
 REVERSE_PROMPT = "translate German to English: "
@@ -151,8 +203,14 @@ def load_pairs(split: str, limit: int | None = None, source: str = "auto") -> Pa
 
 
 def training_pairs(dataset: str, n: int, source: str = "auto") -> Pairs:
-    """The first ``n`` training pairs of ``dataset``: "news" (newstest2008-2010, bundled) or
-    "europarl" (the WMT16 train split, hub or bundled; its first rows are Europarl)."""
+    """The first ``n`` training pairs of ``dataset``: "captions" (Multi30k train after the rows the base
+    read, bundled on every path), "news" (newstest2008-2010, bundled) or "europarl" (the WMT16 train split,
+    hub or bundled; its first rows are Europarl)."""
+    if dataset == "captions":
+        if n > TRAIN_PAIRS["captions"]:
+            raise ValueError(f"at most {TRAIN_PAIRS['captions']:,} caption training pairs")
+        rows = multi30k_pairs("train", CAPTIONS_BASE_ROWS + n).items[CAPTIONS_BASE_ROWS:]
+        return Pairs(rows, "bundled", LESSONS["captions"].train_name)
     if dataset == "news":
         return news_pairs(NEWS_TRAIN_SETS, n, name=NEWS_TRAIN_NAME)
     if n > EUROPARL_HELDOUT_START:
@@ -166,22 +224,43 @@ def news_pairs(sets: tuple[str, ...], n: int | None = None, name: str | None = N
 
 
 def heldout_pairs(dataset: str, n: int) -> Pairs:
-    """A fixed held-out slice of the training distribution, never trained on: for "news" the first
-    ``n`` pairs of newstest2014, for "europarl" bundled train rows from 19,500 (the same rows the hub
-    serves there). Neither was seen by the bundled tiny model's pre-training."""
+    """A fixed held-out slice of the training distribution, never trained on: for "captions" the first
+    ``n`` pairs of Multi30k validation, for "news" the first ``n`` pairs of newstest2014, for "europarl"
+    bundled train rows from 19,500 (the same rows the hub serves there). None was seen by the bundled
+    tiny model's pre-training."""
+    if dataset == "captions":
+        return Pairs(multi30k_pairs("validation", n).items, "bundled", HELDOUT_NAMES["captions"])
     if dataset == "news":
         return Pairs(tuple(_read_bundled("news", n, sets=(NEWS_HELDOUT_SET,))), "bundled", HELDOUT_NAMES["news"])
     rows = _read_bundled("train", EUROPARL_HELDOUT_START + n)[EUROPARL_HELDOUT_START:]
     return Pairs(tuple(rows), "bundled", HELDOUT_NAMES["europarl"])
 
 
-def pairs_for(split: str, n: int, dataset: str = "europarl", source: str = "auto") -> Pairs:
-    """What a run reads: "train" and "heldout" of ``dataset``; "validation" (newstest2015) and
-    "test" (newstest2016) are shared by every dataset."""
+@functools.lru_cache(maxsize=1)
+def _references() -> dict[str, str]:
+    rows = [*multi30k_pairs("validation").items, *multi30k_pairs("test_2016_flickr").items,
+            *heldout_pairs("news", 3000).items]
+    return {p.en: p.de for p in rows}
+
+
+def reference(english: str) -> str:
+    """The human German of a held-out sentence (Multi30k validation or test_2016_flickr, newstest2014), or ""."""
+    return _references().get(" ".join(english.split()), "")
+
+
+def pairs_for(split: str, n: int, dataset: str = DEFAULT_LESSON, source: str = "auto") -> Pairs:
+    """What a run of ``dataset`` reads: "train" and "heldout"; "validation", the second live curve (what
+    the base knew); and "test", scored with
+    BLEU/chrF after the run (for captions Multi30k test_2016_flickr, else newstest2016). The second curve
+    is held-out Europarl for the captions and news lessons, newstest2015 for the Europarl lesson."""
     if split == "train":
         return training_pairs(dataset, n, source)
     if split == "heldout":
         return heldout_pairs(dataset, n)
+    if dataset in ("captions", "news") and split == "validation":   # (both forget Europarl, which the base knew)
+        return Pairs(heldout_pairs("europarl", n).items, "bundled", LESSONS[dataset].knew_name)
+    if dataset == "captions" and split == "test":
+        return Pairs(multi30k_pairs("test_2016_flickr", n).items, "bundled", LESSONS["captions"].test_name)
     return load_pairs(split, n, source=source)
 
 

@@ -24,13 +24,14 @@ from pathlib import Path
 
 from lora_demo import adapters, data
 from lora_demo.analysis import anatomy, budget
-from lora_demo.core.config import ConfigError, RunConfig, limits
+from lora_demo.core.config import ConfigError, RunConfig, TrainConfig, limits
 from lora_demo.core.events import RunResumed
 from lora_demo.core.inject import dense_sites, lora_layers, select_paths
 from lora_demo.core.models import LoadedModel, copy_model, model_precision, resolve_precision
 from lora_demo.core.params import preview
 from lora_demo.lab import exports, insight, requests
-from lora_demo.lab.execute import execute
+from lora_demo.lab.basecache import BaseCache, fingerprint
+from lora_demo.lab.execute import EVAL_MAX_NEW_TOKENS, cached, execute, translations
 from lora_demo.lab.records import Job
 from lora_demo.lab.runqueue import RunQueue
 from lora_demo.lab.serving import Serving
@@ -47,8 +48,9 @@ def clone_model(loaded: LoadedModel, precision: str = "fp32"):
 
 class Lab:
     def __init__(self, loaded: LoadedModel, runs_dir: Path | str = "runs", data_source: str = "auto",
-                 strategy=None, precision: str | None = None):
+                 strategy=None, precision: str | None = None, warm: bool = False):
         self.loaded, self.data_source, self.strategy = loaded, data_source, strategy   # strategy: tf.distribute
+        # ``warm``: decode the base's German for the default run's test slice now, in the background (the app).
         # Training computes in ``precision`` (app.py: --precision; default: the loaded model's); translation
         # always uses a float32 model, into which requests merge adapters.
         self.precision = resolve_precision(precision) if precision else model_precision(loaded.model)
@@ -66,8 +68,21 @@ class Lab:
         self.store = RunStore(runs_dir)
         self.exports = exports.Exports()
         self._pairs: dict[tuple, data.Pairs] = {}
-        self._base_cache: dict = {}   # the base's German per test size; temperature, first choices per held-out slice
+        # the base's German per lesson and test size (kept on disk), its temperature and first choices per slice
+        self._base_cache = BaseCache(self.store.dir / ".cache", f"{fingerprint(translator)}-{EVAL_MAX_NEW_TOKENS}")
         self.queue = RunQueue(self.store, trainers, self._execute)
+        if warm:
+            threading.Thread(target=self._warm, daemon=True, name="base-german").start()
+
+    def _warm(self) -> None:
+        """The base's German for the default run's test slice, before anyone asks (a default run then
+        finishes soon after it trains): read from disk, or decoded once by the translator."""
+        cfg = TrainConfig()
+        if cfg.bleu_size:
+            test = self.pairs("test", cfg.bleu_size, cfg.data)
+            with self.serving.use() as model:
+                cached(self._base_cache, ("test", cfg.data, cfg.bleu_size),
+                       lambda: translations(model, self.loaded.tokenizer, test))
 
     def _execute(self, job: Job, trainer) -> None:
         execute(job, trainer, self.loaded.tokenizer, self.pairs, self._base_cache, strategy=self.strategy,
@@ -98,7 +113,7 @@ class Lab:
     def status(self, job: Job) -> dict:
         return self.queue.status(job)
 
-    def pairs(self, split: str, n: int, dataset: str = "europarl") -> data.Pairs:
+    def pairs(self, split: str, n: int, dataset: str) -> data.Pairs:
         key = (split, n, dataset)
         if key not in self._pairs:
             self._pairs[key] = data.pairs_for(split, n, dataset, source=self.data_source)
@@ -246,7 +261,8 @@ class Lab:
         return base, lora
 
     def translate_runs(self, sentences: list[str], run_ids: list[str], scale: float = 1.0,
-                       session: str | None = None, keep: dict | None = None) -> tuple[list[str], list[list[str]]]:
+                       session: str | None = None, keep: dict | None = None,
+                       max_new_tokens: int = 64) -> tuple[list[str], list[list[str]]]:
         """The base German and one column per run, each run's adapters in one batched decode with the base."""
         updates = []
         for run_id in run_ids:
@@ -257,7 +273,7 @@ class Lab:
                     raise ConfigError("switching parts off works on adapters; full fine-tuning changed every weight")
                 state = anatomy.switch_off(state, **keep)
             updates.append((job.config.lora, state, scale))
-        return self.serving.translate_many(sentences, updates)
+        return self.serving.translate_many(sentences, updates, max_new_tokens)
 
     def inspect(self, run_id: str, session: str | None = None) -> dict:
         job = self.owned(run_id, session)

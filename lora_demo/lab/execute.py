@@ -4,6 +4,7 @@ Shared by the app's training workers and the command line, so both write the sam
 from __future__ import annotations
 
 import threading
+import time
 
 from lora_demo import adapters, data
 from lora_demo.analysis.evaluate import (paired_change, paired_share_change, repetition_loop, scores, translate,
@@ -64,6 +65,16 @@ def translations(model, tokenizer, pairs: data.Pairs, stop: threading.Event | No
     return hyps
 
 
+def cached(base_cache: dict, key: tuple, fn):
+    """The base's figure under ``key``, computed by ``fn`` if nobody has (basecache.BaseCache: once, whoever
+    asks first; a plain dict: here)."""
+    if hasattr(base_cache, "compute"):
+        return base_cache.compute(key, fn)
+    if key not in base_cache:
+        base_cache[key] = fn()
+    return base_cache[key]
+
+
 def quality_of(hyps: list[str], pairs: data.Pairs) -> dict:
     """BLEU and chrF of ``hyps`` against ``pairs``, and ``loops``: how many fell into a repetition loop
     (evaluate.repetition_loop)."""
@@ -74,9 +85,9 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
             translator=None, on_checkpoint=None) -> None:
     """Run ``job`` to the end on ``model`` and leave a complete record in ``job.dir``.
 
-    ``pairs_of(split, n, dataset)`` supplies data (data.pairs_for); ``base_cache`` maps n to the base model's
-    German for the first n test pairs, and each held-out slice's key to the base's best softmax temperature
-    and first choices (_confidence), both filled here on first need (the base never changes, so one cache
+    ``pairs_of(split, n, dataset)`` supplies data (data.pairs_for); ``base_cache`` (lab.basecache.BaseCache, or a
+    dict) maps ("test", dataset, n) to the base model's German for the first n test pairs of that lesson, and
+    each held-out slice's key to the base's temperature, first choices and losses (_confidence), filled on first need (the base never changes, so one cache
     serves every run on the same model). ``on_change(event)`` is called with each train() event, and with
     None when the phase changes. With a ``translator`` (lab.serving.Serving: the app's) the sample
     sentences and BLEU/chrF are translated by it, with the update merged in; without one, by the training
@@ -94,7 +105,7 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
     base_model = model   # (full fine-tuning trains a copy; an adapter run's base is this model at scale 0)
     with MemoryMonitor() as mem:
         if full:
-            model = _full_copy(model, tokenizer, pairs_of, base_cache, cfg.bleu_size, translator)
+            model = _full_copy(model, tokenizer, pairs_of, base_cache, cfg, translator)
         _train(job, model, tokenizer, pairs_of, strategy, translator, on_checkpoint, notify)
         outcome = job.outcome or "failed"
         _keep_weights(job, model, outcome, full)
@@ -102,17 +113,17 @@ def execute(job: Job, model, tokenizer, pairs_of, base_cache: dict, on_change=No
             job.phase = "evaluating"
             job.version += 1
             notify()
-            _score(job, model, tokenizer, pairs_of("test", cfg.bleu_size), base_cache, translator)
+            _score(job, model, tokenizer, pairs_of("test", cfg.bleu_size, cfg.data), base_cache, translator)
             if job.quality is not None:
                 job.quality.update(_confidence(job, base_model, model, tokenizer, pairs_of, base_cache))
     job.memory = mem.figures()
-    job.status, job.phase = outcome, ""
+    job.status, job.phase, job.finished = outcome, "", time.time()
     job.version += 1
     job.save()
     notify()
 
 
-def _full_copy(model, tokenizer, pairs_of, base_cache: dict, bleu_size: int, translator):
+def _full_copy(model, tokenizer, pairs_of, base_cache: dict, cfg, translator):
     """Full fine-tuning trains a float32 copy of the base (bf16 weights would round small updates away),
     so ``model`` and the translator stay the base for every later run. Without a translator the base is
     scored first: the copy is no longer the base once it trains."""
@@ -120,8 +131,9 @@ def _full_copy(model, tokenizer, pairs_of, base_cache: dict, bleu_size: int, tra
     if translator is not None:
         with translator.use() as base_model:
             return copy_model(base_model, "fp32")
-    if bleu_size > 0 and bleu_size not in base_cache:
-        base_cache[bleu_size] = translations(model, tokenizer, pairs_of("test", bleu_size))
+    if cfg.bleu_size > 0:
+        cached(base_cache, ("test", cfg.data, cfg.bleu_size),
+               lambda: translations(model, tokenizer, pairs_of("test", cfg.bleu_size, cfg.data)))
     return copy_model(model, "fp32")
 
 
@@ -129,7 +141,7 @@ def _train(job: Job, model, tokenizer, pairs_of, strategy, translator, on_checkp
     """Every train() event of the run, logged, folded into the record and passed on."""
     cfg = job.config.train
     resume, job.resume_from = job.resume_from, None
-    train_pairs, val_pairs = pairs_of("train", cfg.train_size, cfg.data), pairs_of("validation", cfg.eval_size)
+    train_pairs, val_pairs = pairs_of("train", cfg.train_size, cfg.data), pairs_of("validation", cfg.eval_size, cfg.data)
     heldout = pairs_of("heldout", cfg.heldout_size, cfg.data)
     for event in train(job.config, model, tokenizer, train_pairs, val_pairs, heldout, stop=job.stop,
                        data_origin=train_pairs.origin, strategy=strategy, translator=translator,
@@ -159,36 +171,45 @@ def _score(job: Job, model, tokenizer, test: data.Pairs, base_cache: dict, trans
         lora = translations(trained, tokenizer, test, job.stop)
     if lora is None:
         return
-    n = job.config.train.bleu_size
-    if n not in base_cache:   # (full fine-tuning without a translator filled it before training)
+    cfg = job.config.train
+
+    def base_german():   # (full fine-tuning without a translator filled it before training)
         with translating(model, job.config.lora, translator, base=True) as base_model:
-            base_cache[n] = translations(base_model, tokenizer, test)
-    base, refs = base_cache[n], [p.de for p in test.items]
-    job.quality = {"n": len(test), "split": "newstest2016", "base": quality_of(base, test),
+            return translations(base_model, tokenizer, test)
+    base, refs = cached(base_cache, ("test", cfg.data, cfg.bleu_size), base_german), [p.de for p in test.items]
+    job.quality = {"n": len(test), "split": test.split, "base": quality_of(base, test),
                    "lora": quality_of(lora, test), "change": paired_change(base, lora, refs),
                    "words": word_shift(base, lora, refs)}
 
 
 def _confidence(job: Job, base_model, trained, tokenizer, pairs_of, base_cache: dict) -> dict:
-    """Two readings of one teacher-forced pass over the held-out pairs, for the base and the trained model
+    """Readings of one teacher-forced pass over the held-out pairs, for the base and the trained model
     (the base's kept once per held-out slice). ``confidence``: the held-out loss of each at its best single
     softmax temperature (steps.best_temperature), how much of the run's held-out fall needs no change of
     the German. ``first_choice``: the share of target tokens each ranks first (steps.first_choice), with
-    its paired bootstrap over the held-out sentences: the greedy German follows it, not the loss."""
+    its paired bootstrap over the held-out sentences: the greedy German follows it, not the loss.
+    ``heldout_change``: the held-out loss of both from the same pass (per token), with the same bootstrap:
+    whether the run's fall is more than the luck of which sentences were held out. ``forget_change``: the
+    same for the second curve's pairs (what the base knew), whether the run's rise there is more than it."""
     cfg = job.config.train
-    arrays = data.encode(tokenizer, pairs_of("heldout", cfg.heldout_size, cfg.data), cfg.max_source_len,
-                         cfg.max_target_len)
-    rows = len(arrays["labels"])
-    batches = [{k: v[i:i + CONFIDENCE_BATCH] for k, v in arrays.items()} for i in range(0, rows, CONFIDENCE_BATCH)]
+
+    def batches_of(split: str, n: int) -> list[dict]:
+        arrays = data.encode(tokenizer, pairs_of(split, n, cfg.data), cfg.max_source_len, cfg.max_target_len)
+        rows = len(arrays["labels"])
+        return [{k: v[i:i + CONFIDENCE_BATCH] for k, v in arrays.items()} for i in range(0, rows, CONFIDENCE_BATCH)]
 
     def measure(model):
-        kept = heldout_logits(model, batches)
-        return best_temperature(kept), first_choice(kept, batches)
+        kept = heldout_logits(model, held)
+        return best_temperature(kept), first_choice(kept, held), first_choice(heldout_logits(model, knew), knew)
 
-    key = ("confidence", cfg.data, cfg.heldout_size, cfg.max_source_len, cfg.max_target_len)
-    if key not in base_cache:
+    held, knew = batches_of("heldout", cfg.heldout_size), batches_of("validation", cfg.eval_size)
+    key = ("confidence", cfg.data, cfg.heldout_size, cfg.eval_size, cfg.max_source_len, cfg.max_target_len)
+    def measure_base():
         with at_scale(base_model, 0.0):
-            base_cache[key] = measure(base_model)
-    (base_t, base_first), (lora_t, lora_first) = base_cache[key], measure(trained)
+            return measure(base_model)
+    (base_t, base_first, base_knew), (lora_t, lora_first, lora_knew) = cached(base_cache, key, measure_base), \
+        measure(trained)
     return {"confidence": {"base": base_t, "lora": lora_t},
-            "first_choice": paired_share_change(base_first["right"], lora_first["right"], base_first["targets"])}
+            "first_choice": paired_share_change(base_first["right"], lora_first["right"], base_first["targets"]),
+            "heldout_change": paired_share_change(base_first["nll"], lora_first["nll"], base_first["targets"]),
+            "forget_change": paired_share_change(base_knew["nll"], lora_knew["nll"], base_knew["targets"])}

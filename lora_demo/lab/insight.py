@@ -46,7 +46,7 @@ def analyse(job: Job, state: dict, serving: Serving) -> dict:
     with serving.lock:   # the served model carries the update only inside each measurement
         batches = learned.probe_batches(serving.tokenizer, cfg.train)
         result = {"run_id": job.id, "method": cfg.lora.method,
-                  "forget_name": f"{data.HELDOUT_NAMES[cfg.train.data]}, de→en",
+                  "forget_name": data.LESSONS[cfg.train.data].knew_name,
                   **learned.measure(serving.model, cfg.lora, state, batches, kernels, cfg.train.seed)}
     (job.dir / ANALYSIS).write_text(json.dumps(result) + "\n")
     return result

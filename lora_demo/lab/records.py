@@ -44,6 +44,7 @@ class Job:
     dir: Path = field(metadata=LIVE)
     sweep: str = ""                          # sweep id when the run is part of a rank sweep
     created: float = field(default_factory=time.time)
+    finished: float | None = None            # when its record was complete (trained, scored): created -> finished
     status: str = "queued"                   # queued -> running -> completed | stopped | failed | interrupted
     phase: str = field(default="", metadata=LIVE)   # "training" or "evaluating" while running
     error: str = ""
@@ -213,7 +214,10 @@ def status(job: Job, position: int, wait_s: float | None) -> dict:
             "summary": {k: v for k, v in job.summary.items() if k != "last_tokens_per_s"},
             "quality": job.quality, "memory": job.memory, "error": job.error,
             "checkpoint_every": cfg.train.checkpoint_every, "checkpoint_steps": job.checkpoint_steps(),
-            "resumes": job.resumes, "notices": job.notices[-3:]}
+            "resumes": job.resumes, "notices": job.notices[-3:], "data": cfg.train.data,
+            "val_name": data.LESSONS[cfg.train.data].knew_name, "params": job.params,
+            "adapter_bytes": (job.adapter_files or {}).get("bytes"),
+            "finished_s": job.finished - job.created if job.finished else None}
 
 
 def prune_checkpoints(jobs: list[Job], job: Job) -> None:

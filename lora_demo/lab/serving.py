@@ -59,8 +59,8 @@ class Serving:
         base, (column,) = self.translate_many(sentences, [(cfg, state, scale)])
         return base, column
 
-    def translate_many(self, sentences: list[str], updates: list[tuple[LoraConfig, dict, float]]
-                       ) -> tuple[list[str], list[list[str]]]:
+    def translate_many(self, sentences: list[str], updates: list[tuple[LoraConfig, dict, float]],
+                       max_new_tokens: int = 64) -> tuple[list[str], list[list[str]]]:
         """The base German and one column per (cfg, state, scale). Every adapter's column comes from one
         decode with the base's (see the module); full fine-tuning changed every weight, not only the
         Dense kernels, so its column is decoded on its own with the weights merged."""
@@ -71,7 +71,8 @@ class Serving:
         with self.lock:
             rowsplit.load(self.split_layers, [adapters.merged_kernels(self.model, *updates[i]) for i in slotted])
             try:
-                base, *decoded = translate_split(self.model, self.tokenizer, sentences, copies=1 + len(slotted))
+                base, *decoded = translate_split(self.model, self.tokenizer, sentences, max_new_tokens,
+                                                 copies=1 + len(slotted))
             finally:
                 rowsplit.clear(self.split_layers)
         for i, column in zip(slotted, decoded):
@@ -79,7 +80,7 @@ class Serving:
         for i, (cfg, state, scale) in enumerate(updates):
             if columns[i] is None:
                 with self.use(cfg, state, scale) as model:
-                    columns[i] = translate(model, self.tokenizer, sentences)
+                    columns[i] = translate(model, self.tokenizer, sentences, max_new_tokens)
         return base, columns
 
     def export_merged(self, cfg: LoraConfig, state: dict, out: Path, source: dict) -> Path:

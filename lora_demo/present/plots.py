@@ -114,33 +114,35 @@ def heldout_name_of(record: dict) -> str:
 
 
 def loss_figure(record: dict | None, total_steps: int | None = None, title: str = "Training loss",
-                smoothing: float = DEFAULT_SMOOTHING) -> go.Figure:
+                smoothing: float = DEFAULT_SMOOTHING, height: int = 400) -> go.Figure:
     """The live single-run view. Four curves, each named in the legend: the raw per-batch train loss
-    (faint), its EMA, the held-out loss of the training distribution and the newstest2015 loss.
+    (faint), its EMA, the held-out loss of the training distribution and the loss on what the base already
+    knew (the lesson's second curve: a rise is forgetting).
     Held-out and validation points at step 0 are the base model's."""
     fig = go.Figure()
     rec = record or {}
     losses = rec.get("losses") or []
     if losses:
         steps, values = [s for s, _, _ in losses], [v for _, v, _ in losses]
-        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name="train loss, each batch (noisy)",
+        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name="train, each batch",
                                  line=dict(color=RAW_COLOR, width=1)))
         if smoothing > 0:
             fig.add_trace(go.Scatter(x=steps, y=ema(values, smoothing), mode="lines",
-                                     name=f"train loss, smoothed (EMA {smoothing:g})",
+                                     name=f"train, smoothed (EMA {smoothing:g})",
                                      line=dict(color=TRAIN_COLOR, width=3)))
     held = rec.get("heldout_losses") or []
     name = rec.get("heldout_name") or (rec.get("summary") or {}).get("heldout_name") or heldout_name_of(rec)
     if held:
         fig.add_trace(go.Scatter(x=[s for s, _ in held], y=[v for _, v in held], mode="lines+markers",
-                                 name=f"held-out loss, {name} (never trained on)",
+                                 name=f"held-out: {name}<br>(never trained on)",
                                  line=dict(color=HELDOUT_COLOR, width=3), marker=dict(size=9, symbol="circle")))
     vals = rec.get("val_losses") or []
     if vals:
+        knew = rec.get("val_name") or _knew_name(rec) or "validation"
         fig.add_trace(go.Scatter(x=[s for s, _ in vals], y=[v for _, v in vals], mode="lines+markers",
-                                 name="validation loss, newstest2015", line=dict(color=VAL_COLOR, width=2, dash="dot"),
-                                 marker=dict(size=8, symbol="diamond")))
-    if held or vals:
+                                 name=f"what the base knew:<br>{knew} (forgetting)",
+                                 line=dict(color=VAL_COLOR, width=2, dash="dot"), marker=dict(size=8, symbol="diamond")))
+    if (held or vals) and height >= 400:   # (the live chart's title says it)
         fig.add_annotation(text="step 0 = base model", x=0, y=1.0, xref="x", yref="paper", showarrow=False,
                            xanchor="left", font=dict(size=11, color="#64748b"))
     for r in rec.get("resumes") or []:   # where a stopped or interrupted run continued from its checkpoint
@@ -151,9 +153,13 @@ def loss_figure(record: dict | None, total_steps: int | None = None, title: str 
         fig.update_xaxes(range=[0, total_steps + 0.5])
     if not fig.data:
         _empty(fig, "Press Train: the curves draw here as steps finish")
-    fig = _layout(fig, title, "step", "cross-entropy loss", height=400)
-    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0.0),
-                      margin=dict(b=110))
+    fig = _layout(fig, title, "step", "cross-entropy loss", height=height)
+    if height < 400:   # the live chart on the first screen: the legend beside the plot, the margins tight
+        fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.01, font=dict(size=11)),
+                          margin=dict(l=50, r=10, t=36, b=40), title=dict(font=dict(size=13)))
+    else:
+        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0.0),
+                          margin=dict(b=110))
     return fig
 
 
@@ -230,7 +236,9 @@ def quality_figure(records: list[dict], metric: str = "bleu") -> go.Figure:
     if not scored:
         _empty(fig, f"{label} appears here when a completed run has been scored")
     fig.update_layout(showlegend=False)
-    return _layout(fig, f"{label} (newstest2016 slice) vs trainable parameters", "trainable parameters (log)",
+    splits = {(r.get("quality") or {}).get("split") for r in scored} - {None}
+    return _layout(fig, f"{label} ({', '.join(sorted(splits)) or 'test slice'}) vs trainable parameters",
+                   "trainable parameters (log)",
                    label)
 
 
@@ -323,19 +331,27 @@ def method_of(rec: dict) -> str:
     return rec["config"]["lora"].get("method", "lora")
 
 
+def _knew_name(record: dict) -> str | None:
+    from lora_demo.data import LESSONS
+
+    lesson = LESSONS.get(((record.get("config") or {}).get("train") or {}).get("data"))
+    return lesson.knew_name if lesson else None
+
+
 def forgetting_figure(records: list[dict], curves: dict[str, list[dict]] | None = None) -> go.Figure:
-    """Each finished run as a point: x = what it learned (held-out en→de loss, base minus final), y =
-    what it forgot (de→en loss on the same sentences, final minus base). The base model is the origin.
-    ``curves`` (run id -> analysis.scale_curve) draws a run's path as its LoRA scale goes 0 → 1."""
+    """Each finished run as a point: x = what it learned (held-out loss of its lesson, base minus final), y =
+    what it forgot (the loss on what the base already translated, its second curve, final minus base). The
+    base model is the origin. ``curves`` (run id -> analysis.scale_curve) draws a run's path as its LoRA scale
+    goes 0 → 1."""
     fig = go.Figure()
-    done = [r for r in records if (r.get("summary") or {}).get("final_forget_loss") is not None
+    done = [r for r in records if (r.get("summary") or {}).get("final_val_loss") is not None
             and (r.get("summary") or {}).get("final_heldout_loss") is not None]
     for method in dict.fromkeys(method_of(r) for r in done):
         rs = [r for r in done if method_of(r) == method]
         s = [r["summary"] for r in rs]
         fig.add_trace(go.Scatter(
             x=[x["base_heldout_loss"] - x["final_heldout_loss"] for x in s],
-            y=[x["final_forget_loss"] - x["base_forget_loss"] for x in s], mode="markers", name=method,
+            y=[x["final_val_loss"] - x["base_val_loss"] for x in s], mode="markers", name=method,
             text=[f"{r['run_id']} · seed {r['config']['train']['seed']}" for r in rs],
             marker=dict(size=11, color=METHOD_COLORS.get(method, "#64748b"))))
     for run_id, curve in (curves or {}).items():
@@ -354,9 +370,10 @@ def forgetting_figure(records: list[dict], curves: dict[str, list[dict]] | None 
     fig.add_vline(x=0, line=dict(color="#cbd5e1"))
     if not done:
         _empty(fig, "finished runs appear here: right = learned more, up = forgot more")
-    names = {r["summary"].get("forget_name") for r in done} - {None}
-    _layout(fig, "Learning vs forgetting (base model at the origin)", "learned: held-out en→de loss, base − final",
-            "forgot: de→en loss, final − base" + (f"<br>({', '.join(sorted(names))})" if names else ""), height=440)
+    names = {_knew_name(r) for r in done} - {None}
+    _layout(fig, "Learning vs forgetting (base model at the origin)", "learned: held-out loss, base − final",
+            "forgot: loss on what the base knew, final − base" + (f"<br>({', '.join(sorted(names))})" if names else ""),
+            height=440)
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),
                       margin=dict(l=70, r=20, t=50, b=40))
     return fig

@@ -26,24 +26,34 @@ def available_optimizers() -> list[str]:
 
 
 class WarmupConstant(tf.keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up over ``warmup`` steps, then constant: short runs want the full rate soon.
+    """Linear warm-up over ``warmup`` steps, then constant (short runs want the full rate soon), or with
+    ``decay`` falling linearly from there to zero at step ``total``.
 
-    Both are variables, so a compiled step reused by a run with another rate needs no retrace."""
+    All are variables, so a compiled step reused by a run with another rate, length or schedule needs no
+    retrace."""
 
-    def __init__(self, lr: float, warmup: int):
+    def __init__(self, lr: float, warmup: int, total: int = 1, decay: bool = False):
         self.lr = tf.Variable(float(lr), trainable=False, dtype=tf.float32, name="lr")
         self.warmup = tf.Variable(float(warmup), trainable=False, dtype=tf.float32, name="warmup_steps")
+        self.total = tf.Variable(float(total), trainable=False, dtype=tf.float32, name="total_steps")
+        self.decay = tf.Variable(float(decay), trainable=False, dtype=tf.float32, name="decay")
 
-    def set(self, lr: float, warmup: int) -> None:
+    def set(self, lr: float, warmup: int, total: int = 1, decay: bool = False) -> None:
         self.lr.assign(float(lr))
         self.warmup.assign(float(warmup))
+        self.total.assign(float(total))
+        self.decay.assign(float(decay))
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32) + 1.0
-        return self.lr * tf.minimum(1.0, step / tf.maximum(1.0, self.warmup))
+        rising = tf.minimum(1.0, step / tf.maximum(1.0, self.warmup))
+        left = (self.total + 1.0 - step) / tf.maximum(1.0, self.total + 1.0 - self.warmup)
+        falling = 1.0 - self.decay * (1.0 - tf.clip_by_value(left, 0.0, 1.0))
+        return self.lr * rising * tf.minimum(1.0, falling)
 
     def get_config(self):
-        return {"lr": float(self.lr.numpy()), "warmup": int(self.warmup.numpy())}
+        return {"lr": float(self.lr.numpy()), "warmup": int(self.warmup.numpy()), "total": int(self.total.numpy()),
+                "decay": bool(self.decay.numpy())}
 
 
 class ScaledSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
@@ -96,7 +106,7 @@ def make_optimizer(cfg: TrainConfig, lora=None, fast: list | None = None):
     if cfg.optimizer not in available_optimizers():
         raise ConfigError(f"optimizer {cfg.optimizer!r} needs tensorflow-addons, which is not installed here; "
                           f"available: {', '.join(available_optimizers())}")
-    lr = WarmupConstant(cfg.lr, cfg.warmup_steps)
+    lr = WarmupConstant(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.schedule == "linear")
     if lora is not None and lora.method == "loraplus":   # (on AdamW: RunConfig checks it)
         return LoraPlus(lambda rate: tf.keras.optimizers.AdamW(rate, weight_decay=cfg.weight_decay), lr,
                         lora.loraplus_ratio, fast or []), lr
@@ -123,7 +133,7 @@ def reset_optimizer(opt, schedule: WarmupConstant, cfg: TrainConfig) -> None:
     """Back to a freshly built AdamW: iteration 0, zero moments, this run's rate and warm-up."""
     for v in opt.variables:
         v.assign(tf.zeros(v.shape, v.dtype))
-    schedule.set(cfg.lr, cfg.warmup_steps)
+    schedule.set(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.schedule == "linear")
 
 
 def optimizer_state_bytes(opt) -> int:

@@ -21,7 +21,7 @@ class Prepared:
 
     batches: Iterator[dict]        # training batches, in the seed's order
     first: dict                    # the first of them (it fixes the traced shapes)
-    val: list[dict]                # the validation slice (newstest2015)
+    val: list[dict]                # the second curve's slice: what the base knew (data.pairs_for "validation")
     heldout: list[dict]            # the held-out slice of the training distribution
     heldout_name: str
     heldout_pairs: int
@@ -31,6 +31,7 @@ class Prepared:
     forget_name: str
     train_pairs: int | None        # None for a stream
     shapes: dict
+    val_name: str = ""
     dynamic: bool = False
 
 
@@ -77,4 +78,4 @@ def prepare(cfg: TrainConfig, tokenizer, train_pairs, val_pairs, heldout_pairs, 
                     shapes={"source_len": arrays["input_ids"].shape[1], "target_len": arrays["labels"].shape[1],
                             "batching": "length-grouped, each batch trimmed to its longest row" if dynamic else
                                         "every batch padded to the longest row of the data"},
-                    dynamic=dynamic)
+                    dynamic=dynamic, val_name=getattr(val_pairs, "split", ""))

@@ -168,13 +168,17 @@ def first_choice(kept, batches) -> dict:
     far (``right``), and how many it has (``targets``). Greedy decoding writes the first choice, so this
     share, not the loss, is what the greedy German follows: a run can lower the loss by moving probability
     among wrong words, or onto the right word without making it the first, and change no German for the
-    better. ``kept`` is heldout_logits(model, batches)."""
+    better. ``nll``: each row's summed next-token loss (its held-out loss, per sentence, for the paired
+    bootstrap of the loss). ``kept`` is heldout_logits(model, batches)."""
     right: list[int] = []
     targets: list[int] = []
+    nll: list[float] = []
     for (logits, labels), batch in zip(kept, batches):
         rows = np.nonzero(np.asarray(batch["labels"]) != -100)[0]   # row-major, as target_logits gathers them
         hit = np.argmax(logits.numpy(), axis=-1) == labels.numpy()
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits).numpy()
         n = len(batch["labels"])
         right += np.bincount(rows, weights=hit, minlength=n).astype(int).tolist()
         targets += np.bincount(rows, minlength=n).astype(int).tolist()
-    return {"right": right, "targets": targets}
+        nll += np.bincount(rows, weights=loss, minlength=n).tolist()
+    return {"right": right, "targets": targets, "nll": nll}

@@ -311,6 +311,7 @@ def summarise(model, prepared: Prepared, att: Attached, p: Progress, t0: float, 
         "probe_pairs": prepared.probe_pairs, "probe_loss_base": probe_base, "probe_loss_final": probe_final,
         # what it forgot: the held-out sentences translated the other way (de→en), never trained on
         "forget_name": prepared.forget_name, "base_forget_loss": forget_base, "final_forget_loss": forget_final,
+        "val_name": prepared.val_name,
         "base_val_loss": p.val_losses[0][1] if p.val_losses else None,
         "final_val_loss": p.val_losses[-1][1] if len(p.val_losses) > 1 else None,
         # the learning signal: a fixed held-out slice of the training distribution, never trained on

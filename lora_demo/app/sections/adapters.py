@@ -13,7 +13,7 @@ import gradio as gr
 from lora_demo.core.config import ConfigError, limits
 from lora_demo.lab import Lab
 from lora_demo.lab.records import Job
-from lora_demo.app.common import PRIVATE, Shared, browser_key, errors
+from lora_demo.app.common import PRIVATE, Shared, browser_key, refused
 from lora_demo.app.common import adapted_layers
 from lora_demo.app.common import file_paths, import_files
 
@@ -30,19 +30,18 @@ class Adapters:
 
 
 def build(lab: Lab, shared: Shared) -> Adapters:
-    gr.Markdown("### 5 · Adapters: download, import, merged export\n"
-                "Adapters are saved in PyTorch **PEFT** format (`adapter_config.json` + "
+    gr.Markdown("Adapters are saved in PyTorch **PEFT** format (`adapter_config.json` + "
                 "`adapter_model.safetensors`): `PeftModel.from_pretrained(base, folder)` loads one as-is. "
                 "Adapters made by PEFT for the same base model import here. The merged export is a full "
                 "TensorFlow checkpoint (`TFAutoModelForSeq2SeqLM.from_pretrained`) with the adapter folded in.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            pick = gr.Dropdown([], label="run (this browser's runs)", allow_custom_value=False)
-            info = gr.Markdown(PICK_HINT)
+            pick = gr.Dropdown([], label="run (this browser's runs)", allow_custom_value=False, elem_id="adapters-pick")
+            info = gr.Markdown(PICK_HINT, elem_id="adapter-info")
             with gr.Row():
                 adapter_btn = gr.Button("⬇ Adapter (.zip, PEFT format)", size="sm")
                 merged_btn = gr.Button("⬇ Merged model (.zip, TF checkpoint)", size="sm")
-                delete_btn = gr.Button("🗑 Delete run", size="sm", variant="stop")
+                delete_btn = gr.Button("🗑 Delete run", size="sm", variant="stop", elem_id="delete-btn")
             download = gr.File(label="download", visible=False, interactive=False)
         with gr.Column(scale=2):
             upload = gr.File(file_count="multiple", file_types=[".zip", ".json", ".safetensors"],
@@ -95,7 +94,7 @@ def ui_delete(lab: Lab, run_id, session) -> str:
     return f"🗑 run **{job.id}** and its files were deleted."
 
 
-@errors
+@refused
 def ui_download(lab: Lab, make, doing: str, run_id, session, progress=gr.Progress()):
     """``make`` is Lab.adapter_zip or Lab.export_merged; ``doing`` is what the progress bar says."""
     if doing:

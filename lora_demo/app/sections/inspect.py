@@ -14,8 +14,7 @@ from lora_demo.core.config import ConfigError
 from lora_demo.lab import Lab
 from lora_demo.app.common import PRIVATE, Shared
 
-INTRO = ("### 6 · Inside the adapter: what it learned, where, and what it cost\n"
-         "For each adapted layer, the update ΔW = (alpha/r)·A·B, computed exactly. The heatmap shows "
+INTRO = ("For each adapted layer, the update ΔW = (alpha/r)·A·B, computed exactly. The heatmap shows "
          "‖ΔW‖_F per block and module: *where* the model changed. The spectra show how much of the "
          "rank you paid for was used (effective rank: singular values holding 90% of ‖ΔW‖²). φ compares "
          "two runs' top directions per layer (Hu et al. 2021, section 7): does r=8 learn what r=64 "
@@ -40,12 +39,12 @@ def build(lab: Lab, shared: Shared) -> Inspect:
         inspect_btn = gr.Button("Inspect", variant="primary", elem_id="inspect-btn")
     summary = gr.Markdown(elem_id="inspect-summary")
     with gr.Row(equal_height=False):
-        heatmap = gr.Plot(show_label=False, elem_id="delta-heatmap")
-        spectra = gr.Plot(show_label=False, elem_id="spectra")
-    layers = gr.Dataframe(headers=["layer", "‖ΔW‖_F", "‖ΔW‖ / ‖W‖", "effective rank / r"],
+        heatmap = gr.Plot(show_label=False, elem_id="delta-heatmap", visible=False)
+        spectra = gr.Plot(show_label=False, elem_id="spectra", visible=False)
+    layers = gr.Dataframe(headers=["layer", "‖ΔW‖_F", "‖ΔW‖ / ‖W‖", "effective rank / r"], visible=False,
                           interactive=False, max_height=260, column_widths=["52%", "16%", "16%", "16%"])
     sim_md = gr.Markdown()
-    sim_plot = gr.Plot(show_label=False, elem_id="similarity")
+    sim_plot = gr.Plot(show_label=False, elem_id="similarity", visible=False)
     outputs = [heatmap, spectra, layers, summary, sim_plot, sim_md]
     for trigger in (inspect_btn.click, pick.input, compare_pick.input):
         trigger(partial(ui_inspect, lab), [pick, compare_pick, shared.session], outputs, **PRIVATE)
@@ -53,41 +52,42 @@ def build(lab: Lab, shared: Shared) -> Inspect:
     measure_btn = gr.Button("Measure what the picked run learned and forgot", elem_id="measure-btn")
     measured = gr.Markdown(elem_id="measured")
     with gr.Row(equal_height=False):
-        forget_plot = gr.Plot(plots.forgetting_figure([]), show_label=False, elem_id="run-forgetting")
-        trunc_plot = gr.Plot(plots.truncation_figure({}), show_label=False, elem_id="truncation")
-    intruder_plot = gr.Plot(plots.intruder_figure({}), show_label=False, elem_id="intruders")
-    measure_btn.click(partial(ui_measure, lab), [pick, shared.session],
-                      [measured, forget_plot, trunc_plot, intruder_plot], **PRIVATE)
+        trunc_plot = gr.Plot(show_label=False, elem_id="truncation", visible=False)
+        intruder_plot = gr.Plot(show_label=False, elem_id="intruders", visible=False)
+    measure_btn.click(partial(ui_measure, lab), [pick, shared.session], [measured, trunc_plot, intruder_plot],
+                      **PRIVATE)
     return Inspect(pick, compare_pick)
 
 
 LEARNED = ("#### What it learned and what it forgot\n"
-           "Measured from the run's weights on its held-out slice (en→de) and on the same sentences the other "
-           "way (de→en), which no run trains on: the **scale curve** moves the update from 0 (the base model, "
-           "exactly) to 1 (as trained); **rank truncation** keeps only the top-k singular directions of each "
+           "Measured from the run's weights on its held-out slice and on what the base already knew (the "
+           "lesson's second curve: for captions, held-out Europarl), which no run trains on: the **scale curve** "
+           "moves the update from 0 (the base model, exactly) to 1 (as trained) and is drawn on *Compare runs* → "
+           "Learning vs forgetting; **rank truncation** keeps only the top-k singular directions of each "
            "layer's update; **magnitude and direction change** (ΔM, ΔD, as in the DoRA paper) and **intruder "
            "dimensions** (top-10 singular vectors of W + ΔW with no match of |cos| ≥ 0.5 among W's; "
            "Shuttleworth et al. 2024) beside a random update of the same norm and rank, because random "
-           "directions count as intruders too. Full fine-tuning runs have no factors to truncate. The bundled "
-           "offline model was pre-trained on en→de only, so its de→en loss starts high and can fall: there the "
-           "probe shows transfer more than forgetting; FLAN-T5 translates both ways.")
+           "directions count as intruders too. Full fine-tuning runs have no factors to truncate.")
+
+
+def _hidden() -> tuple:
+    return gr.update(visible=False), gr.update(visible=False)
 
 
 def ui_measure(lab: Lab, run_id, session):
     if not run_id:
-        return ("Pick a run above first.", plots.forgetting_figure([]), plots.truncation_figure({}),
-                plots.intruder_figure({}))
+        return ("Pick a run above first.", *_hidden())
     try:
         a = lab.analyse(run_id, session or "")
         job = lab.owned(run_id, session or "")
     except ConfigError as exc:
-        return (f"⚠️ {html.escape(str(exc))}", plots.forgetting_figure([]), plots.truncation_figure({}),
-                plots.intruder_figure({}))
+        return (f"⚠️ {html.escape(str(exc))}", *_hidden())
     curve, rep = a["scale_curve"], a["layers"]
     base, end = curve[0], curve[-1]
-    text = (f"**{a['method']}**, run `{job.id}`: held-out en→de loss {base['heldout']:.4f} → {end['heldout']:.4f} "
-            f"(learned {base['heldout'] - end['heldout']:+.4f}); de→en {base['forget']:.4f} → {end['forget']:.4f} "
-            f"(forgot {end['forget'] - base['forget']:+.4f}). Over {len(rep['layers'])} layers: ΔM "
+    text = (f"**{a['method']}**, run `{job.id}`: held-out loss {base['heldout']:.4f} → {end['heldout']:.4f} "
+            f"(learned {base['heldout'] - end['heldout']:+.4f}); {a.get('forget_name') or 'what the base knew'} "
+            f"{base['forget']:.4f} → {end['forget']:.4f} (forgot {end['forget'] - base['forget']:+.4f}; its path "
+            f"as the scale goes 0 → 1 is on *Compare runs*). Over {len(rep['layers'])} layers: ΔM "
             f"{rep['magnitude_change']:.3g}, ΔD {rep['direction_change']:.3g}, intruder dimensions "
             f"**{rep['intruders']}** (a random update of the same norm and rank: {rep['intruders_random']}).")
     if a["truncation"]:
@@ -95,9 +95,9 @@ def ui_measure(lab: Lab, run_id, session):
         text += (f" Truncation: the best held-out loss, {best['heldout']:.4f}, keeps k = {best['k']} of "
                  f"{a['truncation'][-1]['k']} directions per layer.")
     label = f"{a['method']} {job.id[-6:]}"
-    return (text, plots.forgetting_figure([job.record()], {job.id: curve}),
-            plots.truncation_figure({job.id: a["truncation"]} if a["truncation"] else {}, {job.id: label}),
-            plots.intruder_figure({label: rep}))
+    trunc = plots.truncation_figure({job.id: a["truncation"]}, {job.id: label}) if a["truncation"] else None
+    return (text, gr.update(value=trunc, visible=trunc is not None),
+            gr.update(value=plots.intruder_figure({label: rep}), visible=True))
 
 
 def budget_rows_markdown(b: dict) -> str:
@@ -120,14 +120,15 @@ def _layer_rows(info: dict) -> list[list]:
 
 
 def _empty(message: str) -> tuple:
-    return (plots.delta_heatmap(None), plots.spectra_figure(None), [], message, plots.similarity_figure(None), "")
+    hide = gr.update(visible=False)
+    return (hide, hide, hide, message, hide, "")
 
 
 def ui_inspect(lab: Lab, run_a, run_b, session):
     """Heatmap, spectra, per-layer table and budget of run A; φ between A and B."""
     session = session or ""
     if not run_a:
-        return _empty("Train a run (or import an adapter) and pick it here.")
+        return _empty("Train a run (or import an adapter), pick it here and press Inspect.")
     try:
         info = lab.inspect(run_a, session)
     except ConfigError as exc:
@@ -142,18 +143,21 @@ def ui_inspect(lab: Lab, run_a, run_b, session):
     except ConfigError as exc:
         text += f"\n\n{html.escape(str(exc))}"
     sim_fig, sim_text = _similarity(lab, run_a, run_b, session)
-    return (plots.delta_heatmap(info), plots.spectra_figure(info), _layer_rows(info), text, sim_fig, sim_text)
+    return (gr.update(value=plots.delta_heatmap(info), visible=True),
+            gr.update(value=plots.spectra_figure(info), visible=True),
+            gr.update(value=_layer_rows(info), visible=True), text,
+            gr.update(value=sim_fig, visible=sim_fig is not None), sim_text)
 
 
 def _similarity(lab: Lab, run_a, run_b, session) -> tuple:
     if not run_b or run_b == run_a:
-        return plots.similarity_figure(None), "Pick a second run to compare subspaces."
+        return None, "Pick a second run to compare subspaces."
     try:
         sim = lab.similarity(run_a, run_b, session)
     except ConfigError as exc:
-        return plots.similarity_figure(None), f"⚠️ {html.escape(str(exc))}"
+        return None, f"⚠️ {html.escape(str(exc))}"
     if sim["mean_phi_k"] is None:
-        return plots.similarity_figure(sim), "Both adapters are zero: no directions to compare."
+        return None, "Both adapters are zero: no directions to compare."
     return plots.similarity_figure(sim), (
         f"Mean φ over {len(sim['layers'])} shared layers: **{sim['mean_phi_k']:.3f}** for the top {sim['k']} "
         f"directions, **{sim['mean_phi_1']:.3f}** for the top one (chance: {sim['chance_phi_k']:.3f}). 1 means "

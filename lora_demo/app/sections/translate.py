@@ -14,12 +14,12 @@ from lora_demo.analysis import anatomy
 from lora_demo.analysis.evaluate import word_diff
 from lora_demo.lab import Lab
 from lora_demo.lab.serving import SIDE_BY_SIDE
-from lora_demo.app.common import PRIVATE, Shared, errors, run_what
+from lora_demo.app.common import PRIVATE, Shared, refused, run_label, run_what
 
 FLAN_NOTE = ("FLAN-T5 was instruction-tuned on a mixture that includes WMT16 translation, so the base model's "
              "German (and its BLEU) is **not** a zero-shot result.")
-EXAMPLES = ["The weather is nice today.", "I would like to thank the Commissioner for her answer.",
-            "Obama receives Netanyahu.", "The European Parliament adopted the resolution."]
+EXAMPLES = ["A little girl in a pink dress is running on the beach.", "Two dogs are playing in the snow.",
+            "I would like to thank the Commissioner for her answer.", "The European Parliament adopted the resolution."]
 
 
 @dataclass
@@ -31,10 +31,13 @@ class Translate:
 
 
 def build(lab: Lab, shared: Shared) -> Translate:
-    gr.Markdown("### 4 · Translate: base vs LoRA\n" + FLAN_NOTE)
+    gr.Markdown("Type English: the base model and your LoRA model answer side by side, the words that differ "
+                "highlighted. " + FLAN_NOTE)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            run_pick = gr.Dropdown([], label="LoRA run (this browser's runs)", allow_custom_value=False)
+            run_pick = gr.Dropdown([], label="LoRA run (this browser's runs)", allow_custom_value=False,
+                                   elem_id="translate-pick")
+            picked_note = gr.Markdown(elem_id="translate-pick-note")
             beside_pick = gr.Dropdown([], value=[], multiselect=True, max_choices=SIDE_BY_SIDE - 1,
                                       label=f"…and beside it, up to {SIDE_BY_SIDE - 1} more runs (e.g. r=1, 4, 16): "
                                             "every column comes from one batched decode", elem_id="beside-pick")
@@ -52,18 +55,29 @@ def build(lab: Lab, shared: Shared) -> Translate:
             gr.Examples([[e] for e in EXAMPLES], inputs=[text], label="examples")
         with gr.Column(scale=3):
             out_table = gr.Dataframe(headers=["English", "Base", "LoRA"], interactive=False, wrap=True,
-                                     column_widths=["30%", "35%", "35%"], elem_id="translations")
+                                     column_widths=["30%", "35%", "35%"], elem_id="translations", max_height=900)
             diff = gr.HTML()
             note = gr.Markdown()
     c = dict(text=text, scale=scale, run=run_pick, beside=beside_pick, reference=reference, session=shared.session,
              sides=sides, blocks=blocks, modules=modules)
+    run_pick.change(partial(ui_picked, lab), [run_pick], [picked_note], show_progress="hidden", **PRIVATE)
     for trigger in (translate_btn.click, text.submit):
         trigger(partial(ui_translate, lab, c), set(c.values()), [out_table, diff, note], concurrency_limit=None,
                 **PRIVATE)
     return Translate(run_pick, beside_pick)
 
 
-@errors
+def ui_picked(lab: Lab, run_id: str) -> str:
+    """Say which run the LoRA column now uses, whether the user picked it or a new run took its place."""
+    job = lab.jobs.get(run_id or "")
+    if job is None:
+        return "No run yet: the LoRA column equals the base model until you train one."
+    newest = [j for j in lab.runs(None) if j.owner == job.owner and lab.usable(j)]
+    latest = " (the newest run)" if newest and newest[-1].id == job.id else ""
+    return f"The LoRA column uses run **{job.id}**{latest}: {run_label(job)}."
+
+
+@refused
 def ui_translate(lab: Lab, c: dict, v: dict):
     """``c`` names the controls; ``v`` holds their values."""
     def value(name):
@@ -89,7 +103,7 @@ def ui_translate(lab: Lab, c: dict, v: dict):
     else:
         label = f"{len(runs)} runs at scale {float(scale):g}, decoded in one batch with the base model"
     return (gr.update(value=table, column_widths=widths),
-            diff_html(out["english"], out["base"], out["lora"], names[0]),
+            diff_html(out["english"], out["base"], [r["german"] for r in runs], names),
             label + "".join(f"  \n⚠️ {n}" for n in out["notices"]))
 
 
@@ -98,14 +112,18 @@ def column_name(lab: Lab, run_id: str) -> str:
     return f"{run_what(lab.jobs[run_id].config.lora, targets=False)} · {run_id[-6:]}"
 
 
-def diff_html(english, base, lora, label: str = "LoRA") -> str:
+def diff_html(english, base, columns: list[list[str]], labels: list[str]) -> str:
+    """Each sentence's base German and every run's, the words each run changed from the base highlighted
+    (and in the base, the words some run changed)."""
     def words(pairs):
         return " ".join(f"<mark class='changed'>{html.escape(w)}</mark>" if changed else html.escape(w)
                         for w, changed in pairs)
     rows = []
-    for en, b, l in zip(english, base, lora):
-        bw, lw = word_diff(b, l)
-        rows.append(f"<tr><td>{html.escape(en)}</td><td>{words(bw)}</td><td>{words(lw)}</td></tr>")
-    name = html.escape(label)
-    return (f"<div class='diff'><b>Where base and {name} differ</b> (highlighted words)<table><tr><th>English</th>"
-            f"<th>Base</th><th>{name}</th></tr>" + "".join(rows) + "</table></div>")
+    for i, (en, b) in enumerate(zip(english, base)):
+        diffs = [word_diff(b, column[i]) for column in columns]
+        base_flags = [any(d[0][k][1] for d in diffs) for k in range(len(b.split()))]
+        cells = [words(zip(b.split(), base_flags))] + [words(lw) for _, lw in diffs]
+        rows.append(f"<tr><td>{html.escape(en)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    heads = "".join(f"<th>{html.escape(name)}</th>" for name in ["English", "Base", *labels])
+    return (f"<div class='diff'><b>Where each run's German differs from the base</b> (highlighted words)"
+            f"<table><tr>{heads}</tr>" + "".join(rows) + "</table></div>")
