@@ -278,6 +278,21 @@ def _steps(model: str, prec: str, log) -> dict:
                 profile={"ours": ours["profile"], "naive": naive["profile"]})
 
 
+def _default_runs(model: str, prec: str, tokenizer, log) -> dict:
+    """The default run as the CLI runs it, then Train pressed to verdict in the app (for a flan-t5 bench the
+    click figure is the bundled tiny's real default run; for a smoke model, a short one)."""
+    short = None if model in (SMALL, BASE) else DEFAULT_RUN_SMOKE_STEPS
+    log(f"the default run, as `python -m lora_demo train` runs it ({short or 'all'} steps, its own process)...")
+    fig = {"default_run": default_run(model, prec, tokenizer, short)}
+    fig["default_run_s"] = fig["default_run"]["training_s"]
+    real = model in (SMALL, BASE)
+    log(f"Train pressed to verdict, the default run in the app ({'tiny' if real else model}"
+        f"{'' if real else ', a smoke run'})...")
+    fig["click"] = click_to_finished("tiny" if real else model, None if real else CLICK_SMOKE)
+    fig["click_ratio"] = fig["click"]["ratio"]
+    return fig
+
+
 def run(quick: bool = False, precision: str = "auto", log=print, model: str = SMALL) -> dict:
     """All figures in one run. ``model`` other than flan-t5-small (e.g. ``tiny``) is for smoke runs."""
     import tensorflow as tf
@@ -327,15 +342,7 @@ def run(quick: bool = False, precision: str = "auto", log=print, model: str = SM
     fig.update(translate_latency(_model(model, "fp32"), _model(model, "fp32"), reps=3 if model in (SMALL, BASE) else 1))
     log("PyTorch + PEFT step (if installed)...")
     fig["peft_step_s"] = peft_step(model, _batch())
-    short = None if model in (SMALL, BASE) else DEFAULT_RUN_SMOKE_STEPS
-    log(f"the default run, as `python -m lora_demo train` runs it ({short or 'all'} steps, its own process)...")
-    fig["default_run"] = default_run(model, prec, tokenizer, short)
-    fig["default_run_s"] = fig["default_run"]["training_s"]
-    real = model in (SMALL, BASE)   # a flan-t5 bench: the click figure is the bundled tiny's real default run
-    log(f"Train pressed to verdict, the default run in the app ({'tiny' if real else model}"
-        f"{'' if real else ', a smoke run'})...")
-    fig["click"] = click_to_finished("tiny" if real else model, None if real else CLICK_SMOKE)
-    fig["click_ratio"] = fig["click"]["ratio"]
+    fig.update(_default_runs(model, prec, tokenizer, log))
     flops = step_flops(model_config(model))
     peak = fig["peak_gflops_bf16"] if prec == "bf16" else fig["peak_gflops_fp32"]
     fig["step_gflop"] = flops / 1e9
@@ -369,6 +376,25 @@ GOALS = [  # (label, goal text, passes(fig)): issues 15's and 28's goals, each a
     ("the default run on flan-t5-small", "about a minute of training (<= 75 s) on 2 cores",
      lambda f: None if not (f["default_run"]["default"] and f["model"] == SMALL) else f["default_run_s"] <= 75),
 ]
+
+
+def _run_rows(f: dict) -> list[tuple[str, str, str]]:
+    """The table's rows for the default run, the click to verdict and flan-t5-base, where measured."""
+    rows = []
+    d = f.get("default_run")
+    if d:
+        rows.append(("default run (`train`, every default)" if d["default"] else f"default run cut to {d['steps']} steps",
+                     f"{d['training_s']:.1f} s", f"training: {d['steps']} steps of {d['mean_step_s']:.3f} s and "
+                     f"{d['eval_points']} evaluation points; the whole command {d['command_s']:.0f} s"))
+    c = f.get("click")
+    if c:
+        rows.append((f"Train to verdict in the app ({c['model']}{'' if c['default'] else ', smoke'})",
+                     f"{c['click_s']:.1f} s", f"{c['ratio']:.2f}x its {c['training_s']:.1f} s of training "
+                     f"({c['steps']} steps, {c['bleu_size']} sentences scored; warm-up {c['warm_up_s']:.0f} s)"))
+    if "base_lora_step_s" in f:
+        rows.append(("flan-t5-base LoRA / full step", f"{f['base_lora_step_s']:.2f} / {f['base_full_step_s']:.2f} s",
+                     ""))
+    return rows
 
 
 def table(f: dict) -> str:
@@ -415,19 +441,7 @@ def table(f: dict) -> str:
         ("MFU of our LoRA step", f"{100 * f['mfu']:.1f}%", f"{f['step_gflop']:.0f} GFLOP/step; peak "
          f"{f['peak_gflops_' + f['precision']]:.0f} GFLOP/s ({f['precision']}, measured)"),
     ]
-    d = f.get("default_run")
-    if d:
-        rows.append(("default run (`train`, every default)" if d["default"] else f"default run cut to {d['steps']} steps",
-                     f"{d['training_s']:.1f} s", f"training: {d['steps']} steps of {d['mean_step_s']:.3f} s and "
-                     f"{d['eval_points']} evaluation points; the whole command {d['command_s']:.0f} s"))
-    c = f.get("click")
-    if c:
-        rows.append((f"Train to verdict in the app ({c['model']}{'' if c['default'] else ', smoke'})",
-                     f"{c['click_s']:.1f} s", f"{c['ratio']:.2f}x its {c['training_s']:.1f} s of training "
-                     f"({c['steps']} steps, {c['bleu_size']} sentences scored; warm-up {c['warm_up_s']:.0f} s)"))
-    if "base_lora_step_s" in f:
-        rows.append(("flan-t5-base LoRA / full step", f"{f['base_lora_step_s']:.2f} / {f['base_full_step_s']:.2f} s",
-                     ""))
+    rows += _run_rows(f)
     w = max(len(r[0]) for r in rows)
     lines = machine_lines(f["machine"]) + [""] if "machine" in f else []
     lines += [f"{'figure':<{w}}  {'value':>14}  note", "-" * (w + 40)]

@@ -1,6 +1,6 @@
 """Build the bundled offline models reproducibly: ``assets/tiny`` and ``assets/micro``.
 
-    python scripts/build_tiny.py                 # tiny: the app's offline translator (about 80 minutes on 2 cores)
+    python scripts/build_tiny.py                 # tiny: the app's offline translator (about 100 minutes on 2 cores)
     python scripts/build_tiny.py --size micro    # micro: the test suite's small model (minutes)
 
 Both are small T5s with FLAN-T5's layout (gated-GELU FFN, untied lm_head), pre-trained from random
@@ -282,8 +282,9 @@ def what_the_base_saw(recipe: Recipe) -> str:
             "europarl": (f"Europarl rows {recipe.train_rows[0]:,}-{recipe.train_rows[1] - 1:,} of the bundled WMT16 "
                          "train split (assets/wmt16_de_en/train.jsonl.gz)"),
             "news_base": f"the news pairs of {', '.join(data.NEWS_BASE_SETS)} (assets/wmt16_de_en/news.jsonl.gz)"}
+    empty = {"multi30k"} if recipe.captions[1] <= recipe.captions[0] else set()   # none English -> German
     parts = [seen[c] + (f" ({times[c]} times per epoch)" if times.get(c, 1) > 1 else "")
-             for c in recipe.corpora if c in seen]
+             for c in recipe.corpora if c in seen and c not in empty]
     back = (f"; and German to English, Multi30k train rows {recipe.captions_de_en[0]:,}-{recipe.captions_de_en[1] - 1:,}"
             if "multi30k_de_en" in recipe.corpora else "")
     news = ("none of the news that LoRA's news lesson trains on (" + ", ".join(data.NEWS_TRAIN_SETS) + ") nor the held-out "
@@ -294,8 +295,10 @@ def what_the_base_saw(recipe: Recipe) -> str:
 
 def what_lora_sees() -> str:
     lesson = data.LESSONS[data.DEFAULT_LESSON]
-    return (f"the default lesson, {lesson.label}: Multi30k train rows from {data.CAPTIONS_BASE_ROWS:,} (captions the "
-            f"base never read English to German) for training; the first Multi30k validation pairs for the held-out "
+    rows = (f"all {data.MULTI30K_TRAIN_ROWS:,} Multi30k train captions" if not data.CAPTIONS_BASE_ROWS else
+            f"Multi30k train rows {data.CAPTIONS_BASE_ROWS:,}-{data.MULTI30K_TRAIN_ROWS - 1:,}")
+    return (f"the default lesson, {lesson.label}: {rows} (captions the base never read English to German) for "
+            f"training; the first Multi30k validation pairs for the held-out "
             f"curve; {lesson.knew_name} for the forgetting curve; {lesson.test_name} for BLEU/chrF after a run.")
 
 

@@ -66,15 +66,6 @@ def _trace_points(page, name_part: str) -> int:
     }""", name_part)
 
 
-def _figure_points(page, selector: str) -> int:
-    """Points drawn by every trace of the Plotly figure under ``selector``."""
-    return page.evaluate("""(sel) => {
-        const el = document.querySelector(sel + ' .js-plotly-plot');
-        if (!el || !el.data) return 0;
-        return el.data.reduce((n, t) => n + (t.x ? t.x.length : 0), 0);
-    }""", selector)
-
-
 def _set(page, box: str, value) -> None:
     field = page.locator(f"{box} input[type=number]")
     field.fill(str(value))
@@ -143,6 +134,9 @@ def test_the_app_in_a_real_browser(shared_app, tmp_path):
                          "Did it forget what the base knew?", "What did it cost?"):
             expect(card).to_contain_text(question)
         expect(card).to_contain_text(re.compile(r"\d+ s from start to result"))
+        # the step-time note follows the runs: a finished run here replaces "once a run has finished"
+        expect(page.locator("#cost-note")).to_contain_text(re.compile(r"took \d+ s|should take about \d+ s"),
+                                                           timeout=30_000)
         assert _on_first_screen(page, "#result-card") == {"#result-card": "ok"}
         page.screenshot(path=str(SHOTS / "3-result-card.png"))
         page.locator("#details-box").get_by_text("Details").click()      # the statistics, one click away
@@ -187,7 +181,11 @@ def _translate_inspect_compare(page) -> None:
     expect(page.locator("#inspect-summary")).to_contain_text("effective rank", timeout=30_000)
     page.locator("#measure-btn").click()
     expect(page.locator("#measured")).to_contain_text("intruder dimensions", timeout=120_000)
-    assert _figure_points(page, "#truncation") == 8        # k = 1..8 for the r=8 run
+    page.wait_for_function("""() => {                      // k = 1..8 for the r=8 run, once Plotly has drawn it
+        const el = document.querySelector('#truncation .js-plotly-plot');
+        return el && el.data && el.data.reduce((n, t) => n + (t.x ? t.x.length : 0), 0) === 8;
+    }""", timeout=30_000)
+    expect(page.locator("#measured")).to_contain_text("intruder dimensions")   # still this run's figures
     page.screenshot(path=str(SHOTS / "5-inside.png"), full_page=True)
 
     # Adapters: the stopped run is deleted (the suite's app keeps 4 runs per session; the comparison adds 3)
@@ -232,6 +230,8 @@ def _translate_inspect_compare(page) -> None:
     for c in range(3):   # each run's cells hold its German, highlighted where it differs from the base
         cell = page.locator(f".diff tr:nth-child(2) td:nth-child({c + 3})")
         assert cell.inner_text().split() == columns[c + 2].split(), (c, cell.inner_text(), columns)
+        if columns[c + 2].split() != columns[1].split():     # a run whose German differs is highlighted
+            assert cell.locator("mark.changed").count() >= 1, (c, cell.inner_html())
     page.screenshot(path=str(SHOTS / "7-runs-side-by-side.png"), full_page=False)
 
 
@@ -362,6 +362,21 @@ def test_bad_input_in_the_page_is_refused_with_one_message_and_changes_nothing(s
             assert page.locator(".toast-body").count() == 0             # no toasts: the one message is there
         assert page.locator(".error").count() == 0
         page.screenshot(path=str(SHOTS / "11-bad-input.png"))
+
+        # a choice the server refuses (no target module): one warning naming the field, nothing starts
+        checked = page.locator("#targets input[type=checkbox]:checked")
+        ticked = checked.count()
+        for _ in range(ticked):
+            checked.first.uncheck()
+        page.locator("#train-btn").click()
+        toast = page.locator(".toast-body")
+        expect(toast).to_have_count(1, timeout=30_000)
+        expect(toast).to_contain_text("choose at least one target module")
+        page.wait_for_timeout(1500)
+        assert runs() == before and card.inner_text() == shown and page.locator(".error").count() == 0
+        for name in ("q", "v"):
+            page.locator("#targets").get_by_label(name, exact=True).check()
+        expect(toast).to_have_count(0, timeout=30_000)                  # a warning goes by itself
 
         _tab(page, "Translate")
         page.locator("#en-text textarea").fill("A man is cooking.")

@@ -40,8 +40,9 @@ def learned(s: dict) -> tuple[str, str, str]:
                f"trained on: {base:.3f} → {final:.3f} ({_pct(base, final)})")
     change = (s.get("quality") or {}).get("heldout_change")
     if change is None:
-        kind = OK if final < base else NO
-        return kind, ("Yes, the loss fell." if final < base else "No, the loss rose."), figures
+        return MEH, ("The loss fell" if final < base else "The loss rose") + (
+            ", but it was not tested against the luck of which sentences were held out (that test runs with "
+            "BLEU/chrF scoring, off for this run)."), figures
     if change["real"]:
         if change["change"] < 0:
             return OK, "Yes: the held-out loss fell by more than the luck of which sentences were held out.", figures
@@ -123,7 +124,7 @@ def headline(s: dict) -> tuple[str, str]:
     if s["status"] != "completed":
         if (s.get("summary") or {}).get("final_heldout_loss") is None:
             return MEH, f"Stopped after {s['step']} of {s['total_steps']} steps, before its first evaluation."
-        return kind, f"Stopped after {s['step']} of {s['total_steps']} steps. So far: {first[0].lower()}{first[1:]}."
+        return kind, f"Stopped after {s['step']} of {s['total_steps']} steps. So far: {first}."
     return kind, first + second + third
 
 

@@ -235,7 +235,7 @@ def status_line(lab: Lab, s: dict) -> str:
     q = s.get("quality")
     if q:
         line += (f"  \nBLEU base {q['base']['bleu']:.2f} → LoRA {q['lora']['bleu']:.2f} · chrF base "
-                 f"{q['base']['chrf']:.2f} → LoRA {q['lora']['chrf']:.2f} ({q['n']} {q.get('split', 'newstest2016')} sentences)"
+                 f"{q['base']['chrf']:.2f} → LoRA {q['lora']['chrf']:.2f} ({q['n']} {q.get('split') or data.LESSONS[s['data']].test_name} sentences)"
                  + loops_text(q).replace("->", "→")
                  + "".join("  \n" + text.replace("->", "→") for text in quality_lines(q, s["summary"])))
     for r in s.get("resumes") or []:

@@ -35,10 +35,12 @@ METHOD_LABELS = {
 # Training data (data.py): pairs available for training in each, after the held-out slices.
 DATASETS = TRAIN_PAIRS
 # Sentences translated at every evaluation point of a run, base model first: held-out captions (Multi30k
-# validation, after the held-out curve's slice). Provisional until measured on the rebuilt base.
-DEFAULT_SAMPLES = ("A brown dog chewing on a large piece of wood.",
-                   "A group of children play in the water under a bridge.",
-                   "Several people are standing near trees at dusk.")
+# validation, after the held-out curve's slice), chosen by measurement (scripts/pick_samples.py over the default
+# run's seeds 0-2 on the tiny of 2026-12-07, docs/default-run.md): of 376 short candidates, the three whose chrF
+# against the reference rose most on every seed.
+DEFAULT_SAMPLES = ("Three dogs playing in the snow.",
+                   "Three dogs are playing in the water.",
+                   "Several girls are playing with flour.")
 MAX_SAMPLES, MAX_SAMPLE_CHARS = 5, 200
 
 
@@ -215,17 +217,20 @@ FIRST_STEP = ("eager", "compiled")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Defaults for the captions lesson on the bundled offline model (docs/default-run.md): provisional.
-    steps: int = 300
+    # Defaults for the captions lesson, measured on the bundled tiny of 2026-12-07 (docs/default-run.md): r=8 on
+    # q,v, 250 steps of 32 captions from 5e-3 falling linearly to 0 train in 49 s on 2 cores (AVX512-BF16) and
+    # lower the held-out caption loss by 18% on seeds 0-2; 300 steps at a constant 3e-3 learned as much in
+    # 57-65 s but looped more than the base on seed 2.
+    steps: int = 250
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 5e-3
     train_size: int = 7000          # pairs from the start of the lesson's training data (at most 7,065, the news
                                     # lesson's, so every lesson takes the default)
     seed: int = 0                   # weights of A, dropout and data order all follow it
     optimizer: str = "adamw"
     weight_decay: float = 0.0       # on LoRA weights only (they are the only trainable ones)
     warmup_steps: int = 5           # linear warm-up, then the schedule
-    schedule: str = "constant"      # after the warm-up: "constant", or "linear" (down to 0 at the last step)
+    schedule: str = "linear"        # after the warm-up: "linear" (down to 0 at the last step), or "constant"
     clip_norm: float = 1.0          # global gradient-norm clip; 0 turns it off
     eval_every: int = 50            # held-out and second-curve loss (and the sample translations) every N steps
     eval_size: int = 32             # pairs of the second curve: what the base knew (for captions, held-out Europarl)

@@ -224,8 +224,12 @@ def more_label(lab: Lab, form: Form, v: dict) -> dict:
     method = named.get("method", "lora")
     parts = [("LoRA" if method == "lora" else method), f"alpha {named.get('alpha'):g}" if named.get("alpha") else "",
              f"{named.get('steps')} steps", f"batch {named.get('batch')}", f"lr {named.get('lr'):g}"
-             if isinstance(named.get("lr"), (int, float)) else "lr ?", f"seed {named.get('seed')}"
-             + (f" (+{seeds - 1} more)" if seeds > 1 else "")]
+             if isinstance(named.get("lr"), (int, float)) else "lr ?",
+             OPTIMIZER_LABELS.get(named.get("optimizer"), named.get("optimizer") or ""),
+             f"{int(named.get('pairs')):,} pairs" if isinstance(named.get("pairs"), (int, float)) else "",
+             f"seed {named.get('seed')}" + (f" (+{seeds - 1} more)" if seeds > 1 else ""),
+             f"scored on {named.get('bleu')}" if named.get("bleu") else "not scored",
+             f"eval every {named.get('eval')}"]
     return gr.update(label="More settings: " + " · ".join(p for p in parts if p))
 
 

@@ -46,7 +46,8 @@ def build(lab: Lab, shared: Shared) -> Inspect:
     sim_md = gr.Markdown()
     sim_plot = gr.Plot(show_label=False, elem_id="similarity", visible=False)
     outputs = [heatmap, spectra, layers, summary, sim_plot, sim_md]
-    for trigger in (inspect_btn.click, pick.input, compare_pick.input):
+    # pick.change, not .input: when a new run replaces the pick, its figures replace the old run's
+    for trigger in (inspect_btn.click, pick.change, compare_pick.input):
         trigger(partial(ui_inspect, lab), [pick, compare_pick, shared.session], outputs, **PRIVATE)
     gr.Markdown(LEARNED)
     measure_btn = gr.Button("Measure what the picked run learned and forgot", elem_id="measure-btn")
@@ -54,8 +55,10 @@ def build(lab: Lab, shared: Shared) -> Inspect:
     with gr.Row(equal_height=False):
         trunc_plot = gr.Plot(show_label=False, elem_id="truncation", visible=False)
         intruder_plot = gr.Plot(show_label=False, elem_id="intruders", visible=False)
-    measure_btn.click(partial(ui_measure, lab), [pick, shared.session], [measured, trunc_plot, intruder_plot],
-                      **PRIVATE)
+    measured_for = gr.State("")   # the run the figures below were measured on
+    measure_btn.click(partial(ui_measure, lab), [pick, shared.session],
+                      [measured, trunc_plot, intruder_plot, measured_for], **PRIVATE)
+    pick.change(_unmeasured, [pick, measured_for], [measured], **PRIVATE)
     return Inspect(pick, compare_pick)
 
 
@@ -74,14 +77,23 @@ def _hidden() -> tuple:
     return gr.update(visible=False), gr.update(visible=False)
 
 
+def _unmeasured(run_id, measured_for):
+    """A new pick says that the figures below were measured on another run (hiding them here would keep
+    the next measurement's figures hidden too, in Gradio 6.17); the same run's stay as they are."""
+    if not measured_for or run_id == measured_for:
+        return gr.skip()
+    return (f"The figures below were measured on run `{measured_for}`. Press *Measure* for the picked run"
+            + (f" (`{run_id}`)." if run_id else "."))
+
+
 def ui_measure(lab: Lab, run_id, session):
     if not run_id:
-        return ("Pick a run above first.", *_hidden())
+        return ("Pick a run above first.", *_hidden(), "")
     try:
         a = lab.analyse(run_id, session or "")
         job = lab.owned(run_id, session or "")
     except ConfigError as exc:
-        return (f"⚠️ {html.escape(str(exc))}", *_hidden())
+        return (f"⚠️ {html.escape(str(exc))}", *_hidden(), "")
     curve, rep = a["scale_curve"], a["layers"]
     base, end = curve[0], curve[-1]
     text = (f"**{a['method']}**, run `{job.id}`: held-out loss {base['heldout']:.4f} → {end['heldout']:.4f} "
@@ -97,7 +109,7 @@ def ui_measure(lab: Lab, run_id, session):
     label = f"{a['method']} {job.id[-6:]}"
     trunc = plots.truncation_figure({job.id: a["truncation"]}, {job.id: label}) if a["truncation"] else None
     return (text, gr.update(value=trunc, visible=trunc is not None),
-            gr.update(value=plots.intruder_figure({label: rep}), visible=True))
+            gr.update(value=plots.intruder_figure({label: rep}), visible=True), run_id)
 
 
 def budget_rows_markdown(b: dict) -> str:

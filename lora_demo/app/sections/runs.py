@@ -115,7 +115,7 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, cost, v: dict, 
     session, seen, show_all = v[shared.session], v[shared.seen], v[runs.show_all]
     jobs = _visible(lab, session, show_all)
     key = ",".join(f"{j.id}:{j.version}" for j in jobs) + f"|{show_all}"
-    if not force and key == seen:
+    if not force and seen and key == seen.rsplit("|", 1)[0]:
         return gr.skip()   # one skip leaves every output as it is (an empty dict is an error in Gradio 6)
     ids = [j.id for j in jobs]
     known = {part.split(":")[0] for part in (seen or "").split("|")[0].split(",") if part}
@@ -126,6 +126,9 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, cost, v: dict, 
     shown = [r for r in records if r["run_id"] in chosen]
     every = lab.runs(session or "")
     mine = [j for j in every if lab.usable(j)]
+    newest = mine[-1].id if mine else ""
+    grown = newest != (seen or "||").split("|")[-1]   # a run became usable since the last refresh
+    key += f"|{newest}"
     choices = {"newest": [(run_label(j), j.id) for j in mine], "any": [(run_label(j), j.id) for j in every]}
     choices["second"] = choices["several"] = choices["newest"]
     usable = {j.id for j in mine}
@@ -157,7 +160,7 @@ def ui_runs(lab: Lab, shared: Shared, runs: Runs, pickers: dict, cost, v: dict, 
             # is preselected (ready to translate or inspect); on an "any" picker the user's pick stays until a
             # new run appears
             **{picker: gr.update(choices=choices[which], value=_picked(v[picker], which, fresh, ids, usable,
-                                                                       preselect)) for picker, which in pickers.items()},
+                                                                       preselect, grown)) for picker, which in pickers.items()},
             **({cost[0]: cost[1]()} if cost else {})}
 
 
@@ -167,12 +170,15 @@ def _done(rec: dict) -> bool:
     return s.get("final_heldout_loss") is not None and s.get("final_val_loss") is not None
 
 
-def _picked(value, which: str, fresh: list, ids: list, usable: set, preselect: dict):
+def _picked(value, which: str, fresh: list, ids: list, usable: set, preselect: dict, grown: bool = True):
     """A picker's value after a refresh: "several" keeps the user's usable picks (none preselected); "any" keeps
-    the pick until a new run appears; the others preselect their usable run."""
+    the pick until a new run appears; the others keep the user's pick until a new run becomes usable, then
+    preselect it (the Translate tab says what it changed to)."""
     if which == "several":
         return [i for i in (value or []) if i in usable]
     if which == "any" and not fresh and value in ids:
+        return value
+    if which in ("newest", "second") and not grown and value in usable:
         return value
     return preselect[which]
 

@@ -32,7 +32,7 @@ class Translate:
 
 def build(lab: Lab, shared: Shared) -> Translate:
     gr.Markdown("Type English: the base model and your LoRA model answer side by side, the words that differ "
-                "highlighted. " + FLAN_NOTE)
+                "highlighted." + (" " + FLAN_NOTE if "flan" in lab.loaded.name.lower() else ""))
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             run_pick = gr.Dropdown([], label="LoRA run (this browser's runs)", allow_custom_value=False,
