@@ -59,7 +59,7 @@ def test_only_lora_is_trainable(tiny_model):
 def _train_steps(model, n=3, lr=0.05):
     layers = lora_layers(model)
     variables = [v for layer in layers for v in (layer.lora_A, layer.lora_B)]
-    opt, _ = make_optimizer(TrainConfig(lr=lr, warmup_steps=0))
+    opt, _ = make_optimizer(TrainConfig(lr=lr, warmup_steps=0, schedule="constant"))
     build_optimizer_state(opt, variables)
     step = make_step(model, opt, variables, clip_norm=0.0)
     batch = {"input_ids": IDS, "attention_mask": tf.cast(IDS != 0, tf.int32),

@@ -76,7 +76,7 @@ def test_loraplus_gives_b_ratio_times_the_learning_rate_under_adam():
     """Adam's first step moves each weight by about the learning rate whatever the gradient's size,
     so scaling B's gradient could not do this; two rates can."""
     a, b = tf.Variable(tf.ones((3, 2))), tf.Variable(tf.ones((2, 4)))
-    opt, _ = make_optimizer(TrainConfig(lr=1e-3, warmup_steps=0), LoraConfig(method="loraplus", loraplus_ratio=16),
+    opt, _ = make_optimizer(TrainConfig(lr=1e-3, warmup_steps=0, schedule="constant"), LoraConfig(method="loraplus", loraplus_ratio=16),
                             fast=[b])
     build_optimizer_state(opt, [a, b])
     opt.apply_gradients([(tf.fill(a.shape, 0.5), a), (tf.fill(b.shape, 0.02), b)])
